@@ -6,6 +6,10 @@
 
 use std::io;
 
+pub mod acpi;
+pub mod bus;
+pub mod legacy;
+
 /// A device on a [`bus::Bus`]. `offset` is relative to the base the device was inserted at.
 ///
 /// Both calls come from vCPU threads on the exit path: they must not block for long, must not
@@ -39,4 +43,59 @@ pub enum GuestEvent {
 pub trait GuestEventSink: Send + Sync {
     /// Called from a vCPU thread; must return promptly.
     fn notify(&self, event: GuestEvent);
+}
+
+#[cfg(test)]
+pub(crate) mod test_utils {
+    use std::io;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    use super::{GuestEvent, GuestEventSink, InterruptLine};
+
+    /// Counts interrupts; optionally fails every trigger (after counting it).
+    #[derive(Default)]
+    pub(crate) struct CountingInterrupt {
+        count: AtomicUsize,
+        fail: bool,
+    }
+
+    impl CountingInterrupt {
+        pub(crate) fn failing() -> Self {
+            CountingInterrupt {
+                count: AtomicUsize::new(0),
+                fail: true,
+            }
+        }
+
+        pub(crate) fn count(&self) -> usize {
+            self.count.load(Ordering::SeqCst)
+        }
+    }
+
+    impl InterruptLine for CountingInterrupt {
+        fn trigger(&self) -> io::Result<()> {
+            self.count.fetch_add(1, Ordering::SeqCst);
+            if self.fail {
+                return Err(io::Error::other("test interrupt line failure"));
+            }
+            Ok(())
+        }
+    }
+
+    /// Records every event it is notified of.
+    #[derive(Default)]
+    pub(crate) struct RecordingSink(Mutex<Vec<GuestEvent>>);
+
+    impl RecordingSink {
+        pub(crate) fn events(&self) -> Vec<GuestEvent> {
+            self.0.lock().unwrap().clone()
+        }
+    }
+
+    impl GuestEventSink for RecordingSink {
+        fn notify(&self, event: GuestEvent) {
+            self.0.lock().unwrap().push(event);
+        }
+    }
 }

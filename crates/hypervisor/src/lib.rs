@@ -1,1 +1,163 @@
-//! hypervisor (placeholder)
+//! The seam between the VMM and whatever runs guest instructions.
+//!
+//! A [`Hypervisor`] creates [`Vm`]s; a `Vm` owns guest memory mappings, the interrupt
+//! controller and [`Vcpu`]s; a `Vcpu` runs until the guest does something the VMM must handle,
+//! described by a [`VcpuExit`]. The `kvm` back end implements these on `/dev/kvm`; the
+//! emulator back end implements the same traits in user space. Nothing above this crate names
+//! a KVM type.
+
+pub mod kvm;
+pub mod x86_64;
+
+use std::io;
+use std::sync::Arc;
+
+use vm_memory::GuestAddress;
+
+pub use x86_64::{CpuidEntry, DescriptorTable, Fpu, MsrEntry, Regs, Segment, Sregs};
+
+/// Which back end runs the vCPUs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Hardware-assisted, through /dev/kvm.
+    Kvm,
+}
+
+/// Errors of the seam. Each variant names the operation; the OS error is the source.
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("cannot open /dev/kvm")]
+    OpenKvm(#[source] io::Error),
+    #[error("KVM API version {0} is not supported (need 12)")]
+    KvmApiVersion(i32),
+    #[error("KVM lacks the required capability {0}")]
+    MissingCapability(&'static str),
+    #[error("cannot create the VM")]
+    CreateVm(#[source] io::Error),
+    #[error("cannot set up the VM's {0}")]
+    VmSetup(&'static str, #[source] io::Error),
+    #[error("cannot map guest memory at {addr:#x}")]
+    MapMemory {
+        addr: u64,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot create vCPU {0}")]
+    CreateVcpu(u32, #[source] io::Error),
+    #[error("cannot read the supported CPUID")]
+    SupportedCpuid(#[source] io::Error),
+    #[error("cannot {0} on the vCPU")]
+    VcpuState(&'static str, #[source] io::Error),
+    #[error("KVM accepted only {set} of {total} MSRs (first rejected: {rejected:#x})")]
+    SetMsrs {
+        set: usize,
+        total: usize,
+        rejected: u32,
+    },
+    #[error("cannot set up interrupt line for GSI {0}")]
+    IrqLine(u32, #[source] io::Error),
+    #[error("running the vCPU failed")]
+    Run(#[source] io::Error),
+}
+
+pub type Result<T> = std::result::Result<T, HypervisorError>;
+
+/// A back end: the thing that creates VMs.
+pub trait Hypervisor: Send + Sync {
+    fn kind(&self) -> BackendKind;
+    /// The most vCPUs one VM may have.
+    fn max_vcpus(&self) -> u32;
+    /// The CPUID leaves this back end can present to a guest, before per-vCPU fix-ups.
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
+    /// Creates a VM with its interrupt controllers and timers (local APICs, I/O APIC, PIC, PIT).
+    fn create_vm(&self) -> Result<Arc<dyn Vm>>;
+}
+
+/// One guest RAM region to map.
+#[derive(Clone, Copy, Debug)]
+pub struct MemoryRegion {
+    pub slot: u32,
+    pub guest_addr: GuestAddress,
+    pub len_bytes: u64,
+    /// Start of the host mapping backing this region.
+    pub host_addr: u64,
+}
+
+/// Raises one edge-triggered interrupt on a guest interrupt input (a GSI).
+pub trait IrqLine: Send + Sync {
+    fn trigger(&self) -> io::Result<()>;
+}
+
+/// A virtual machine: memory, interrupt controllers, vCPUs.
+pub trait Vm: Send + Sync {
+    /// Makes `region` guest RAM.
+    ///
+    /// # Safety
+    /// `region.host_addr .. + len_bytes` must be a valid, writable host mapping that outlives
+    /// the VM: the guest (and the back end) read and write it directly.
+    unsafe fn map_memory(&self, region: MemoryRegion) -> Result<()>;
+    /// An interrupt line wired to `gsi` of the VM's interrupt controllers.
+    fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>>;
+    /// Creates vCPU `id` (also its initial APIC ID).
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+}
+
+/// What made a vCPU stop running guest code.
+#[derive(Debug)]
+pub enum VcpuExit<'a> {
+    /// `in` from `port`: fill `data`.
+    IoIn { port: u16, data: &'a mut [u8] },
+    /// `out` of `data` to `port`.
+    IoOut { port: u16, data: &'a [u8] },
+    /// A read of an address with no RAM: fill `data`.
+    MmioRead { addr: u64, data: &'a mut [u8] },
+    /// A write to an address with no RAM.
+    MmioWrite { addr: u64, data: &'a [u8] },
+    /// The guest halted and the back end does not handle HLT itself.
+    Halt,
+    /// Triple fault: the CPU shut down; a PC resets.
+    Shutdown,
+    /// The back end reports a machine-level event (PSCI-style reset/shutdown, guest crash).
+    SystemEvent(SystemEvent),
+    /// The run was interrupted by [`kick_current_thread`] or a signal; nothing to emulate.
+    Interrupted,
+    /// The back end could not run the guest further (KVM: internal or emulation error).
+    InternalError { suberror: u32, data: Vec<u64> },
+    /// Entering the guest failed (invalid guest state).
+    FailEntry { reason: u64 },
+    /// An exit this VMM does not handle.
+    Unhandled(u32),
+}
+
+/// Machine-level events a back end may report from a vCPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SystemEvent {
+    Shutdown,
+    Reset,
+    Crash,
+}
+
+/// A virtual CPU. Lives on, and is only used from, its own thread.
+pub trait Vcpu: Send {
+    /// Runs guest code until the next exit. Returns [`VcpuExit::Interrupted`] promptly if
+    /// [`kick_current_thread`] ran on this thread (from a signal handler) since the last run.
+    fn run(&mut self) -> Result<VcpuExit<'_>>;
+    fn regs(&self) -> Result<Regs>;
+    fn set_regs(&self, regs: &Regs) -> Result<()>;
+    fn sregs(&self) -> Result<Sregs>;
+    fn set_sregs(&self, sregs: &Sregs) -> Result<()>;
+    fn set_fpu(&self, fpu: &Fpu) -> Result<()>;
+    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()>;
+    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()>;
+    /// Wires the local APIC's LINT0 to ExtINT and LINT1 to NMI, as firmware does on a PC.
+    fn setup_lapic_lints(&self) -> Result<()>;
+    /// Sets the vCPU runnable (the bootstrap processor) or waiting for a STARTUP IPI.
+    fn set_runnable(&self, runnable: bool) -> Result<()>;
+}
+
+/// Makes the vCPU of the calling thread return [`VcpuExit::Interrupted`] from its current or
+/// next [`Vcpu::run`]. Async-signal-safe: meant to be called from the VMM's kick-signal
+/// handler on a vCPU thread.
+pub fn kick_current_thread() {
+    kvm::kick_current_thread();
+}

@@ -1,0 +1,413 @@
+//! Builds the tables into guest memory and parses them back from there.
+
+use super::*;
+
+const MEM_SIZE: usize = 16 << 20;
+
+fn guest_memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
+}
+
+fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    mem.read_slice(&mut buf, GuestAddress(addr)).unwrap();
+    buf
+}
+
+fn u16_at(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
+}
+
+fn sum(b: &[u8]) -> u8 {
+    b.iter().fold(0u8, |acc, x| acc.wrapping_add(*x))
+}
+
+/// A table read back from guest memory.
+#[derive(Debug)]
+struct Table {
+    addr: u64,
+    bytes: Vec<u8>,
+}
+
+/// Reads the SDT at `addr`, checking its signature, length and checksum.
+fn read_table(mem: &GuestMemoryMmap, addr: u64, signature: &[u8; 4]) -> Table {
+    let header = read(mem, addr, 36);
+    assert_eq!(&header[0..4], signature, "signature at {addr:#x}");
+    let len = u32_at(&header, 4) as usize;
+    assert!(
+        len >= 36,
+        "{} length {len}",
+        String::from_utf8_lossy(signature)
+    );
+    let bytes = read(mem, addr, len);
+    assert_eq!(
+        sum(&bytes),
+        0,
+        "{} checksum",
+        String::from_utf8_lossy(signature)
+    );
+    assert_eq!(&bytes[10..16], b"FRVSOR");
+    assert_eq!(&bytes[16..24], b"FRVSRVM ");
+    Table { addr, bytes }
+}
+
+/// Every table reachable from the RSDP.
+struct Tables {
+    rsdp: Table,
+    xsdt: Table,
+    fadt: Table,
+    madt: Table,
+    dsdt: Table,
+}
+
+fn parse(mem: &GuestMemoryMmap, rsdp_addr: GuestAddress) -> Tables {
+    let rsdp_addr = rsdp_addr.0;
+    let rsdp = read(mem, rsdp_addr, 36);
+    assert_eq!(&rsdp[0..8], b"RSD PTR ");
+    assert_eq!(sum(&rsdp[0..20]), 0, "RSDP checksum");
+    assert_eq!(&rsdp[9..15], b"FRVSOR");
+    assert_eq!(rsdp[15], 2, "RSDP revision");
+    assert_eq!(u32_at(&rsdp, 20), 36, "RSDP length");
+    assert_eq!(sum(&rsdp[0..36]), 0, "RSDP extended checksum");
+    let xsdt_addr = u64_at(&rsdp, 24);
+
+    let xsdt = read_table(mem, xsdt_addr, b"XSDT");
+    assert_eq!((xsdt.bytes.len() - 36) % 8, 0);
+    let entries: Vec<u64> = (36..xsdt.bytes.len())
+        .step_by(8)
+        .map(|off| u64_at(&xsdt.bytes, off))
+        .collect();
+    let mut fadt = None;
+    let mut madt = None;
+    for &entry in &entries {
+        match &read(mem, entry, 4)[..] {
+            b"FACP" => fadt = Some(read_table(mem, entry, b"FACP")),
+            b"APIC" => madt = Some(read_table(mem, entry, b"APIC")),
+            other => panic!("unexpected XSDT entry {other:?} at {entry:#x}"),
+        }
+    }
+    assert_eq!(entries.len(), 2, "XSDT entries {entries:x?}");
+    let fadt = fadt.expect("no FADT in the XSDT");
+    let madt = madt.expect("no MADT in the XSDT");
+
+    assert_eq!(u32_at(&fadt.bytes, 40), 0, "32-bit DSDT pointer unused");
+    let dsdt = read_table(mem, u64_at(&fadt.bytes, 140), b"DSDT");
+
+    Tables {
+        rsdp: Table {
+            addr: rsdp_addr,
+            bytes: rsdp,
+        },
+        xsdt,
+        fadt,
+        madt,
+        dsdt,
+    }
+}
+
+fn build(vcpus: u8) -> (GuestMemoryMmap, Tables) {
+    let mem = guest_memory();
+    let rsdp = create_acpi_tables(&mem, &AcpiConfig::new(vcpus)).unwrap();
+    assert_eq!(rsdp, layout::RSDP_START);
+    assert_eq!(rsdp, GuestAddress(0xe0000));
+    let tables = parse(&mem, rsdp);
+    (mem, tables)
+}
+
+/// A GAS at `off`: (address space, bit width, bit offset, access size, address).
+fn gas_at(b: &[u8], off: usize) -> (u8, u8, u8, u8, u64) {
+    (
+        b[off],
+        b[off + 1],
+        b[off + 2],
+        b[off + 3],
+        u64_at(b, off + 4),
+    )
+}
+
+#[test]
+fn tables_fit_in_the_acpi_area_and_do_not_overlap() {
+    for vcpus in [1, 4, MAX_VCPUS] {
+        let (_mem, t) = build(vcpus);
+        let mut spans: Vec<(u64, u64)> = [&t.rsdp, &t.dsdt, &t.fadt, &t.madt, &t.xsdt]
+            .iter()
+            .map(|t| (t.addr, t.addr + t.bytes.len() as u64))
+            .collect();
+        assert_eq!(spans[0].0, 0xe0000, "RSDP first");
+        for (start, end) in &spans {
+            assert_eq!(start % 8, 0, "table at {start:#x} not aligned");
+            assert!(
+                *start >= 0xe0000 && *end <= 0x100000,
+                "{start:#x}..{end:#x}"
+            );
+        }
+        // Order: RSDP, DSDT, FADT, MADT, XSDT.
+        assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "{spans:x?}");
+        spans.sort();
+        assert!(spans.windows(2).all(|w| w[0].1 <= w[1].0), "{spans:x?}");
+    }
+}
+
+#[test]
+fn fadt_is_hardware_reduced_with_io_port_registers() {
+    let (_mem, t) = build(1);
+    let f = &t.fadt.bytes;
+    assert_eq!(f.len(), 276, "ACPI 6.x FADT length");
+    assert_eq!(f[8], 6, "FADT major revision");
+    let flags = u32_at(f, 112);
+    assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+    assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+    let boot_arch = u16_at(f, 109);
+    assert_ne!(boot_arch & (1 << 1), 0, "8042 present");
+    assert_ne!(boot_arch & (1 << 2), 0, "VGA not present");
+    assert_eq!(gas_at(f, 116), (1, 8, 0, 1, 0x602), "reset register");
+    assert_eq!(f[128], 0x01, "reset value");
+    assert_eq!(
+        gas_at(f, 244),
+        (1, 8, 0, 1, 0x600),
+        "sleep control register"
+    );
+    assert_eq!(gas_at(f, 256), (1, 8, 0, 1, 0x601), "sleep status register");
+    assert_eq!(u64_at(f, 140), t.dsdt.addr, "X_DSDT");
+}
+
+#[test]
+fn fadt_uses_the_configured_ports() {
+    let mem = guest_memory();
+    let cfg = AcpiConfig {
+        sleep_control_port: 0x700,
+        sleep_status_port: 0x704,
+        reset_port: 0xcf9,
+        reset_value: 0x06,
+        ..AcpiConfig::new(2)
+    };
+    let t = parse(&mem, create_acpi_tables(&mem, &cfg).unwrap());
+    let f = &t.fadt.bytes;
+    assert_eq!(gas_at(f, 116), (1, 8, 0, 1, 0xcf9));
+    assert_eq!(f[128], 0x06);
+    assert_eq!(gas_at(f, 244), (1, 8, 0, 1, 0x700));
+    assert_eq!(gas_at(f, 256), (1, 8, 0, 1, 0x704));
+}
+
+#[test]
+fn madt_lists_every_vcpu_and_the_io_apic() {
+    for vcpus in [1u8, 4, MAX_VCPUS] {
+        let (_mem, t) = build(vcpus);
+        let m = &t.madt.bytes;
+        assert_eq!(u32_at(m, 36), 0xfee0_0000, "local APIC address");
+        assert_eq!(u32_at(m, 40), 0, "MADT flags");
+
+        let mut lapics = Vec::new();
+        let mut ioapics = Vec::new();
+        let mut overrides = Vec::new();
+        let mut off = 44;
+        while off < m.len() {
+            let (kind, len) = (m[off], m[off + 1] as usize);
+            assert!(len >= 2 && off + len <= m.len(), "entry at {off}");
+            let e = &m[off..off + len];
+            match kind {
+                0 => {
+                    assert_eq!(len, 8);
+                    // (UID, APIC ID, flags)
+                    lapics.push((e[2], e[3], u32_at(e, 4)));
+                }
+                1 => {
+                    assert_eq!(len, 12);
+                    ioapics.push((e[2], u32_at(e, 4), u32_at(e, 8)));
+                }
+                2 => {
+                    assert_eq!(len, 10);
+                    overrides.push((e[2], e[3], u32_at(e, 4), u16_at(e, 8)));
+                }
+                other => panic!("unexpected MADT entry type {other}"),
+            }
+            off += len;
+        }
+        assert_eq!(off, m.len());
+
+        let enabled = lapics.iter().filter(|l| l.2 & 1 != 0).count();
+        assert_eq!(enabled, vcpus as usize);
+        assert_eq!(lapics.len(), vcpus as usize);
+        for (i, lapic) in lapics.iter().enumerate() {
+            assert_eq!(*lapic, (i as u8, i as u8, 1));
+        }
+        assert_eq!(ioapics, vec![(vcpus, 0xfec0_0000, 0)]);
+        // ISA bus 0, IRQ 0 -> GSI 2, flags 0.
+        assert_eq!(overrides, vec![(0, 0, 2, 0)]);
+    }
+}
+
+/// Decodes an AML PkgLength at `b[0..]`: (value, bytes used).
+fn pkg_length(b: &[u8]) -> (usize, usize) {
+    let follow = (b[0] >> 6) as usize;
+    if follow == 0 {
+        return ((b[0] & 0x3f) as usize, 1);
+    }
+    let mut len = (b[0] & 0x0f) as usize;
+    for i in 0..follow {
+        len |= (b[1 + i] as usize) << (4 + 8 * i);
+    }
+    (len, 1 + follow)
+}
+
+/// Decodes an AML integer constant at `b[0..]`.
+fn aml_integer(b: &[u8]) -> u64 {
+    match b[0] {
+        0x00 => 0,
+        0x01 => 1,
+        0xff => u64::MAX,
+        0x0a => b[1].into(),
+        0x0b => u16_at(b, 1).into(),
+        0x0c => u32_at(b, 1).into(),
+        0x0e => u64_at(b, 1),
+        op => panic!("not an integer constant: {op:#x}"),
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn count(haystack: &[u8], needle: &[u8]) -> usize {
+    haystack
+        .windows(needle.len())
+        .filter(|w| *w == needle)
+        .count()
+}
+
+#[test]
+fn dsdt_has_s5_com1_and_processors() {
+    for vcpus in [1u8, 4, MAX_VCPUS] {
+        let (_mem, t) = build(vcpus);
+        let d = &t.dsdt.bytes;
+        assert_eq!(d[8], 2, "DSDT revision (64-bit integers)");
+        let aml = &d[36..];
+
+        // The DSDT body is two terms: Name (\_S5_, Package (4) { 5, 0, 0, 0 }), then
+        // Scope (\_SB_) { ... } running to the end of the table.
+        assert_eq!(&aml[0..6], b"\x08\\_S5_", "NameOp \\_S5_");
+        assert_eq!(aml[6], 0x12, "_S5_ is not a package");
+        let (len, used) = pkg_length(&aml[7..]);
+        let elements = &aml[7 + used..];
+        assert_eq!(elements[0], 4, "_S5_ element count");
+        assert_eq!(aml_integer(&elements[1..]), 5, "SLP_TYP for S5");
+        let scope = 7 + len;
+        assert_eq!(aml[scope], 0x10, "ScopeOp");
+        let (len, used) = pkg_length(&aml[scope + 1..]);
+        assert_eq!(&aml[scope + 1 + used..scope + 6 + used], b"\\_SB_");
+        assert_eq!(scope + 1 + len, aml.len(), "\\_SB_ scope length");
+
+        // COM1: Device (COM1) { _HID EISAID ("PNP0501"), _UID 0, _CRS { IO, IRQNoFlags } }
+        let com1 = find(aml, b"COM1").expect("no COM1");
+        assert_eq!(&aml[com1 - 3..com1 - 1], &[0x5b, 0x82], "DeviceOp");
+        let hid = find(aml, b"_HID\x0c").expect("no COM1 _HID");
+        // EISAID("PNP0501") = 0x0105d041.
+        assert_eq!(u32_at(aml, hid + 5), 0x0105_d041);
+        assert!(find(aml, b"_UID\x00").is_some());
+        let io_irq = [
+            0x47, 0x01, 0xf8, 0x03, 0xf8, 0x03, 0x01,
+            0x08, // IO (Decode16, 0x3f8, 0x3f8, 1, 8)
+            0x22, 0x10, 0x00, // IRQNoFlags () { 4 }
+            0x79, 0x00, // EndTag
+        ];
+        assert!(find(aml, &io_irq).is_some(), "COM1 _CRS");
+
+        // One Device (Cxxx) { Name (_HID, "ACPI0007"), Name (_UID, i) } per vCPU.
+        assert_eq!(count(aml, b"ACPI0007\0"), vcpus as usize);
+        for i in 0..vcpus {
+            let name = format!("C{i:03X}");
+            let at = find(aml, name.as_bytes()).unwrap_or_else(|| panic!("no {name}"));
+            assert_eq!(aml[at - 3..at - 1], [0x5b, 0x82], "{name} DeviceOp");
+            let uid = at + find(&aml[at..], b"_UID").unwrap() + 4;
+            assert_eq!(aml_integer(&aml[uid..]), u64::from(i), "{name} _UID");
+        }
+    }
+}
+
+#[test]
+fn rejects_bad_configs() {
+    let mem = guest_memory();
+    for vcpus in [0, 255] {
+        let err = create_acpi_tables(&mem, &AcpiConfig::new(vcpus)).unwrap_err();
+        assert!(
+            matches!(err, AcpiError::InvalidVcpuCount(v) if v == vcpus),
+            "{err}"
+        );
+    }
+    let cfg = AcpiConfig {
+        s5_sleep_type: 8,
+        ..AcpiConfig::default()
+    };
+    assert!(matches!(
+        create_acpi_tables(&mem, &cfg),
+        Err(AcpiError::InvalidSleepType(8))
+    ));
+    let cfg = AcpiConfig {
+        com1_irq: 16,
+        ..AcpiConfig::default()
+    };
+    assert!(matches!(
+        create_acpi_tables(&mem, &cfg),
+        Err(AcpiError::InvalidIrq(16))
+    ));
+    // Nothing was written.
+    assert!(read(&mem, 0xe0000, 0x20000).iter().all(|b| *b == 0));
+}
+
+#[test]
+fn missing_guest_memory_is_an_error() {
+    // 512 KiB of RAM: the ACPI area is not backed.
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 512 << 10)]).unwrap();
+    let err = create_acpi_tables(&mem, &AcpiConfig::default()).unwrap_err();
+    assert!(matches!(err, AcpiError::GuestMemory(_)), "{err}");
+    assert!(std::error::Error::source(&err).is_some());
+}
+
+#[test]
+fn placement_aligns_and_bounds_tables() {
+    assert_eq!(
+        place([36, 100, 276], 0xe0000, 0x100000).unwrap(),
+        [0xe0000, 0xe0030, 0xe00a0]
+    );
+    // Exactly filling the area is fine, one byte more is not.
+    assert_eq!(place([16, 16], 0x1000, 0x1020).unwrap(), [0x1000, 0x1010]);
+    let err = place([16, 17], 0x1000, 0x1020).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AcpiError::TablesTooLarge {
+                end: 0x1021,
+                limit: 0x1020
+            }
+        ),
+        "{err}"
+    );
+    assert!(matches!(
+        place([usize::MAX], u64::MAX - 8, u64::MAX),
+        Err(AcpiError::TablesTooLarge { .. })
+    ));
+}
+
+#[test]
+fn default_config_matches_the_platform() {
+    let cfg = AcpiConfig::default();
+    assert_eq!(cfg.vcpus, 1);
+    assert_eq!(
+        (
+            cfg.sleep_control_port,
+            cfg.sleep_status_port,
+            cfg.reset_port
+        ),
+        (0x600, 0x601, 0x602)
+    );
+    assert_eq!((cfg.reset_value, cfg.s5_sleep_type), (1, 5));
+    assert_eq!((cfg.com1_port, cfg.com1_irq), (0x3f8, 4));
+}

@@ -1,0 +1,369 @@
+//! The `kvm` back end: hardware-assisted virtualization through /dev/kvm.
+//!
+//! Uses KVM's in-kernel local APICs, I/O APIC, PIC and PIT; interrupts from devices arrive
+//! through irqfds.
+
+mod convert;
+
+use std::cell::Cell;
+use std::io;
+use std::ptr;
+use std::sync::Arc;
+
+use kvm_bindings::{
+    kvm_mp_state, kvm_pit_config, kvm_run, kvm_userspace_memory_region, CpuId, Msrs,
+    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
+    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
+    KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{
+    BackendKind, CpuidEntry, Fpu, Hypervisor, HypervisorError, IrqLine, MemoryRegion, MsrEntry,
+    Regs, Result, Sregs, SystemEvent, Vcpu, VcpuExit, Vm,
+};
+
+/// Where KVM keeps the (unused by Linux, but required on Intel) TSS and identity-map pages:
+/// three pages just below the top of the 32-bit MMIO hole, clear of the APICs and devices.
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Capabilities the back end cannot work without.
+const REQUIRED_CAPS: [(Cap, &str); 6] = [
+    (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+    (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+    (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+    (Cap::Pit2, "KVM_CAP_PIT2"),
+    (Cap::Irqfd, "KVM_CAP_IRQFD"),
+    (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+];
+
+fn os_error(e: vmm_sys_util::errno::Error) -> io::Error {
+    io::Error::from_raw_os_error(e.errno())
+}
+
+/// /dev/kvm, opened.
+pub struct KvmHypervisor {
+    kvm: Kvm,
+}
+
+impl KvmHypervisor {
+    /// Opens /dev/kvm and checks that it offers what Ferrovisor needs.
+    pub fn new() -> Result<Self> {
+        let kvm = Kvm::new().map_err(|e| HypervisorError::OpenKvm(os_error(e)))?;
+        let version = kvm.get_api_version();
+        if version != kvm_bindings::KVM_API_VERSION as i32 {
+            return Err(HypervisorError::KvmApiVersion(version));
+        }
+        for (cap, name) in REQUIRED_CAPS {
+            if !kvm.check_extension(cap) {
+                return Err(HypervisorError::MissingCapability(name));
+            }
+        }
+        Ok(KvmHypervisor { kvm })
+    }
+
+    /// Whether the host CPU has hardware virtualization (VT-x or AMD-V) behind /dev/kvm, as
+    /// opposed to a software back end such as PVM that cannot run unmodified kernels.
+    pub fn host_has_hardware_virtualization() -> bool {
+        std::path::Path::new("/sys/module/kvm_intel").exists()
+            || std::path::Path::new("/sys/module/kvm_amd").exists()
+    }
+}
+
+impl Hypervisor for KvmHypervisor {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Kvm
+    }
+
+    fn max_vcpus(&self) -> u32 {
+        self.kvm.get_max_vcpus() as u32
+    }
+
+    fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>> {
+        let cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| HypervisorError::SupportedCpuid(os_error(e)))?;
+        Ok(cpuid
+            .as_slice()
+            .iter()
+            .map(convert::cpuid_from_kvm)
+            .collect())
+    }
+
+    fn create_vm(&self) -> Result<Arc<dyn Vm>> {
+        let fd = self
+            .kvm
+            .create_vm()
+            .map_err(|e| HypervisorError::CreateVm(os_error(e)))?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|e| HypervisorError::VmSetup("TSS address", os_error(e)))?;
+        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(|e| HypervisorError::VmSetup("identity map address", os_error(e)))?;
+        fd.create_irq_chip()
+            .map_err(|e| HypervisorError::VmSetup("interrupt controllers", os_error(e)))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        fd.create_pit2(pit)
+            .map_err(|e| HypervisorError::VmSetup("PIT", os_error(e)))?;
+        Ok(Arc::new(KvmVm { fd }))
+    }
+}
+
+/// A KVM virtual machine.
+pub struct KvmVm {
+    fd: VmFd,
+}
+
+struct KvmIrqLine {
+    evt: EventFd,
+}
+
+impl IrqLine for KvmIrqLine {
+    fn trigger(&self) -> io::Result<()> {
+        self.evt.write(1)
+    }
+}
+
+impl Vm for KvmVm {
+    unsafe fn map_memory(&self, region: MemoryRegion) -> Result<()> {
+        let mem = kvm_userspace_memory_region {
+            slot: region.slot,
+            flags: 0,
+            guest_phys_addr: region.guest_addr.0,
+            memory_size: region.len_bytes,
+            userspace_addr: region.host_addr,
+        };
+        // SAFETY: the caller guarantees the host range is a valid mapping that outlives the VM,
+        // which is what KVM needs to let the guest access it.
+        unsafe { self.fd.set_user_memory_region(mem) }.map_err(|e| HypervisorError::MapMemory {
+            addr: region.guest_addr.0,
+            source: os_error(e),
+        })
+    }
+
+    fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| HypervisorError::IrqLine(gsi, e))?;
+        self.fd
+            .register_irqfd(&evt, gsi)
+            .map_err(|e| HypervisorError::IrqLine(gsi, os_error(e)))?;
+        Ok(Arc::new(KvmIrqLine { evt }))
+    }
+
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
+        let mut fd = self
+            .fd
+            .create_vcpu(u64::from(id))
+            .map_err(|e| HypervisorError::CreateVcpu(id, os_error(e)))?;
+        let run = fd.get_kvm_run() as *mut kvm_run;
+        Ok(Box::new(KvmVcpu { fd, run }))
+    }
+}
+
+thread_local! {
+    /// The `kvm_run` page of the vCPU that last ran on this thread, for the kick signal
+    /// handler. Const-initialised: reading it from a signal handler never allocates.
+    static CURRENT_RUN: Cell<*mut kvm_run> = const { Cell::new(ptr::null_mut()) };
+}
+
+/// See [`crate::kick_current_thread`].
+pub(crate) fn kick_current_thread() {
+    CURRENT_RUN.with(|current| {
+        let run = current.get();
+        if !run.is_null() {
+            // SAFETY: `run` is the mmap'ed kvm_run of a vCPU owned by this thread; it is
+            // cleared before that vCPU is dropped. A volatile byte store is what KVM reads
+            // on entry to KVM_RUN.
+            unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).immediate_exit), 1) };
+        }
+    });
+}
+
+/// A KVM vCPU.
+pub struct KvmVcpu {
+    fd: VcpuFd,
+    /// `fd`'s kvm_run mapping; valid as long as `fd` lives.
+    run: *mut kvm_run,
+}
+
+// SAFETY: `run` points into the vCPU's own mmap, which moves with `fd` between threads; it is
+// only dereferenced by the thread that currently owns the vCPU.
+unsafe impl Send for KvmVcpu {}
+
+impl Drop for KvmVcpu {
+    fn drop(&mut self) {
+        CURRENT_RUN.with(|current| {
+            if current.get() == self.run {
+                current.set(ptr::null_mut());
+            }
+        });
+    }
+}
+
+impl KvmVcpu {
+    fn state_err(what: &'static str) -> impl Fn(vmm_sys_util::errno::Error) -> HypervisorError {
+        move |e| HypervisorError::VcpuState(what, os_error(e))
+    }
+}
+
+impl Vcpu for KvmVcpu {
+    fn run(&mut self) -> Result<VcpuExit<'_>> {
+        let run = self.run;
+        CURRENT_RUN.with(|current| current.set(run));
+        let exit = match self.fd.run() {
+            Ok(exit) => exit,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // SAFETY: `run` is this vCPU's kvm_run (see the field); clearing
+                // immediate_exit re-arms the kick for the next run.
+                unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).immediate_exit), 0) };
+                return Ok(VcpuExit::Interrupted);
+            }
+            Err(e) => return Err(HypervisorError::Run(os_error(e))),
+        };
+        Ok(match exit {
+            KvmExit::IoIn(port, data) => VcpuExit::IoIn { port, data },
+            KvmExit::IoOut(port, data) => VcpuExit::IoOut { port, data },
+            KvmExit::MmioRead(addr, data) => VcpuExit::MmioRead { addr, data },
+            KvmExit::MmioWrite(addr, data) => VcpuExit::MmioWrite { addr, data },
+            KvmExit::Hlt => VcpuExit::Halt,
+            KvmExit::Shutdown => VcpuExit::Shutdown,
+            KvmExit::Intr => VcpuExit::Interrupted,
+            KvmExit::FailEntry(reason, _cpu) => VcpuExit::FailEntry { reason },
+            KvmExit::SystemEvent(kind, _) => VcpuExit::SystemEvent(match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => SystemEvent::Shutdown,
+                KVM_SYSTEM_EVENT_RESET => SystemEvent::Reset,
+                KVM_SYSTEM_EVENT_CRASH => SystemEvent::Crash,
+                _ => SystemEvent::Crash,
+            }),
+            KvmExit::InternalError => {
+                // SAFETY: KVM filled the `internal` member of the exit union for
+                // KVM_EXIT_INTERNAL_ERROR; `ndata` is clamped to the array length.
+                let internal = unsafe { (*run).__bindgen_anon_1.internal };
+                let n = (internal.ndata as usize).min(internal.data.len());
+                VcpuExit::InternalError {
+                    suberror: internal.suberror,
+                    data: internal.data[..n].to_vec(),
+                }
+            }
+            // SAFETY: reading the exit reason KVM wrote before returning from KVM_RUN.
+            _ => VcpuExit::Unhandled(unsafe { (*run).exit_reason }),
+        })
+    }
+
+    fn regs(&self) -> Result<Regs> {
+        let r = self
+            .fd
+            .get_regs()
+            .map_err(Self::state_err("read registers"))?;
+        Ok(convert::regs_from_kvm(&r))
+    }
+
+    fn set_regs(&self, regs: &Regs) -> Result<()> {
+        self.fd
+            .set_regs(&convert::regs_to_kvm(regs))
+            .map_err(Self::state_err("set registers"))
+    }
+
+    fn sregs(&self) -> Result<Sregs> {
+        let s = self
+            .fd
+            .get_sregs()
+            .map_err(Self::state_err("read special registers"))?;
+        Ok(convert::sregs_from_kvm(&s))
+    }
+
+    fn set_sregs(&self, sregs: &Sregs) -> Result<()> {
+        // Start from KVM's current state so fields we do not model (the pending-interrupt
+        // bitmap) keep their values.
+        let mut s = self
+            .fd
+            .get_sregs()
+            .map_err(Self::state_err("read special registers"))?;
+        convert::sregs_to_kvm(sregs, &mut s);
+        self.fd
+            .set_sregs(&s)
+            .map_err(Self::state_err("set special registers"))
+    }
+
+    fn set_fpu(&self, fpu: &Fpu) -> Result<()> {
+        let mut f = self.fd.get_fpu().map_err(Self::state_err("read FPU"))?;
+        f.fcw = fpu.fcw;
+        f.mxcsr = fpu.mxcsr;
+        self.fd.set_fpu(&f).map_err(Self::state_err("set FPU"))
+    }
+
+    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()> {
+        let kvm_entries: Vec<_> = entries.iter().map(convert::cpuid_to_kvm).collect();
+        let cpuid = CpuId::from_entries(&kvm_entries).map_err(|_| {
+            HypervisorError::VcpuState("set CPUID", io::Error::from_raw_os_error(libc::E2BIG))
+        })?;
+        self.fd
+            .set_cpuid2(&cpuid)
+            .map_err(Self::state_err("set CPUID"))
+    }
+
+    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()> {
+        let entries: Vec<_> = msrs
+            .iter()
+            .map(|m| kvm_bindings::kvm_msr_entry {
+                index: m.index,
+                data: m.data,
+                ..Default::default()
+            })
+            .collect();
+        let kvm_msrs = Msrs::from_entries(&entries).map_err(|_| {
+            HypervisorError::VcpuState("set MSRs", io::Error::from_raw_os_error(libc::E2BIG))
+        })?;
+        let set = self
+            .fd
+            .set_msrs(&kvm_msrs)
+            .map_err(Self::state_err("set MSRs"))?;
+        if set != msrs.len() {
+            return Err(HypervisorError::SetMsrs {
+                set,
+                total: msrs.len(),
+                rejected: msrs[set].index,
+            });
+        }
+        Ok(())
+    }
+
+    fn setup_lapic_lints(&self) -> Result<()> {
+        const APIC_LVT0: usize = 0x350;
+        const APIC_LVT1: usize = 0x360;
+        const DELIVERY_MODE_EXTINT: u32 = 0x7 << 8;
+        const DELIVERY_MODE_NMI: u32 = 0x4 << 8;
+        const DELIVERY_MODE_MASK: u32 = 0x7 << 8;
+        let mut lapic = self.fd.get_lapic().map_err(Self::state_err("read LAPIC"))?;
+        for (reg, mode) in [
+            (APIC_LVT0, DELIVERY_MODE_EXTINT),
+            (APIC_LVT1, DELIVERY_MODE_NMI),
+        ] {
+            let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[reg + i] as u8);
+            let value = (u32::from_le_bytes(bytes) & !DELIVERY_MODE_MASK) | mode;
+            for (i, b) in value.to_le_bytes().iter().enumerate() {
+                lapic.regs[reg + i] = *b as _;
+            }
+        }
+        self.fd
+            .set_lapic(&lapic)
+            .map_err(Self::state_err("set LAPIC"))
+    }
+
+    fn set_runnable(&self, runnable: bool) -> Result<()> {
+        let mp_state = kvm_mp_state {
+            mp_state: if runnable {
+                KVM_MP_STATE_RUNNABLE
+            } else {
+                KVM_MP_STATE_UNINITIALIZED
+            },
+        };
+        self.fd
+            .set_mp_state(mp_state)
+            .map_err(Self::state_err("set MP state"))
+    }
+}
