@@ -8,7 +8,8 @@ use hypervisor::{DescriptorTable, Regs, Segment, Sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{
-    BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
+    APIC_START, BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START,
+    PML4_START,
 };
 
 /// Boot GDT: null, flat 32-bit code (PVH), flat 64-bit code, flat data, TSS.
@@ -25,6 +26,10 @@ pub const BOOT_CS64: u16 = 0x10;
 /// `__BOOT_DS` of the Linux boot protocol.
 pub const BOOT_DS: u16 = 0x18;
 pub const BOOT_TSS: u16 = 0x20;
+
+/// IA32_APIC_BASE: this is the bootstrap processor; the local APIC is globally enabled.
+const APIC_BASE_BSP: u64 = 1 << 8;
+const APIC_BASE_ENABLE: u64 = 1 << 11;
 
 /// Present + writable (+ page size for 2 MiB pages).
 const PTE_PRESENT_RW: u64 = 0x3;
@@ -121,6 +126,9 @@ pub fn entry_state(
             base: BOOT_IDT_START.0,
             limit: 7,
         },
+        // Firmware hands over with the local APIC enabled at its default base; a zero here
+        // would disable it and with it timer interrupts and IPIs.
+        apic_base: APIC_START.0 | APIC_BASE_ENABLE | APIC_BASE_BSP,
         ..Default::default()
     };
     let mut regs = Regs {
@@ -195,6 +203,7 @@ mod tests {
         assert_eq!(s.sregs.efer & (EFER_LME | EFER_LMA), EFER_LME | EFER_LMA);
         assert_eq!(s.sregs.cr0 & (CR0_PE | CR0_PG), CR0_PE | CR0_PG);
         assert_eq!(s.regs.rflags & (1 << 9), 0, "interrupts off");
+        assert_eq!(s.sregs.apic_base, 0xfee0_0900, "LAPIC enabled, BSP");
     }
 
     #[test]

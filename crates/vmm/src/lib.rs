@@ -1,1 +1,240 @@
-//! vmm (placeholder)
+//! The virtual machine monitor: builds a VM from a [`config::VmConfig`] on a vCPU back end and
+//! runs it to the end, with its serial console on the terminal.
+//!
+//! Threads: the caller's thread builds the VM and waits for events; one thread per vCPU; one
+//! console thread copying stdin to the guest; one thread waiting for termination signals.
+
+pub mod config;
+mod console;
+mod vcpu;
+mod vm;
+
+use std::path::PathBuf;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use config::{ConfigError, OnReboot, VmConfig};
+use hypervisor::kvm::KvmHypervisor;
+use hypervisor::{Hypervisor, HypervisorError};
+
+/// Exit code for bad input from the user.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code when the guest reset the machine and `--on-reboot exit` is in force.
+pub const EXIT_GUEST_RESET: i32 = 3;
+/// Exit code when a vCPU failed.
+pub const EXIT_VCPU_FAILED: i32 = 4;
+/// Exit code for an error of Ferrovisor itself.
+pub const EXIT_INTERNAL: i32 = 1;
+
+/// What made the guest reset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResetCause {
+    /// The guest wrote a reset command to the i8042 or the ACPI reset register.
+    Device,
+    /// Triple fault: the CPU shut down.
+    TripleFault,
+    /// The hypervisor reported a reset.
+    Hypervisor,
+}
+
+/// Events that end a VM run, sent to the thread that waits on the VM.
+#[derive(Debug)]
+pub enum VmEvent {
+    PowerOff,
+    Reset(ResetCause),
+    VcpuFailed {
+        id: u32,
+        reason: String,
+        /// Register dump of the failed vCPU.
+        state: String,
+    },
+    /// A termination signal (SIGTERM, SIGINT, SIGHUP) reached the VMM.
+    Signal(i32),
+    /// The user typed Ctrl-A x on the console.
+    ConsoleQuit,
+}
+
+/// How `run` ended.
+#[derive(Debug)]
+pub enum Outcome {
+    PowerOff,
+    Reset(ResetCause),
+    VcpuFailed {
+        id: u32,
+        reason: String,
+        state: String,
+    },
+    Signal(i32),
+}
+
+impl Outcome {
+    /// The process exit code for this outcome (see docs/platform.md).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::PowerOff => 0,
+            Outcome::Reset(_) => EXIT_GUEST_RESET,
+            Outcome::VcpuFailed { .. } => EXIT_VCPU_FAILED,
+            Outcome::Signal(sig) => 128 + sig,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open the {what} {path:?}")]
+    OpenFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("hypervisor")]
+    Hypervisor(#[source] HypervisorError),
+    #[error("cannot allocate guest memory")]
+    AllocateMemory(#[source] vm_memory::mmap::FromRangesError),
+    #[error("cannot access guest memory")]
+    GuestMemory(#[source] vm_memory::GuestMemoryError),
+    #[error("cannot load the guest")]
+    Boot(#[source] arch::linux::LinuxBootError),
+    #[error("cannot write the boot page tables")]
+    BootTables(#[source] arch::boot::BootError),
+    #[error("cannot build the ACPI tables")]
+    Acpi(#[source] arch::acpi::AcpiError),
+    #[error("cannot place a device")]
+    Bus(#[source] devices::bus::BusError),
+    #[error("cannot start a thread")]
+    SpawnThread(#[source] std::io::Error),
+    #[error("cannot set up signal handling")]
+    Signals(#[source] std::io::Error),
+}
+
+impl VmmError {
+    /// Whether the user can fix this (bad arguments, files, host limits): exit code 2.
+    pub fn is_usage_error(&self) -> bool {
+        use arch::linux::LinuxBootError as B;
+        match self {
+            VmmError::Config(_) | VmmError::OpenFile { .. } => true,
+            VmmError::Hypervisor(e) => matches!(
+                e,
+                HypervisorError::OpenKvm(_)
+                    | HypervisorError::KvmApiVersion(_)
+                    | HypervisorError::MissingCapability(_)
+            ),
+            VmmError::Boot(e) => matches!(
+                e,
+                B::NotAKernel(_)
+                    | B::NoLongModeEntry(_)
+                    | B::KernelTooBig { .. }
+                    | B::InitrdTooBig { .. }
+                    | B::ReadKernel(_)
+            ),
+            VmmError::AllocateMemory(_) => true,
+            _ => false,
+        }
+    }
+
+    /// What the user can do about it, if there is a simple answer.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            VmmError::Hypervisor(HypervisorError::OpenKvm(e)) => Some(match e.kind() {
+                std::io::ErrorKind::NotFound => {
+                    "KVM is not available: load kvm_intel or kvm_amd, or enable virtualization in the firmware"
+                }
+                std::io::ErrorKind::PermissionDenied => {
+                    "add your user to the kvm group (or run as root) to use /dev/kvm"
+                }
+                _ => "check that /dev/kvm works on this host",
+            }),
+            VmmError::OpenFile { .. } => Some("check the path"),
+            VmmError::AllocateMemory(_) => Some("give the guest less memory"),
+            _ => None,
+        }
+    }
+
+    pub fn exit_code(&self) -> i32 {
+        if self.is_usage_error() {
+            EXIT_USAGE
+        } else {
+            EXIT_INTERNAL
+        }
+    }
+}
+
+/// Blocks the termination signals in this thread (and so in every thread it starts) and starts
+/// a thread that waits for them and reports them as [`VmEvent::Signal`].
+fn forward_termination_signals(events: Sender<VmEvent>) -> std::io::Result<()> {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise and fill it.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; these calls only write to it and the signal mask of
+    // this thread.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        let ret = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        if ret != 0 {
+            return Err(std::io::Error::from_raw_os_error(ret));
+        }
+    }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let mut sig: libc::c_int = 0;
+            // SAFETY: `set` is initialised and blocked in this thread; sigwait writes the
+            // received signal number to `sig`.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0
+                && events.send(VmEvent::Signal(sig)).is_err()
+            {
+                return;
+            }
+        })?;
+    Ok(())
+}
+
+/// Runs the VM described by `config` on KVM until it powers off, resets (unless restarting),
+/// fails, or a signal or the console ends it.
+pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
+    let hv = KvmHypervisor::new().map_err(VmmError::Hypervisor)?;
+    run_on(&hv, config)
+}
+
+/// [`run`] on a given back end.
+pub fn run_on(hv: &dyn Hypervisor, config: &VmConfig) -> Result<Outcome, VmmError> {
+    config.validate(hv.max_vcpus(), config::host_memory_bytes())?;
+    vcpu::install_kick_handler().map_err(VmmError::Signals)?;
+    let (tx, rx): (Sender<VmEvent>, Receiver<VmEvent>) = mpsc::channel();
+    forward_termination_signals(tx.clone()).map_err(VmmError::Signals)?;
+
+    let console_target: console::ConsoleTarget = Arc::new(Mutex::new(None));
+    let raw_terminal = console::RawTerminal::enter();
+    console::spawn_stdin_pump(console_target.clone(), tx.clone(), raw_terminal.is_some())
+        .map_err(VmmError::SpawnThread)?;
+
+    loop {
+        let vm = vm::Vm::build(hv, config, tx.clone(), &console_target)?;
+        let event = vm.run(&rx)?;
+        // Events queued by other vCPUs of the stopped VM are stale, except a request to quit.
+        let mut quit = None;
+        while let Ok(stale) = rx.try_recv() {
+            if matches!(stale, VmEvent::Signal(_) | VmEvent::ConsoleQuit) {
+                quit = Some(stale);
+            }
+        }
+        let outcome = match event {
+            VmEvent::PowerOff => Outcome::PowerOff,
+            VmEvent::Reset(cause) => Outcome::Reset(cause),
+            VmEvent::VcpuFailed { id, reason, state } => Outcome::VcpuFailed { id, reason, state },
+            VmEvent::Signal(sig) => Outcome::Signal(sig),
+            VmEvent::ConsoleQuit => Outcome::Signal(libc::SIGINT),
+        };
+        match (outcome, quit) {
+            (Outcome::Reset(_), None) if config.on_reboot == OnReboot::Restart => continue,
+            (_, Some(VmEvent::Signal(sig))) => return Ok(Outcome::Signal(sig)),
+            (_, Some(_)) => return Ok(Outcome::Signal(libc::SIGINT)),
+            (outcome, None) => return Ok(outcome),
+        }
+    }
+}

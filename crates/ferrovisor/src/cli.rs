@@ -1,0 +1,187 @@
+//! Argument parsing in two layers: raw flags (clap), then a validated `VmConfig`, merged with a
+//! config file when one is given. Errors print as one line on stderr with a distinct exit code.
+
+use std::error::Error;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+use vmm::config::{MemorySize, OnReboot, VmConfig};
+use vmm::{Outcome, ResetCause, EXIT_USAGE};
+
+#[derive(Parser)]
+#[command(name = "ferrovisor", version, about = "Run virtual machines on KVM")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a kernel in a new VM with its serial console on this terminal (Ctrl-A x quits).
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Kernel to boot: a bzImage, or an ELF vmlinux (entered through PVH if it has the note).
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk to load for the kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+    /// Kernel command line [default: "console=ttyS0 panic=1"].
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    cpus: Option<u32>,
+    /// Guest memory, e.g. 512M or 2G (a bare number is MiB) [default: 256M].
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<MemorySize>,
+    /// What a guest reboot does: exit (with code 3) or restart the guest [default: exit].
+    #[arg(long, value_name = "ACTION")]
+    on_reboot: Option<OnReboot>,
+    /// Read settings from a TOML or JSON file; flags given as well override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// A user error with the message to print.
+struct UsageError(String);
+
+fn load_config_file(path: &Path) -> Result<VmConfig, UsageError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| UsageError(format!("cannot read the config file {path:?}: {e}")))?;
+    let is_json =
+        path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
+    let parsed = if is_json {
+        serde_json::from_str(&text).map_err(|e| e.to_string())
+    } else {
+        toml::from_str(&text).map_err(|e| e.message().to_string())
+    };
+    parsed.map_err(|e| UsageError(format!("invalid config file {path:?}: {e}")))
+}
+
+impl RunArgs {
+    fn into_config(self) -> Result<VmConfig, UsageError> {
+        let mut config = match (&self.config, &self.kernel) {
+            (Some(path), _) => {
+                let mut c = load_config_file(path)?;
+                // Relative paths in a config file are relative to the file.
+                let base = path.parent().unwrap_or(Path::new("."));
+                c.kernel = base.join(&c.kernel);
+                c.initrd = c.initrd.map(|p| base.join(p));
+                c
+            }
+            (None, Some(kernel)) => VmConfig::new(kernel.clone()),
+            (None, None) => {
+                return Err(UsageError(
+                    "no kernel given; pass --kernel PATH or --config FILE".into(),
+                ))
+            }
+        };
+        if let Some(k) = self.kernel {
+            config.kernel = k;
+        }
+        if let Some(i) = self.initrd {
+            config.initrd = Some(i);
+        }
+        if let Some(c) = self.cmdline {
+            config.cmdline = c;
+        }
+        if let Some(n) = self.cpus {
+            config.cpus = n;
+        }
+        if let Some(m) = self.memory {
+            config.memory = m;
+        }
+        if let Some(r) = self.on_reboot {
+            config.on_reboot = r;
+        }
+        Ok(config)
+    }
+}
+
+/// The error and its causes on one line: "a: b: c".
+fn error_chain(e: &dyn Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line
+}
+
+fn signal_name(sig: i32) -> String {
+    match sig {
+        1 => "SIGHUP".into(),
+        2 => "SIGINT".into(),
+        15 => "SIGTERM".into(),
+        n => format!("signal {n}"),
+    }
+}
+
+fn report(outcome: &Outcome) {
+    match outcome {
+        Outcome::PowerOff => {}
+        Outcome::Reset(cause) => {
+            let how = match cause {
+                ResetCause::Device => "reset request",
+                ResetCause::TripleFault => "triple fault",
+                ResetCause::Hypervisor => "hypervisor reset event",
+            };
+            eprintln!(
+                "ferrovisor: the guest rebooted ({how}); use --on-reboot restart to restart it"
+            );
+        }
+        Outcome::VcpuFailed { id, reason, state } => {
+            eprintln!("ferrovisor: vCPU {id} failed: {reason}");
+            for line in state.lines() {
+                eprintln!("ferrovisor:   {line}");
+            }
+        }
+        Outcome::Signal(sig) => eprintln!("ferrovisor: stopped by {}", signal_name(*sig)),
+    }
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            let _ = e.print();
+            return code;
+        }
+    };
+    match cli.command {
+        Command::Run(args) => {
+            let config = match args.into_config() {
+                Ok(c) => c,
+                Err(UsageError(msg)) => {
+                    eprintln!("ferrovisor: {msg}");
+                    return EXIT_USAGE;
+                }
+            };
+            match vmm::run(&config) {
+                Ok(outcome) => {
+                    report(&outcome);
+                    outcome.exit_code()
+                }
+                Err(e) => {
+                    let mut line = error_chain(&e);
+                    if let Some(hint) = e.hint() {
+                        line.push_str("; ");
+                        line.push_str(hint);
+                    }
+                    eprintln!("ferrovisor: {line}");
+                    e.exit_code()
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! What the user asked for: `VmConfig`, from the command line or a config file, and its
+//! validation. Every check here fails with a message that names the setting and what to do.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Kernel command line used when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 panic=1";
+pub const DEFAULT_MEMORY_MIB: u64 = 256;
+/// Smallest guest accepted: room for the legacy area, boot structures and a small kernel.
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// The ACPI MADT numbers CPUs with 8-bit APIC IDs, and the I/O APIC takes one.
+pub const MAX_VCPUS: u32 = 254;
+
+/// A memory size. Parses `512`, `512M`, `512MiB`, `2G`, `2GiB`, `1048576K` (a bare number is
+/// MiB, as in QEMU's `-m`); serialises as a string like `"512M"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MemorySize {
+    pub bytes: u64,
+}
+
+impl MemorySize {
+    pub const fn from_mib(mib: u64) -> Self {
+        MemorySize { bytes: mib << 20 }
+    }
+    pub fn mib(&self) -> u64 {
+        self.bytes >> 20
+    }
+}
+
+impl Default for MemorySize {
+    fn default() -> Self {
+        MemorySize::from_mib(DEFAULT_MEMORY_MIB)
+    }
+}
+
+impl fmt::Display for MemorySize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.bytes % (1 << 30) == 0 {
+            write!(f, "{}G", self.bytes >> 30)
+        } else if self.bytes % (1 << 20) == 0 {
+            write!(f, "{}M", self.bytes >> 20)
+        } else {
+            write!(f, "{}K", self.bytes >> 10)
+        }
+    }
+}
+
+impl FromStr for MemorySize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(digits_end);
+        let bad = || format!("'{s}' is not a memory size; write e.g. 512M or 2G");
+        let value: u64 = num.parse().map_err(|_| bad())?;
+        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "m" | "mb" | "mib" => 20,
+            "k" | "kb" | "kib" => 10,
+            "g" | "gb" | "gib" => 30,
+            "t" | "tb" | "tib" => 40,
+            _ => return Err(bad()),
+        };
+        let bytes = value
+            .checked_mul(1u64 << shift)
+            .ok_or_else(|| format!("memory size '{s}' is too large"))?;
+        if bytes % 4096 != 0 {
+            return Err(format!("memory size '{s}' is not a multiple of 4 KiB"));
+        }
+        Ok(MemorySize { bytes })
+    }
+}
+
+impl Serialize for MemorySize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for MemorySize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Mib(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Mib(mib) => mib
+                .checked_mul(1 << 20)
+                .map(|bytes| MemorySize { bytes })
+                .ok_or_else(|| serde::de::Error::custom("memory size is too large")),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// What to do when the guest resets the machine.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnReboot {
+    /// End `ferrovisor run` with the reboot exit code.
+    #[default]
+    Exit,
+    /// Start the guest again from its kernel, as a PC would.
+    Restart,
+}
+
+impl FromStr for OnReboot {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "exit" => Ok(OnReboot::Exit),
+            "restart" => Ok(OnReboot::Restart),
+            _ => Err(format!("'{s}' is not a reboot action; use exit or restart")),
+        }
+    }
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+
+fn default_cpus() -> u32 {
+    1
+}
+
+/// One VM, as the user described it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// bzImage or ELF vmlinux.
+    pub kernel: PathBuf,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    #[serde(default = "default_cpus")]
+    pub cpus: u32,
+    #[serde(default)]
+    pub memory: MemorySize,
+    #[serde(default)]
+    pub on_reboot: OnReboot,
+}
+
+/// A setting the user got wrong. The message says which and what to do.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--cpus must be at least 1")]
+    NoCpus,
+    #[error("--cpus {requested} exceeds the limit of {limit} vCPUs on this host")]
+    TooManyCpus { requested: u32, limit: u32 },
+    #[error("--memory {0} is too small; a guest needs at least {MIN_MEMORY_MIB} MiB")]
+    MemoryTooSmall(MemorySize),
+    #[error("--memory {requested} exceeds what this host can back ({limit_mib} MiB of RAM and swap); give the guest less memory")]
+    MemoryTooLarge {
+        requested: MemorySize,
+        limit_mib: u64,
+    },
+    #[error("the kernel command line is {len} bytes; the limit is {max} bytes")]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("the kernel command line contains a NUL byte")]
+    CmdlineNul,
+}
+
+impl VmConfig {
+    /// A config with defaults for everything but the kernel.
+    pub fn new(kernel: PathBuf) -> Self {
+        VmConfig {
+            kernel,
+            initrd: None,
+            cmdline: default_cmdline(),
+            cpus: default_cpus(),
+            memory: MemorySize::default(),
+            on_reboot: OnReboot::default(),
+        }
+    }
+
+    /// Checks the settings that need no files or devices. `max_vcpus` is the back end's limit,
+    /// `host_memory_bytes` what the host can back (RAM plus swap).
+    pub fn validate(&self, max_vcpus: u32, host_memory_bytes: u64) -> Result<(), ConfigError> {
+        if self.cpus == 0 {
+            return Err(ConfigError::NoCpus);
+        }
+        let limit = max_vcpus.min(MAX_VCPUS);
+        if self.cpus > limit {
+            return Err(ConfigError::TooManyCpus {
+                requested: self.cpus,
+                limit,
+            });
+        }
+        if self.memory.bytes < MemorySize::from_mib(MIN_MEMORY_MIB).bytes {
+            return Err(ConfigError::MemoryTooSmall(self.memory));
+        }
+        if self.memory.bytes > host_memory_bytes {
+            return Err(ConfigError::MemoryTooLarge {
+                requested: self.memory,
+                limit_mib: host_memory_bytes >> 20,
+            });
+        }
+        if self.cmdline.contains('\0') {
+            return Err(ConfigError::CmdlineNul);
+        }
+        let max = arch::layout::CMDLINE_MAX_SIZE - 1;
+        if self.cmdline.len() > max {
+            return Err(ConfigError::CmdlineTooLong {
+                len: self.cmdline.len(),
+                max,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// RAM plus swap of the host, in bytes: the most guest memory that can ever be backed.
+pub fn host_memory_bytes() -> u64 {
+    let mut info = std::mem::MaybeUninit::<libc::sysinfo>::zeroed();
+    // SAFETY: sysinfo writes a `struct sysinfo` to the pointer, which is valid and sized for it.
+    let ret = unsafe { libc::sysinfo(info.as_mut_ptr()) };
+    if ret != 0 {
+        return u64::MAX;
+    }
+    // SAFETY: sysinfo returned 0, so it filled the struct.
+    let info = unsafe { info.assume_init() };
+    let unit = u64::from(info.mem_unit.max(1));
+    (info.totalram as u64 + info.totalswap as u64).saturating_mul(unit)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: u64 = 16 << 30;
+
+    #[test]
+    fn memory_sizes_parse_with_units() {
+        assert_eq!(
+            "512".parse::<MemorySize>().unwrap(),
+            MemorySize::from_mib(512)
+        );
+        assert_eq!(
+            "512M".parse::<MemorySize>().unwrap(),
+            MemorySize::from_mib(512)
+        );
+        assert_eq!(
+            "3GiB".parse::<MemorySize>().unwrap(),
+            MemorySize::from_mib(3072)
+        );
+        assert_eq!(
+            "2g".parse::<MemorySize>().unwrap(),
+            MemorySize::from_mib(2048)
+        );
+        assert_eq!(
+            "131072K".parse::<MemorySize>().unwrap(),
+            MemorySize::from_mib(128)
+        );
+    }
+
+    #[test]
+    fn bad_memory_sizes_are_refused() {
+        for bad in ["", "M", "12X", "-1G", "1.5G", "99999999999999999999T", "1K"] {
+            assert!(bad.parse::<MemorySize>().is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn memory_size_displays_in_the_largest_exact_unit() {
+        assert_eq!(MemorySize::from_mib(2048).to_string(), "2G");
+        assert_eq!(MemorySize::from_mib(100).to_string(), "100M");
+    }
+
+    #[test]
+    fn config_file_accepts_numbers_and_strings_for_memory() {
+        let c: VmConfig =
+            serde_json::from_str(r#"{"kernel": "/k", "memory": 512, "cpus": 2}"#).unwrap();
+        assert_eq!(c.memory, MemorySize::from_mib(512));
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        let c: VmConfig = serde_json::from_str(r#"{"kernel": "/k", "memory": "1G"}"#).unwrap();
+        assert_eq!(c.memory, MemorySize::from_mib(1024));
+    }
+
+    #[test]
+    fn config_file_rejects_unknown_settings() {
+        let err = serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "cpu": 2}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `cpu`"), "{err}");
+    }
+
+    #[test]
+    fn validation_catches_each_bad_setting() {
+        let ok = VmConfig::new("/k".into());
+        assert_eq!(ok.validate(8, HOST), Ok(()));
+        let with = |f: &dyn Fn(&mut VmConfig)| {
+            let mut c = ok.clone();
+            f(&mut c);
+            c.validate(8, HOST).unwrap_err()
+        };
+        assert_eq!(with(&|c| c.cpus = 0), ConfigError::NoCpus);
+        assert_eq!(
+            with(&|c| c.cpus = 9),
+            ConfigError::TooManyCpus {
+                requested: 9,
+                limit: 8
+            }
+        );
+        assert!(matches!(
+            with(&|c| c.memory = MemorySize::from_mib(8)),
+            ConfigError::MemoryTooSmall(_)
+        ));
+        assert!(matches!(
+            with(&|c| c.memory = MemorySize::from_mib(32 << 10)),
+            ConfigError::MemoryTooLarge { .. }
+        ));
+        assert!(matches!(
+            with(&|c| c.cmdline = "x".repeat(4096)),
+            ConfigError::CmdlineTooLong { .. }
+        ));
+        assert_eq!(
+            with(&|c| c.cmdline = "a\0b".into()),
+            ConfigError::CmdlineNul
+        );
+    }
+
+    #[test]
+    fn vcpu_limit_is_capped_by_the_platform() {
+        let mut c = VmConfig::new("/k".into());
+        c.cpus = 255;
+        assert_eq!(
+            c.validate(1024, HOST),
+            Err(ConfigError::TooManyCpus {
+                requested: 255,
+                limit: 254
+            })
+        );
+    }
+}

@@ -1,0 +1,252 @@
+//! Building one VM from a [`VmConfig`] — memory, kernel, boot structures, devices, vCPUs — and
+//! running it until something stops it.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use arch::boot::EntryProtocol;
+use arch::linux::InitrdRegion;
+use devices::acpi::{AcpiPm, ACPI_PM_PORT_LEN, ACPI_SLEEP_CONTROL_PORT};
+use devices::bus::Bus;
+use devices::legacy::i8042::{I8042_DATA_PORT, I8042_PORT_LEN};
+use devices::legacy::serial::{COM1_BASE, COM1_IRQ, SERIAL_PORT_LEN};
+use devices::legacy::{Serial, I8042};
+use devices::{GuestEvent, GuestEventSink, InterruptLine};
+use hypervisor::{Fpu, Hypervisor, IrqLine, MemoryRegion, Vcpu};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::signal::Killable;
+
+use crate::config::VmConfig;
+use crate::console::ConsoleTarget;
+use crate::vcpu::{self, VcpuContext};
+use crate::{ResetCause, VmEvent, VmmError};
+
+/// Adapts a hypervisor interrupt line to the devices' interface.
+struct Irq(Arc<dyn IrqLine>);
+
+impl InterruptLine for Irq {
+    fn trigger(&self) -> io::Result<()> {
+        self.0.trigger()
+    }
+}
+
+/// Turns device requests (power off, reset) into VM events.
+struct EventSink(Sender<VmEvent>);
+
+impl GuestEventSink for EventSink {
+    fn notify(&self, event: GuestEvent) {
+        let event = match event {
+            GuestEvent::PowerOff => VmEvent::PowerOff,
+            GuestEvent::Reset => VmEvent::Reset(ResetCause::Device),
+        };
+        let _ = self.0.send(event);
+    }
+}
+
+/// A built VM, ready to run. Field order is drop order: vCPUs and the VM go before the
+/// memory they map.
+pub struct Vm {
+    vcpus: Vec<Box<dyn Vcpu>>,
+    _vm: Arc<dyn hypervisor::Vm>,
+    _mem: GuestMemoryMmap,
+    pio_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    events: Sender<VmEvent>,
+}
+
+fn open(path: &std::path::Path, what: &'static str) -> Result<File, VmmError> {
+    File::open(path).map_err(|source| VmmError::OpenFile {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl Vm {
+    pub fn build(
+        hv: &dyn Hypervisor,
+        config: &VmConfig,
+        events: Sender<VmEvent>,
+        console: &ConsoleTarget,
+    ) -> Result<Vm, VmmError> {
+        let mut kernel_file = open(&config.kernel, "kernel")?;
+        let mut initrd_file = config
+            .initrd
+            .as_deref()
+            .map(|p| open(p, "initrd"))
+            .transpose()?;
+
+        let vm = hv.create_vm().map_err(VmmError::Hypervisor)?;
+        let mem_bytes = config.memory.bytes;
+        let regions: Vec<_> = arch::e820::ram_regions(mem_bytes)
+            .into_iter()
+            .map(|(addr, len)| (addr, len as usize))
+            .collect();
+        let mem = GuestMemoryMmap::from_ranges(&regions).map_err(VmmError::AllocateMemory)?;
+        for (slot, region) in mem.iter().enumerate() {
+            let host_addr = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .map_err(VmmError::GuestMemory)? as u64;
+            let region = MemoryRegion {
+                slot: slot as u32,
+                guest_addr: region.start_addr(),
+                len_bytes: region.len(),
+                host_addr,
+            };
+            // SAFETY: the mapping belongs to `mem`, which `Vm` keeps alive (and drops after
+            // the hypervisor VM).
+            unsafe { vm.map_memory(region) }.map_err(VmmError::Hypervisor)?;
+        }
+
+        let kernel =
+            arch::linux::load_kernel(&mem, mem_bytes, &mut kernel_file).map_err(VmmError::Boot)?;
+        if let Some(max) = kernel
+            .setup_header
+            .map(|h| h.cmdline_size as usize)
+            .filter(|&m| m > 0)
+        {
+            if config.cmdline.len() > max {
+                return Err(VmmError::Config(
+                    crate::config::ConfigError::CmdlineTooLong {
+                        len: config.cmdline.len(),
+                        max,
+                    },
+                ));
+            }
+        }
+        let initrd = match initrd_file.as_mut() {
+            Some(file) => {
+                let len_bytes = file
+                    .metadata()
+                    .map_err(|source| VmmError::OpenFile {
+                        what: "initrd",
+                        path: config.initrd.clone().unwrap_or_default(),
+                        source,
+                    })?
+                    .len();
+                let addr = arch::linux::place_initrd(mem_bytes, &kernel, len_bytes)
+                    .map_err(VmmError::Boot)?;
+                mem.read_exact_volatile_from(addr, file, len_bytes as usize)
+                    .map_err(VmmError::GuestMemory)?;
+                Some(InitrdRegion { addr, len_bytes })
+            }
+            None => None,
+        };
+        let cmdline = CString::new(config.cmdline.as_str())
+            .map_err(|_| VmmError::Config(crate::config::ConfigError::CmdlineNul))?;
+        arch::linux::write_cmdline(&mem, &cmdline).map_err(VmmError::Boot)?;
+        arch::boot::write_boot_tables(&mem).map_err(VmmError::BootTables)?;
+        let acpi = arch::acpi::AcpiConfig::new(config.cpus as u8);
+        let rsdp = arch::acpi::create_acpi_tables(&mem, &acpi).map_err(VmmError::Acpi)?;
+        let e820 = arch::e820::e820_map(mem_bytes);
+        let info = match kernel.protocol {
+            EntryProtocol::Linux64 => arch::linux::write_boot_params(
+                &mem,
+                &kernel,
+                cmdline.as_bytes().len(),
+                initrd,
+                &e820,
+                rsdp,
+            ),
+            EntryProtocol::Pvh => arch::linux::write_pvh_start_info(&mem, initrd, &e820, rsdp),
+        }
+        .map_err(VmmError::Boot)?;
+        let boot_state = arch::boot::entry_state(kernel.protocol, kernel.entry, info);
+
+        let pio_bus = Arc::new(Bus::new());
+        let sink: Arc<dyn GuestEventSink> = Arc::new(EventSink(events.clone()));
+        let com1_irq = vm.irq_line(COM1_IRQ).map_err(VmmError::Hypervisor)?;
+        let serial = Arc::new(Mutex::new(Serial::new(
+            Arc::new(Irq(com1_irq)),
+            Box::new(io::stdout()),
+        )));
+        let insert = |dev, base: u16, len| {
+            pio_bus
+                .insert(dev, u64::from(base), len)
+                .map_err(VmmError::Bus)
+        };
+        insert(serial.clone(), COM1_BASE, SERIAL_PORT_LEN)?;
+        insert(
+            Arc::new(Mutex::new(I8042::new(sink.clone()))),
+            I8042_DATA_PORT,
+            I8042_PORT_LEN,
+        )?;
+        insert(
+            Arc::new(Mutex::new(AcpiPm::new(sink))),
+            ACPI_SLEEP_CONTROL_PORT,
+            ACPI_PM_PORT_LEN,
+        )?;
+        *console.lock().expect("console target lock poisoned") = Some(serial);
+
+        let supported = hv.supported_cpuid().map_err(VmmError::Hypervisor)?;
+        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        for id in 0..config.cpus {
+            let vcpu = vm.create_vcpu(id).map_err(VmmError::Hypervisor)?;
+            let setup = || -> hypervisor::Result<()> {
+                vcpu.set_cpuid(&arch::cpuid::vcpu_cpuid(&supported, id, config.cpus))?;
+                vcpu.set_msrs(&arch::msr::boot_msrs())?;
+                vcpu.setup_lapic_lints()?;
+                vcpu.set_fpu(&Fpu::default())?;
+                if id == 0 {
+                    vcpu.set_sregs(&boot_state.sregs)?;
+                    vcpu.set_regs(&boot_state.regs)?;
+                }
+                Ok(())
+            };
+            setup().map_err(VmmError::Hypervisor)?;
+            vcpus.push(vcpu);
+        }
+
+        Ok(Vm {
+            vcpus,
+            _vm: vm,
+            _mem: mem,
+            pio_bus,
+            mmio_bus: Arc::new(Bus::new()),
+            events,
+        })
+    }
+
+    /// Starts the vCPUs and waits for the first event that ends this VM; stops and joins the
+    /// vCPU threads before returning it.
+    pub fn run(mut self, events: &Receiver<VmEvent>) -> Result<VmEvent, VmmError> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for (id, vcpu) in self.vcpus.drain(..).enumerate() {
+            let ctx = VcpuContext {
+                id: id as u32,
+                pio_bus: self.pio_bus.clone(),
+                mmio_bus: self.mmio_bus.clone(),
+                stop: stop.clone(),
+                events: self.events.clone(),
+            };
+            match vcpu::spawn(vcpu, ctx) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop_all(&stop, threads);
+                    return Err(VmmError::SpawnThread(e));
+                }
+            }
+        }
+        let event = events
+            .recv()
+            .expect("the VM holds a sender, so the channel stays open");
+        stop_all(&stop, threads);
+        Ok(event)
+    }
+}
+
+fn stop_all(stop: &AtomicBool, threads: Vec<std::thread::JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    for t in &threads {
+        // A thread that already ended cannot be signalled; that is fine.
+        let _ = t.kill(vcpu::kick_signal());
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
