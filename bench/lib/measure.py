@@ -29,12 +29,38 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 
-def run_once(argv, marker, timeout, log_path=None):
-    """Run argv once. Returns a dict with marker_s, exit_s, rss_kb, status, ok, reason."""
+# Peak RSS and fork: Linux carries the pre-exec memory's high-water mark into the new program
+# (exec_mmap -> setmax_mm_hiwater_rss), so a VMM forked straight from this Python process would
+# report at least Python's own RSS (~14 MiB) as its ru_maxrss. GNU time is forked from here but
+# forks the VMM itself from its own ~1 MiB image, so its %M is the VMM's real peak (floor ~1 MiB).
+TIME = "/usr/bin/time"
+
+
+def run_once(argv, marker, timeout, log_path=None, via_time=True):
+    """Run argv once. Returns a dict with marker_s, exit_s, rss_kb, status, timed_out."""
+    rss_file = None
+    if via_time:
+        fd, rss_file = tempfile.mkstemp(prefix="measure-rss.")
+        os.close(fd)
+        argv = [TIME, "-f", "%M", "-o", rss_file, "--"] + list(argv)
+    try:
+        r = _run_once(argv, marker, timeout, log_path)
+        if rss_file and "reason" not in r:
+            # With a non-zero status GNU time writes "Command exited with ..." first.
+            lines = open(rss_file).read().split()
+            r["rss_kb"] = int(lines[-1]) if lines and lines[-1].isdigit() else None
+        return r
+    finally:
+        if rss_file:
+            os.unlink(rss_file)
+
+
+def _run_once(argv, marker, timeout, log_path):
     needle = marker.encode()
     keep = max(len(needle) - 1, 0)
     stderr = open(log_path + ".stderr", "wb") if log_path else subprocess.DEVNULL
@@ -72,7 +98,7 @@ def run_once(argv, marker, timeout, log_path=None):
                 if needle in buf:
                     t_marker = time.perf_counter() - t0
                 tail = buf[-keep:] if keep else b""
-        _, status, ru = os.wait4(p.pid, 0)
+        _, status, ru = os.wait4(p.pid, 0)  # ru_maxrss: see the note above TIME
         t_exit = time.perf_counter() - t0
     finally:
         timer.cancel()
@@ -136,7 +162,7 @@ def report(results, baseline, runs, marker):
         summ[name] = {
             "marker": stats([s["marker_s"] for s in good]),
             "exit": stats([s["exit_s"] for s in good]),
-            "rss": stats([s["rss_kb"] for s in good]),
+            "rss": stats([s["rss_kb"] for s in good if s["rss_kb"] is not None]),
             "ok": len(good), "n": len(samples),
         }
     base = summ.get(baseline)
@@ -175,6 +201,9 @@ def main():
     ap.add_argument("--json", help="write all samples and the summary here")
     ap.add_argument("--log-dir", help="keep guest output of first and failed runs here")
     ap.add_argument("--quiet", "-q", action="store_true", help="no per-run progress")
+    ap.add_argument("--rss", choices=["time", "wait4"], default="time",
+                    help="peak RSS from GNU time (default; exact) or from wait4 on the "
+                         "direct child (includes this Python process's ~14 MiB at fork)")
     a = ap.parse_args()
 
     runners = []
@@ -194,6 +223,9 @@ def main():
         ap.error(f"baseline {baseline!r} is not a runner ({', '.join(names)})")
     if a.log_dir:
         os.makedirs(a.log_dir, exist_ok=True)
+    via_time = a.rss == "time"
+    if via_time and not os.access(TIME, os.X_OK):
+        ap.error(f"{TIME} not found (apt-get install time), or use --rss wait4")
 
     def progress(msg):
         if not a.quiet:
@@ -202,7 +234,7 @@ def main():
     for name, argv in runners:
         progress(f"measure: {name}: {shlex.join(argv)}")
         for _ in range(a.warmup):
-            r = judge(run_once(argv, a.marker, a.timeout), a.expect_exit)
+            r = judge(run_once(argv, a.marker, a.timeout, via_time=via_time), a.expect_exit)
             if not r["ok"]:
                 progress(f"measure: {name}: warm-up run failed: {r['reason']}")
 
@@ -212,7 +244,7 @@ def main():
             log = None
             if a.log_dir:
                 log = os.path.join(a.log_dir, f"{name}.run{i + 1}")
-            r = judge(run_once(argv, a.marker, a.timeout, log), a.expect_exit)
+            r = judge(run_once(argv, a.marker, a.timeout, log, via_time), a.expect_exit)
             results[name].append(r)
             if log and r["ok"] and i > 0:
                 for ext in (".stdout", ".stderr"):
@@ -222,11 +254,13 @@ def main():
                         pass
             if r["ok"]:
                 progress(f"measure: {name} {i + 1}/{a.runs}: marker {r['marker_s'] * 1000:.1f} ms,"
-                         f" exit {r['exit_s'] * 1000:.1f} ms, rss {r['rss_kb'] / 1024:.1f} MiB")
+                         f" exit {r['exit_s'] * 1000:.1f} ms, rss {(r['rss_kb'] or 0) / 1024:.1f} MiB")
             else:
                 progress(f"measure: {name} {i + 1}/{a.runs}: FAILED: {r['reason']}")
 
     table, summ = report(results, baseline, a.runs, a.marker)
+    table += ("\n\nPeak RSS: GNU time's maximum resident set size of the VMM process."
+              if via_time else "\n\nPeak RSS: wait4 ru_maxrss (includes the harness's RSS at fork).")
     print(table)
     if a.json:
         with open(a.json, "w") as f:

@@ -197,6 +197,9 @@ fn forward_termination_signals(events: Sender<VmEvent>) -> std::io::Result<()> {
 /// Runs the VM described by `config` on KVM until it powers off, resets (unless restarting),
 /// fails, or a signal or the console ends it.
 pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
+    // Mistakes in the settings are reported before the host is even asked for KVM.
+    config.validate(config::MAX_VCPUS, config::host_memory_bytes())?;
+    vm::check_files(config)?;
     let hv = KvmHypervisor::new().map_err(VmmError::Hypervisor)?;
     run_on(&hv, config)
 }

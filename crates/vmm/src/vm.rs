@@ -59,11 +59,26 @@ pub struct Vm {
 }
 
 fn open(path: &std::path::Path, what: &'static str) -> Result<File, VmmError> {
-    File::open(path).map_err(|source| VmmError::OpenFile {
+    let err = |source| VmmError::OpenFile {
         what,
         path: path.to_owned(),
         source,
-    })
+    };
+    let file = File::open(path).map_err(err)?;
+    let meta = file.metadata().map_err(err)?;
+    if !meta.is_file() {
+        return Err(err(io::Error::other("not a regular file")));
+    }
+    Ok(file)
+}
+
+/// Checks that the kernel and initrd can be opened, so a wrong path is reported first.
+pub fn check_files(config: &VmConfig) -> Result<(), VmmError> {
+    open(&config.kernel, "kernel")?;
+    if let Some(initrd) = &config.initrd {
+        open(initrd, "initrd")?;
+    }
+    Ok(())
 }
 
 impl Vm {
