@@ -146,6 +146,7 @@ fn report(outcome: &Outcome) {
             }
         }
         Outcome::Signal(sig) => eprintln!("ferrovisor: stopped by {}", signal_name(*sig)),
+        Outcome::ConsoleQuit => eprintln!("ferrovisor: quit from the console (Ctrl-A x)"),
     }
 }
 

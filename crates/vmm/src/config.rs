@@ -39,7 +39,9 @@ impl Default for MemorySize {
 
 impl fmt::Display for MemorySize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.bytes % (1 << 30) == 0 {
+        if self.bytes % (1 << 40) == 0 {
+            write!(f, "{}T", self.bytes >> 40)
+        } else if self.bytes % (1 << 30) == 0 {
             write!(f, "{}G", self.bytes >> 30)
         } else if self.bytes % (1 << 20) == 0 {
             write!(f, "{}M", self.bytes >> 20)

@@ -65,6 +65,8 @@ pub enum Outcome {
         state: String,
     },
     Signal(i32),
+    /// The user typed Ctrl-A x on the console.
+    ConsoleQuit,
 }
 
 impl Outcome {
@@ -75,6 +77,8 @@ impl Outcome {
             Outcome::Reset(_) => EXIT_GUEST_RESET,
             Outcome::VcpuFailed { .. } => EXIT_VCPU_FAILED,
             Outcome::Signal(sig) => 128 + sig,
+            // As if the user had pressed Ctrl-C in a terminal that was not in raw mode.
+            Outcome::ConsoleQuit => 128 + libc::SIGINT,
         }
     }
 }
@@ -231,12 +235,12 @@ pub fn run_on(hv: &dyn Hypervisor, config: &VmConfig) -> Result<Outcome, VmmErro
             VmEvent::Reset(cause) => Outcome::Reset(cause),
             VmEvent::VcpuFailed { id, reason, state } => Outcome::VcpuFailed { id, reason, state },
             VmEvent::Signal(sig) => Outcome::Signal(sig),
-            VmEvent::ConsoleQuit => Outcome::Signal(libc::SIGINT),
+            VmEvent::ConsoleQuit => Outcome::ConsoleQuit,
         };
         match (outcome, quit) {
             (Outcome::Reset(_), None) if config.on_reboot == OnReboot::Restart => continue,
             (_, Some(VmEvent::Signal(sig))) => return Ok(Outcome::Signal(sig)),
-            (_, Some(_)) => return Ok(Outcome::Signal(libc::SIGINT)),
+            (_, Some(_)) => return Ok(Outcome::ConsoleQuit),
             (outcome, None) => return Ok(outcome),
         }
     }
