@@ -60,7 +60,7 @@ measure="$here/lib/measure.py"
 die() { echo "boot-time: $*" >&2; exit 2; }
 note() { echo "boot-time: $*" >&2; }
 
-runs=20 warmup=1 profile=ftg guest=${FTG_GUEST:-} kernel= initrd= marker= cmdline=
+runs=20 warmup=1 profile=ftg guest=${FTG_GUEST:-} kernel= initrd= marker= cmdline= cmdline_set=0
 ferrovisor=${FERROVISOR:-$repo/target/release/ferrovisor} fargs=${FERROVISOR_ARGS:-}
 qemu=${QEMU:-qemu-system-x86_64} only= baseline= timeout= build=0 save=1 json= quiet=()
 extra=()
@@ -76,7 +76,7 @@ while [ $# -gt 0 ]; do
         --ferrovisor-args) fargs=${2?}; shift ;;
         --qemu) qemu=${2:?}; shift ;;
         --marker) marker=${2:?}; shift ;;
-        --cmdline) cmdline=${2?}; shift ;;
+        --cmdline) cmdline=${2?}; cmdline_set=1; shift ;;
         --runners) only=${2:?}; shift ;;
         --runner) extra+=("${2:?}"); shift ;;
         --baseline) baseline=${2:?}; shift ;;
@@ -116,7 +116,7 @@ fi
 case "$profile" in
 ftg)
     marker=${marker:-"ftg: hello"}
-    cmdline=${cmdline-"console=ttyS0 ftg.quick=1"}
+    [ "$cmdline_set" = 1 ] || cmdline="console=ttyS0 ftg.quick=1"
     timeout=${timeout:-30}
     baseline=${baseline:-qemu-microvm}
     if [ -z "$guest" ]; then
@@ -133,7 +133,7 @@ ftg)
     ;;
 linux)
     marker=${marker:-FERROVISOR-GUEST-READY}
-    cmdline=${cmdline-"console=ttyS0 panic=-1"}
+    [ "$cmdline_set" = 1 ] || cmdline="console=ttyS0 panic=-1"
     timeout=${timeout:-120}
     baseline=${baseline:-qemu-tcg}
     kernel=${kernel:-$repo/fixtures/vmlinuz}
@@ -152,12 +152,13 @@ for spec in "${extra[@]+"${extra[@]}"}"; do
     add_runner "${spec%%::*}" "${spec#*::}"
 done
 
-args=()
+args=() skipped=
 for i in "${!names[@]}"; do
     n=${names[$i]}
     if [ -n "$only" ] && [[ ",$only," != *",$n,"* ]]; then continue; fi
     if [ "$n" = ferrovisor ] && [ "$ferrovisor_ok" = 0 ]; then
         note "SKIPPING runner ferrovisor: $ferrovisor not built (cargo build --release -p ferrovisor, or --ferrovisor PATH)"
+        skipped="ferrovisor ($ferrovisor not built)"
         continue
     fi
     args+=(--runner "$n::${cmds[$i]}")
@@ -200,6 +201,7 @@ if [ "$save" = 1 ]; then
         echo "- host: Linux $(uname -r), $cpu, $(nproc) CPUs, /dev/kvm by \`$kvm\`"
         echo "- ferrovisor: $rev; ${qv:-qemu: not found}"
         echo "- runs: $runs per runner after $warmup warm-up, interleaved; timeout ${timeout} s"
+        [ -z "$skipped" ] || echo "- skipped: $skipped"
         echo
         for i in "${!names[@]}"; do
             printf '%s\n' "${args[@]}" | grep -q "^${names[$i]}::" || continue

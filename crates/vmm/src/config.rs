@@ -39,11 +39,11 @@ impl Default for MemorySize {
 
 impl fmt::Display for MemorySize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.bytes % (1 << 40) == 0 {
+        if self.bytes.is_multiple_of(1 << 40) {
             write!(f, "{}T", self.bytes >> 40)
-        } else if self.bytes % (1 << 30) == 0 {
+        } else if self.bytes.is_multiple_of(1 << 30) {
             write!(f, "{}G", self.bytes >> 30)
-        } else if self.bytes % (1 << 20) == 0 {
+        } else if self.bytes.is_multiple_of(1 << 20) {
             write!(f, "{}M", self.bytes >> 20)
         } else {
             write!(f, "{}K", self.bytes >> 10)
@@ -70,7 +70,7 @@ impl FromStr for MemorySize {
         let bytes = value
             .checked_mul(1u64 << shift)
             .ok_or_else(|| format!("memory size '{s}' is too large"))?;
-        if bytes % 4096 != 0 {
+        if !bytes.is_multiple_of(4096) {
             return Err(format!("memory size '{s}' is not a multiple of 4 KiB"));
         }
         Ok(MemorySize { bytes })
@@ -229,7 +229,7 @@ pub fn host_memory_bytes() -> u64 {
     // SAFETY: sysinfo returned 0, so it filled the struct.
     let info = unsafe { info.assume_init() };
     let unit = u64::from(info.mem_unit.max(1));
-    (info.totalram as u64 + info.totalswap as u64).saturating_mul(unit)
+    (info.totalram + info.totalswap).saturating_mul(unit)
 }
 
 #[cfg(test)]

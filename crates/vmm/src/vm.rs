@@ -35,7 +35,12 @@ impl InterruptLine for Irq {
 }
 
 /// Turns device requests (power off, reset) into VM events.
-struct EventSink(Sender<VmEvent>);
+struct EventSink {
+    events: Sender<VmEvent>,
+    /// Raised before the event is sent, so the vCPU whose I/O asked for it stops at once
+    /// instead of entering the guest again and waiting for a kick.
+    stop: Arc<AtomicBool>,
+}
 
 impl GuestEventSink for EventSink {
     fn notify(&self, event: GuestEvent) {
@@ -43,7 +48,8 @@ impl GuestEventSink for EventSink {
             GuestEvent::PowerOff => VmEvent::PowerOff,
             GuestEvent::Reset => VmEvent::Reset(ResetCause::Device),
         };
-        let _ = self.0.send(event);
+        self.stop.store(true, Ordering::Release);
+        let _ = self.events.send(event);
     }
 }
 
@@ -56,6 +62,7 @@ pub struct Vm {
     pio_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     events: Sender<VmEvent>,
+    stop: Arc<AtomicBool>,
 }
 
 fn open(path: &std::path::Path, what: &'static str) -> Result<File, VmmError> {
@@ -173,7 +180,11 @@ impl Vm {
         let boot_state = arch::boot::entry_state(kernel.protocol, kernel.entry, info);
 
         let pio_bus = Arc::new(Bus::new());
-        let sink: Arc<dyn GuestEventSink> = Arc::new(EventSink(events.clone()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let sink: Arc<dyn GuestEventSink> = Arc::new(EventSink {
+            events: events.clone(),
+            stop: stop.clone(),
+        });
         let com1_irq = vm.irq_line(COM1_IRQ).map_err(VmmError::Hypervisor)?;
         let serial = Arc::new(Mutex::new(Serial::new(
             Arc::new(Irq(com1_irq)),
@@ -223,13 +234,14 @@ impl Vm {
             pio_bus,
             mmio_bus: Arc::new(Bus::new()),
             events,
+            stop,
         })
     }
 
     /// Starts the vCPUs and waits for the first event that ends this VM; stops and joins the
     /// vCPU threads before returning it.
     pub fn run(mut self, events: &Receiver<VmEvent>) -> Result<VmEvent, VmmError> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = self.stop.clone();
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
             let ctx = VcpuContext {
