@@ -1,0 +1,478 @@
+//! Linear → physical translation (paging off, or 4-level long-mode paging with 4 KiB, 2 MiB
+//! and 1 GiB pages), a software TLB, and memory access by linear address.
+
+use super::state::{cr0, cr4, efer, CpuState};
+use super::{vector, Cpu, Exec, Fault, IoReq};
+use crate::memory;
+
+/// Kind of access, for permission checks and page-fault error codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    Read,
+    Write,
+    Exec,
+}
+
+const TLB_ENTRIES: usize = 1024;
+const PAGE_MASK: u64 = !0xfff;
+
+const PTE_P: u64 = 1 << 0;
+const PTE_W: u64 = 1 << 1;
+const PTE_U: u64 = 1 << 2;
+const PTE_A: u64 = 1 << 5;
+const PTE_D: u64 = 1 << 6;
+const PTE_PS: u64 = 1 << 7;
+const PTE_G: u64 = 1 << 8;
+const PTE_NX: u64 = 1 << 63;
+const PTE_ADDR: u64 = 0x000f_ffff_ffff_f000;
+
+/// Permission bits kept in a TLB entry.
+const T_WRITE: u8 = 1;
+const T_USER: u8 = 2;
+const T_EXEC: u8 = 4;
+/// The dirty bit is already set in the guest PTE (or paging is off): writes need no walk.
+const T_DIRTY: u8 = 8;
+const T_GLOBAL: u8 = 16;
+
+#[derive(Clone, Copy)]
+struct TlbEntry {
+    /// Linear page number | 1 when valid.
+    tag: u64,
+    /// Physical page address.
+    gpa: u64,
+    /// Host address of the page if it is RAM, else null (MMIO).
+    host: *mut u8,
+    perm: u8,
+}
+
+const EMPTY: TlbEntry = TlbEntry {
+    tag: 0,
+    gpa: 0,
+    host: std::ptr::null_mut(),
+    perm: 0,
+};
+
+pub struct Tlb {
+    entries: Box<[TlbEntry; TLB_ENTRIES]>,
+}
+
+impl Tlb {
+    pub fn new() -> Self {
+        Tlb {
+            entries: Box::new([EMPTY; TLB_ENTRIES]),
+        }
+    }
+
+    pub fn flush_all(&mut self) {
+        self.entries.fill(EMPTY);
+    }
+
+    /// Drops non-global entries (MOV to CR3 with PGE on).
+    pub fn flush_non_global(&mut self) {
+        for e in self.entries.iter_mut() {
+            if e.perm & T_GLOBAL == 0 {
+                *e = EMPTY;
+            }
+        }
+    }
+
+    pub fn flush_page(&mut self, lin: u64) {
+        let i = index(lin);
+        if self.entries[i].tag == tag(lin) {
+            self.entries[i] = EMPTY;
+        }
+    }
+}
+
+#[inline(always)]
+fn index(lin: u64) -> usize {
+    ((lin >> 12) as usize) & (TLB_ENTRIES - 1)
+}
+
+#[inline(always)]
+fn tag(lin: u64) -> u64 {
+    (lin & PAGE_MASK) | 1
+}
+
+fn page_fault(cpu: &mut CpuState, lin: u64, acc: Access, user: bool, present: bool, rsvd: bool) -> Fault {
+    cpu.cr2 = lin;
+    let mut code = 0u32;
+    if present {
+        code |= 1;
+    }
+    if acc == Access::Write {
+        code |= 2;
+    }
+    if user {
+        code |= 4;
+    }
+    if rsvd {
+        code |= 8;
+    }
+    if acc == Access::Exec && cpu.efer & efer::NXE != 0 {
+        code |= 16;
+    }
+    Fault::Exception {
+        vector: vector::PF,
+        error_code: Some(code),
+    }
+}
+
+impl Cpu {
+    /// Linear address of `offset` in segment `seg`.
+    #[inline(always)]
+    pub(crate) fn linear(&self, seg: usize, offset: u64) -> u64 {
+        if self.s.long_mode() && self.s.seg[super::state::CS].long() {
+            if seg >= super::state::FS {
+                self.s.seg[seg].base.wrapping_add(offset)
+            } else {
+                offset
+            }
+        } else {
+            self.s.seg[seg].base.wrapping_add(offset) & 0xffff_ffff
+        }
+    }
+
+    /// Translates `lin` for `acc`, filling the TLB. Returns the TLB entry index.
+    fn tlb_fill(&mut self, lin: u64, acc: Access) -> Exec<usize> {
+        let user = self.s.cpl() == 3 && !self.supervisor_access;
+        let i = index(lin);
+        if self.s.cr0 & cr0::PG == 0 {
+            let gpa = lin & PAGE_MASK & 0xffff_ffff;
+            self.tlb.entries[i] = TlbEntry {
+                tag: tag(lin),
+                gpa,
+                host: self.mem.page_ptr(gpa).unwrap_or(std::ptr::null_mut()),
+                perm: T_WRITE | T_USER | T_EXEC | T_DIRTY,
+            };
+            return Ok(i);
+        }
+        if self.s.cr4 & cr4::PAE == 0 || self.s.efer & efer::LMA == 0 {
+            return self.tlb_fill_legacy(lin, acc, user, i);
+        }
+        // Canonical check: bits 63..47 must equal bit 47.
+        let top = (lin as i64) >> 47;
+        if top != 0 && top != -1 {
+            return Err(Fault::Exception {
+                vector: vector::GP,
+                error_code: Some(0),
+            });
+        }
+        let nxe = self.s.efer & efer::NXE != 0;
+        let mut table = self.s.cr3 & PTE_ADDR;
+        let mut perm_w = true;
+        let mut perm_u = true;
+        let mut perm_x = true;
+        let mut entries: [(u64, u64); 4] = [(0, 0); 4];
+        let mut level = 4;
+        let (gpa_page, leaf_at, global) = loop {
+            let shift = 12 + 9 * (level - 1);
+            let pte_addr = table + ((lin >> shift) & 0x1ff) * 8;
+            let Some(pte) = self.mem.read(pte_addr, 8) else {
+                // Page tables outside RAM: treat as not present.
+                return Err(page_fault(&mut self.s, lin, acc, user, false, false));
+            };
+            if pte & PTE_P == 0 {
+                return Err(page_fault(&mut self.s, lin, acc, user, false, false));
+            }
+            if pte & PTE_NX != 0 && !nxe {
+                return Err(page_fault(&mut self.s, lin, acc, user, true, true));
+            }
+            entries[4 - level] = (pte_addr, pte);
+            perm_w &= pte & PTE_W != 0;
+            perm_u &= pte & PTE_U != 0;
+            perm_x &= !(nxe && pte & PTE_NX != 0);
+            let is_leaf = level == 1 || (pte & PTE_PS != 0 && level <= 3);
+            if is_leaf {
+                let page_bits = shift;
+                let base = pte & PTE_ADDR & !((1u64 << page_bits) - 1);
+                let gpa = base | (lin & ((1u64 << page_bits) - 1) & PAGE_MASK);
+                break (gpa, 4 - level, pte & PTE_G != 0);
+            }
+            table = pte & PTE_ADDR;
+            level -= 1;
+        };
+        // Permission checks.
+        let wp = self.s.cr0 & cr0::WP != 0;
+        let denied = match acc {
+            Access::Read => user && !perm_u,
+            Access::Write => (user && (!perm_u || !perm_w)) || (!user && !perm_w && wp),
+            Access::Exec => (user && !perm_u) || !perm_x,
+        };
+        if denied {
+            return Err(page_fault(&mut self.s, lin, acc, user, true, false));
+        }
+        // Accessed bits on every level; dirty on the leaf for writes.
+        for (k, &(addr, pte)) in entries.iter().enumerate().take(leaf_at + 1) {
+            let mut want = pte | PTE_A;
+            if k == leaf_at && acc == Access::Write {
+                want |= PTE_D;
+            }
+            if want != pte {
+                if let Some(p) = self.mem.host_ptr(addr, 8) {
+                    // SAFETY: a mapped, 8-byte aligned PTE in guest RAM; set bits atomically
+                    // as the hardware walker does.
+                    unsafe {
+                        memory::atomic_rmw(p, 8, |old| Some(old | (want & (PTE_A | PTE_D))));
+                    }
+                }
+            }
+        }
+        let leaf = entries[leaf_at].1;
+        let dirty = acc == Access::Write || leaf & PTE_D != 0;
+        let mut perm = 0;
+        // Supervisor writes to read-only pages are allowed without CR0.WP.
+        if perm_w || (!user && !wp) {
+            perm |= T_WRITE;
+        }
+        if perm_u {
+            perm |= T_USER;
+        }
+        if perm_x {
+            perm |= T_EXEC;
+        }
+        if dirty {
+            perm |= T_DIRTY;
+        }
+        if global && self.s.cr4 & cr4::PGE != 0 {
+            perm |= T_GLOBAL;
+        }
+        self.tlb.entries[i] = TlbEntry {
+            tag: tag(lin),
+            gpa: gpa_page,
+            host: self.mem.page_ptr(gpa_page).unwrap_or(std::ptr::null_mut()),
+            perm,
+        };
+        Ok(i)
+    }
+
+    /// 32-bit paging (no PAE) and PAE paging outside long mode.
+    fn tlb_fill_legacy(&mut self, lin: u64, acc: Access, user: bool, i: usize) -> Exec<usize> {
+        let lin32 = lin & 0xffff_ffff;
+        let (gpa_page, w, u) = if self.s.cr4 & cr4::PAE == 0 {
+            let pde_addr = (self.s.cr3 & 0xffff_f000) + ((lin32 >> 22) & 0x3ff) * 4;
+            let pde = self.mem.read(pde_addr, 4).unwrap_or(0);
+            if pde & PTE_P == 0 {
+                return Err(page_fault(&mut self.s, lin, acc, user, false, false));
+            }
+            if pde & PTE_PS != 0 && self.s.cr4 & cr4::PSE != 0 {
+                (
+                    (pde & 0xffc0_0000) | (lin32 & 0x003f_f000),
+                    pde & PTE_W != 0,
+                    pde & PTE_U != 0,
+                )
+            } else {
+                let pte_addr = (pde & 0xffff_f000) + ((lin32 >> 12) & 0x3ff) * 4;
+                let pte = self.mem.read(pte_addr, 4).unwrap_or(0);
+                if pte & PTE_P == 0 {
+                    return Err(page_fault(&mut self.s, lin, acc, user, false, false));
+                }
+                (
+                    pte & 0xffff_f000,
+                    pde & pte & PTE_W != 0,
+                    pde & pte & PTE_U != 0,
+                )
+            }
+        } else {
+            let pdpte_addr = (self.s.cr3 & 0xffff_ffe0) + ((lin32 >> 30) & 3) * 8;
+            let pdpte = self.mem.read(pdpte_addr, 8).unwrap_or(0);
+            if pdpte & PTE_P == 0 {
+                return Err(page_fault(&mut self.s, lin, acc, user, false, false));
+            }
+            let pde_addr = (pdpte & PTE_ADDR) + ((lin32 >> 21) & 0x1ff) * 8;
+            let pde = self.mem.read(pde_addr, 8).unwrap_or(0);
+            if pde & PTE_P == 0 {
+                return Err(page_fault(&mut self.s, lin, acc, user, false, false));
+            }
+            if pde & PTE_PS != 0 {
+                (
+                    (pde & PTE_ADDR & !0x1f_ffff) | (lin32 & 0x1f_f000),
+                    pde & PTE_W != 0,
+                    pde & PTE_U != 0,
+                )
+            } else {
+                let pte_addr = (pde & PTE_ADDR) + ((lin32 >> 12) & 0x1ff) * 8;
+                let pte = self.mem.read(pte_addr, 8).unwrap_or(0);
+                if pte & PTE_P == 0 {
+                    return Err(page_fault(&mut self.s, lin, acc, user, false, false));
+                }
+                (
+                    pte & PTE_ADDR,
+                    pde & pte & PTE_W != 0,
+                    pde & pte & PTE_U != 0,
+                )
+            }
+        };
+        let wp = self.s.cr0 & cr0::WP != 0;
+        let denied = match acc {
+            Access::Read | Access::Exec => user && !u,
+            Access::Write => (user && (!u || !w)) || (!user && !w && wp),
+        };
+        if denied {
+            return Err(page_fault(&mut self.s, lin, acc, user, true, false));
+        }
+        // Accessed/dirty bits are not maintained in legacy modes (no 64-bit guest relies on
+        // them before it enters long mode).
+        let mut perm = T_EXEC | T_DIRTY;
+        if w || (!user && !wp) {
+            perm |= T_WRITE;
+        }
+        if u {
+            perm |= T_USER;
+        }
+        self.tlb.entries[i] = TlbEntry {
+            tag: tag(lin),
+            gpa: gpa_page,
+            host: self.mem.page_ptr(gpa_page).unwrap_or(std::ptr::null_mut()),
+            perm,
+        };
+        Ok(i)
+    }
+
+    /// The TLB entry for `lin` valid for `acc`, walking the page tables on a miss.
+    #[inline(always)]
+    fn tlb_lookup(&mut self, lin: u64, acc: Access) -> Exec<usize> {
+        let i = index(lin);
+        let e = &self.tlb.entries[i];
+        if e.tag == tag(lin) {
+            let user = self.s.cpl() == 3 && !self.supervisor_access;
+            let ok = match acc {
+                Access::Read => !user || e.perm & T_USER != 0,
+                Access::Write => {
+                    e.perm & T_WRITE != 0 && e.perm & T_DIRTY != 0 && (!user || e.perm & T_USER != 0)
+                }
+                Access::Exec => e.perm & T_EXEC != 0 && (!user || e.perm & T_USER != 0),
+            };
+            if ok {
+                return Ok(i);
+            }
+        }
+        self.tlb_fill(lin, acc)
+    }
+
+    /// Host pointer for `lin` (which must be RAM) for `acc`.
+    pub(crate) fn translate_host(&mut self, lin: u64, acc: Access) -> Exec<*mut u8> {
+        let i = self.tlb_lookup(lin, acc)?;
+        let e = self.tlb.entries[i];
+        if e.host.is_null() {
+            // Executing from MMIO is not supported (as with KVM's emulator): #GP would mislead,
+            // so report it as a fetch from a non-present page.
+            let user = self.s.cpl() == 3;
+            return Err(page_fault(&mut self.s, lin, acc, user, false, false));
+        }
+        // SAFETY: the page is mapped RAM; the offset is below 4096.
+        Ok(unsafe { e.host.add((lin & 0xfff) as usize) })
+    }
+
+    /// Physical address of `lin` for `acc`.
+    pub(crate) fn translate(&mut self, lin: u64, acc: Access) -> Exec<u64> {
+        let i = self.tlb_lookup(lin, acc)?;
+        Ok(self.tlb.entries[i].gpa | (lin & 0xfff))
+    }
+
+    pub(crate) fn invlpg(&mut self, lin: u64) {
+        self.tlb.flush_page(lin);
+    }
+
+    pub(crate) fn tlb_flush_cr3(&mut self) {
+        if self.s.cr4 & cr4::PGE != 0 {
+            self.tlb.flush_non_global();
+        } else {
+            self.tlb.flush_all();
+        }
+    }
+
+    pub(crate) fn tlb_flush_all(&mut self) {
+        self.tlb.flush_all();
+    }
+
+    /// Reads `size` bytes at `lin` as an implicit supervisor access (descriptor tables, TSS,
+    /// interrupt stack frames), whatever the CPL.
+    pub(crate) fn read_sys(&mut self, lin: u64, size: usize) -> Exec<u64> {
+        self.supervisor_access = true;
+        let r = self.read_lin(lin, size, Access::Read);
+        self.supervisor_access = false;
+        r
+    }
+
+    /// Writes as an implicit supervisor access.
+    pub(crate) fn write_sys(&mut self, lin: u64, size: usize, v: u64) -> Exec {
+        self.supervisor_access = true;
+        let r = self.write_lin(lin, size, v);
+        self.supervisor_access = false;
+        r
+    }
+
+    /// Reads `size` (1, 2, 4, 8) bytes at linear address `lin`.
+    #[inline]
+    pub(crate) fn read_lin(&mut self, lin: u64, size: usize, acc: Access) -> Exec<u64> {
+        if (lin & 0xfff) as usize + size > 0x1000 {
+            let mut v = 0;
+            for k in 0..size {
+                v |= self.read_lin(lin.wrapping_add(k as u64), 1, acc)? << (8 * k);
+            }
+            return Ok(v);
+        }
+        let i = self.tlb_lookup(lin, acc)?;
+        let e = self.tlb.entries[i];
+        if !e.host.is_null() {
+            // SAFETY: mapped RAM page, access within it.
+            return Ok(unsafe { memory::load(e.host.add((lin & 0xfff) as usize), size) });
+        }
+        self.mmio_read(e.gpa | (lin & 0xfff), size)
+    }
+
+    /// Writes `size` bytes of `v` at linear address `lin`.
+    #[inline]
+    pub(crate) fn write_lin(&mut self, lin: u64, size: usize, v: u64) -> Exec {
+        if (lin & 0xfff) as usize + size > 0x1000 {
+            // Check both pages first so a fault leaves memory untouched.
+            let second = (lin | 0xfff).wrapping_add(1);
+            self.tlb_lookup(lin, Access::Write)?;
+            self.tlb_lookup(second, Access::Write)?;
+            for k in 0..size {
+                self.write_lin(lin.wrapping_add(k as u64), 1, v >> (8 * k))?;
+            }
+            return Ok(());
+        }
+        let i = self.tlb_lookup(lin, Access::Write)?;
+        let e = self.tlb.entries[i];
+        if !e.host.is_null() {
+            // SAFETY: mapped RAM page, access within it.
+            unsafe { memory::store(e.host.add((lin & 0xfff) as usize), size, v) };
+            return Ok(());
+        }
+        self.mmio_write(e.gpa | (lin & 0xfff), size, v);
+        Ok(())
+    }
+
+    /// A read of physical `gpa` that is not RAM.
+    fn mmio_read(&mut self, gpa: u64, size: usize) -> Exec<u64> {
+        let req = IoReq::MmioRead {
+            gpa,
+            size: size as u8,
+        };
+        if let Some(v) = self.m.mmio_read(gpa, size as u8) {
+            return Ok(v);
+        }
+        if let Some((r, v)) = self.io.response {
+            if r == req {
+                self.io.response = None;
+                return Ok(v);
+            }
+        }
+        self.io.exit = Some(req);
+        Err(Fault::NeedIo)
+    }
+
+    fn mmio_write(&mut self, gpa: u64, size: usize, v: u64) {
+        if self.m.mmio_write(gpa, size as u8, v) {
+            return;
+        }
+        self.io.exit = Some(IoReq::MmioWrite {
+            gpa,
+            size: size as u8,
+            value: v,
+        });
+    }
+}

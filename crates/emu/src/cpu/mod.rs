@@ -1,0 +1,310 @@
+//! The CPU interpreter: fetch, decode (iced-x86), execute, deliver exceptions and interrupts.
+//!
+//! One [`Cpu`] per vCPU thread. Guest RAM is shared between vCPUs through [`PhysMem`]; the
+//! platform (local APIC, I/O APIC, PIT, kvm-clock, CPUID) is reached through [`Machine`];
+//! anything else — port I/O and MMIO of the VMM's devices — ends the run with an [`IoReq`]
+//! the VMM completes, as a KVM exit would.
+
+mod alu;
+mod exec;
+mod interrupt;
+mod mmu;
+mod operand;
+mod sse;
+pub mod state;
+mod string;
+mod system;
+
+use std::sync::Arc;
+
+use iced_x86::{Decoder, DecoderOptions, Instruction};
+
+pub use mmu::Access;
+pub use state::CpuState;
+
+use crate::memory::PhysMem;
+use state::flags;
+
+/// Exception vectors.
+pub mod vector {
+    pub const DE: u8 = 0;
+    pub const DB: u8 = 1;
+    pub const NMI: u8 = 2;
+    pub const BP: u8 = 3;
+    pub const OF: u8 = 4;
+    pub const BR: u8 = 5;
+    pub const UD: u8 = 6;
+    pub const NM: u8 = 7;
+    pub const DF: u8 = 8;
+    pub const TS: u8 = 10;
+    pub const NP: u8 = 11;
+    pub const SS: u8 = 12;
+    pub const GP: u8 = 13;
+    pub const PF: u8 = 14;
+    pub const MF: u8 = 16;
+    pub const AC: u8 = 17;
+    pub const XM: u8 = 19;
+}
+
+/// Why an instruction did not complete.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// A CPU exception to deliver through the IDT.
+    Exception { vector: u8, error_code: Option<u32> },
+    /// The instruction needs the VMM to complete a device read; nothing was committed and the
+    /// instruction restarts once the VMM has supplied the value.
+    NeedIo,
+}
+
+pub type Exec<T = ()> = Result<T, Fault>;
+
+#[inline]
+pub fn gp(code: u32) -> Fault {
+    Fault::Exception {
+        vector: vector::GP,
+        error_code: Some(code),
+    }
+}
+
+#[inline]
+pub fn ud() -> Fault {
+    Fault::Exception {
+        vector: vector::UD,
+        error_code: None,
+    }
+}
+
+/// A device access the VMM must handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoReq {
+    PioIn { port: u16, size: u8 },
+    PioOut { port: u16, size: u8, value: u32 },
+    MmioRead { gpa: u64, size: u8 },
+    MmioWrite { gpa: u64, size: u8, value: u64 },
+}
+
+/// What the platform (everything KVM would do in the kernel) offers the CPU.
+pub trait Machine {
+    /// Port read of a platform device, or `None` if the VMM must handle it.
+    fn pio_read(&mut self, port: u16, size: u8) -> Option<u32>;
+    /// Port write to a platform device; false if the VMM must handle it.
+    fn pio_write(&mut self, port: u16, size: u8, value: u32) -> bool;
+    /// MMIO read of a platform device (LAPIC, I/O APIC), or `None` for the VMM.
+    fn mmio_read(&mut self, gpa: u64, size: u8) -> Option<u64>;
+    /// MMIO write to a platform device; false if the VMM must handle it.
+    fn mmio_write(&mut self, gpa: u64, size: u8, value: u64) -> bool;
+    /// Platform MSR read (APIC base, TSC, TSC deadline, kvm-clock); `None` if not one.
+    fn rdmsr(&mut self, index: u32) -> Option<u64>;
+    /// Platform MSR write; `None` if not one, `Some(false)` to raise #GP.
+    fn wrmsr(&mut self, index: u32, value: u64) -> Option<bool>;
+    /// The guest's time-stamp counter now.
+    fn rdtsc(&mut self) -> u64;
+    /// CPUID leaf `leaf`, subleaf `subleaf`: [eax, ebx, ecx, edx].
+    fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
+    /// The vector of an interrupt the local APIC wants to deliver now, taken (IRR → ISR).
+    fn take_interrupt(&mut self) -> Option<u8>;
+    /// Whether an interrupt is pending (cheap; checked between instructions).
+    fn interrupt_pending(&self) -> bool;
+    /// The guest executed HLT with interrupts enabled: the back end may sleep until an
+    /// interrupt is due.
+    fn halt(&mut self);
+}
+
+/// State of a device access in flight.
+#[derive(Default)]
+pub struct IoState {
+    /// The access the VMM must perform before the vCPU continues.
+    pub exit: Option<IoReq>,
+    /// The VMM's answer to the last read exit, consumed by the restarted instruction.
+    pub response: Option<(IoReq, u64)>,
+}
+
+/// How a call to [`Cpu::run`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunExit {
+    /// A device access for the VMM (see `Cpu::io`).
+    Io(IoReq),
+    /// The instruction budget ran out; call again.
+    Budget,
+    /// Triple fault: the CPU shut down.
+    Shutdown,
+    /// HLT with interrupts disabled: nothing can wake this CPU but INIT/NMI.
+    Dead,
+    /// Halted waiting for an interrupt, and the platform's wait ended without one (a kick, a
+    /// timeout): call again.
+    Halted,
+}
+
+/// An emulated x86-64 CPU.
+pub struct Cpu {
+    pub s: CpuState,
+    /// The platform: interrupt controllers, timers, CPUID.
+    pub m: Box<dyn Machine + Send>,
+    pub mem: Arc<PhysMem>,
+    pub io: IoState,
+    tlb: mmu::Tlb,
+    /// Instructions retired.
+    pub icount: u64,
+    /// In the HLT state, waiting for an interrupt.
+    pub halted: bool,
+    /// Accesses are implicit supervisor accesses (descriptor tables, TSS, interrupt frames).
+    supervisor_access: bool,
+    /// STI/MOV SS shadow: no interrupt before the next instruction retires.
+    interrupt_shadow: bool,
+    /// RIP at the start of the current instruction (faults restart here).
+    start_rip: u64,
+    /// Unimplemented instructions already logged, so each is reported once.
+    reported_ud: std::collections::HashSet<iced_x86::Code>,
+}
+
+impl Cpu {
+    pub fn new(mem: Arc<PhysMem>, m: Box<dyn Machine + Send>) -> Self {
+        Cpu {
+            s: CpuState::default(),
+            m,
+            mem,
+            io: IoState::default(),
+            tlb: mmu::Tlb::new(),
+            icount: 0,
+            halted: false,
+            supervisor_access: false,
+            interrupt_shadow: false,
+            start_rip: 0,
+            reported_ud: Default::default(),
+        }
+    }
+
+    /// Replaces the whole architectural state (boot, INIT, restore).
+    pub fn set_state(&mut self, s: CpuState) {
+        self.s = s;
+        self.tlb.flush_all();
+    }
+
+    /// Drops every cached translation (after the VMM changed page tables or control registers).
+    pub fn flush_tlb(&mut self) {
+        self.tlb.flush_all();
+    }
+
+    /// Runs up to `budget` instructions, or until a device access needs the VMM, HLT with
+    /// interrupts off, or a triple fault.
+    pub fn run(&mut self, budget: u64) -> RunExit {
+        let mut insn = Instruction::default();
+        let end = self.icount + budget;
+        while self.icount < end {
+            if self.s.rflags & flags::IF != 0 && !self.interrupt_shadow && self.m.interrupt_pending() {
+                if let Some(v) = self.m.take_interrupt() {
+                    self.halted = false;
+                    if self.deliver_external(v).is_err() {
+                        return RunExit::Shutdown;
+                    }
+                }
+            }
+            if self.halted {
+                if self.s.rflags & flags::IF == 0 {
+                    return RunExit::Dead;
+                }
+                self.m.halt();
+                if !self.m.interrupt_pending() {
+                    return RunExit::Halted;
+                }
+                continue;
+            }
+            self.interrupt_shadow = false;
+            match self.step(&mut insn) {
+                Ok(()) => {
+                    self.icount += 1;
+                    if let Some(req) = self.io.exit {
+                        return RunExit::Io(req);
+                    }
+                }
+                Err(StepEnd::Halt) => {
+                    self.icount += 1;
+                    self.halted = true;
+                }
+                Err(StepEnd::Fault(Fault::NeedIo)) => {
+                    let req = self.io.exit.expect("NeedIo always records the request");
+                    return RunExit::Io(req);
+                }
+                Err(StepEnd::Fault(Fault::Exception { vector, error_code })) => {
+                    self.s.rip = self.start_rip;
+                    if self.deliver_exception(vector, error_code).is_err() {
+                        return RunExit::Shutdown;
+                    }
+                }
+            }
+        }
+        RunExit::Budget
+    }
+
+    /// Fetches, decodes and executes one instruction.
+    fn step(&mut self, insn: &mut Instruction) -> Result<(), StepEnd> {
+        self.start_rip = self.s.rip;
+        let bitness = self.s.bitness();
+        let mut bytes = [0u8; 15];
+        let n = self.fetch(&mut bytes).map_err(StepEnd::Fault)?;
+        let mut decoder = Decoder::with_ip(bitness, &bytes[..n], self.s.rip, DecoderOptions::NONE);
+        decoder.decode_out(insn);
+        if insn.is_invalid() {
+            // Out of bytes at the end of mapped memory or an invalid encoding.
+            return Err(StepEnd::Fault(ud()));
+        }
+        let next = insn.next_ip();
+        self.s.rip = if bitness == 64 { next } else { next & 0xffff_ffff };
+        exec::execute(self, insn)
+    }
+
+    /// Reads the instruction bytes at CS:RIP (up to 15, fewer at the end of RAM).
+    fn fetch(&mut self, out: &mut [u8; 15]) -> Exec<usize> {
+        let lin = self.linear(state::CS, self.s.rip);
+        let first = (0x1000 - (lin & 0xfff)).min(15) as usize;
+        let p = self.translate_host(lin, Access::Exec)?;
+        // SAFETY: translate_host returned a pointer to a mapped RAM page; `first` bytes stay
+        // inside it.
+        unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), first) };
+        if first == 15 {
+            return Ok(15);
+        }
+        match self.translate_host(lin.wrapping_add(first as u64), Access::Exec) {
+            Ok(p2) => {
+                // SAFETY: as above, for the start of the next page.
+                unsafe { std::ptr::copy_nonoverlapping(p2, out.as_mut_ptr().add(first), 15 - first) };
+                Ok(15)
+            }
+            // The instruction may end before the next page; decode what we have and fault
+            // if it does not.
+            Err(_) => Ok(first),
+        }
+    }
+
+    /// Logs an instruction the emulator does not implement (once per form) and raises #UD, as a
+    /// CPU without the feature would.
+    fn unimplemented(&mut self, insn: &Instruction) -> Fault {
+        if self.reported_ud.insert(insn.code()) {
+            let mut bytes = [0u8; 15];
+            let lin = self.linear(state::CS, self.start_rip);
+            let n = insn.len().min(15);
+            for (i, b) in bytes.iter_mut().enumerate().take(n) {
+                *b = self.read_lin(lin + i as u64, 1, Access::Exec).unwrap_or(0) as u8;
+            }
+            tracing::warn!(
+                "emu: unimplemented instruction {:?} at {:#x} (bytes {:02x?}): raising #UD",
+                insn.code(),
+                self.start_rip,
+                &bytes[..n]
+            );
+        }
+        ud()
+    }
+}
+
+/// How a step ended other than by retiring normally.
+pub(crate) enum StepEnd {
+    Fault(Fault),
+    Halt,
+}
+
+impl From<Fault> for StepEnd {
+    fn from(f: Fault) -> Self {
+        StepEnd::Fault(f)
+    }
+}
