@@ -112,8 +112,8 @@ impl PhysMem {
 #[inline(always)]
 pub unsafe fn load(p: *const u8, size: usize) -> u64 {
     let aligned = (p as usize) & (size - 1) == 0;
-    // SAFETY (all arms): the caller guarantees the bytes are mapped; the atomic types are only
-    // used when `p` is aligned for them.
+    // SAFETY: the caller guarantees the bytes are mapped; the atomic types are only used
+    // when `p` is aligned for them.
     unsafe {
         match size {
             1 => u64::from((*(p as *const AtomicU8)).load(Ordering::Relaxed)),
@@ -138,7 +138,7 @@ pub unsafe fn load(p: *const u8, size: usize) -> u64 {
 #[inline(always)]
 pub unsafe fn store(p: *mut u8, size: usize, v: u64) {
     let aligned = (p as usize) & (size - 1) == 0;
-    // SAFETY (all arms): as in `load`.
+    // SAFETY: as in `load`.
     unsafe {
         match size {
             1 => (*(p as *const AtomicU8)).store(v as u8, Ordering::Relaxed),
@@ -170,7 +170,12 @@ pub unsafe fn atomic_rmw(p: *mut u8, size: usize, mut f: impl FnMut(u64) -> Opti
                 match f(u64::from(old)) {
                     None => break u64::from(old),
                     Some(new) => {
-                        match a.compare_exchange_weak(old, new as $int, Ordering::SeqCst, Ordering::SeqCst) {
+                        match a.compare_exchange_weak(
+                            old,
+                            new as $int,
+                            Ordering::SeqCst,
+                            Ordering::SeqCst,
+                        ) {
                             Ok(_) => break u64::from(old),
                             Err(actual) => old = actual,
                         }

@@ -5,7 +5,7 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
-use vmm::config::{MemorySize, OnReboot, VmConfig};
+use vmm::config::{Backend, MemorySize, OnReboot, VmConfig};
 use vmm::{Outcome, ResetCause, EXIT_USAGE};
 
 #[derive(Parser)]
@@ -41,6 +41,10 @@ struct RunArgs {
     /// What a guest reboot does: exit (with code 3) or restart the guest [default: exit].
     #[arg(long, value_name = "ACTION")]
     on_reboot: Option<OnReboot>,
+    /// vCPU back end: kvm (hardware-assisted), emu (Ferrovisor's emulator), or auto (kvm where
+    /// the host has hardware virtualization, emu otherwise) [default: auto].
+    #[arg(long, value_name = "BACKEND")]
+    backend: Option<Backend>,
     /// Read settings from a TOML or JSON file; flags given as well override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -98,6 +102,9 @@ impl RunArgs {
         if let Some(r) = self.on_reboot {
             config.on_reboot = r;
         }
+        if let Some(b) = self.backend {
+            config.backend = b;
+        }
         Ok(config)
     }
 }
@@ -150,7 +157,21 @@ fn report(outcome: &Outcome) {
     }
 }
 
+/// Warnings (an unimplemented instruction, a misbehaving guest) go to stderr; FERROVISOR_LOG
+/// takes a tracing filter (e.g. `debug`, `emu=trace`) for more.
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERROVISOR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .try_init();
+}
+
 pub fn main() -> i32 {
+    init_logging();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -198,7 +198,7 @@ fn missing_dev_kvm() {
         return;
     }
     let script = format!(
-        "mount -t tmpfs none /dev && exec {BIN} run --kernel {}",
+        "mount -t tmpfs none /dev && exec {BIN} run --backend kvm --kernel {}",
         kernel()
     );
     let out = std::process::Command::new("unshare")

@@ -55,6 +55,8 @@ fn start(pty: &Pty, options: &str) -> (std::process::Child, std::sync::mpsc::Rec
     let mut child = Command::new(BIN)
         .args([
             "run",
+            "--backend",
+            "kvm",
             "--kernel",
             kernel.to_str().unwrap(),
             "--cmdline",

@@ -65,7 +65,8 @@ fn vcpu_failure_exits_4_with_reason_and_registers() {
     let r = run_action("mmio-exec");
     assert_eq!(r.code, Some(4), "{r}");
     assert!(
-        r.stderr.contains("vCPU 0 failed: KVM internal error"),
+        r.stderr
+            .contains("vCPU 0 failed: internal error 1 (emulation failure)"),
         "{r}"
     );
     assert!(

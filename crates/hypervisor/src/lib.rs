@@ -21,6 +21,8 @@ pub use x86_64::{CpuidEntry, DescriptorTable, Fpu, MsrEntry, Regs, Segment, Sreg
 pub enum BackendKind {
     /// Hardware-assisted, through /dev/kvm.
     Kvm,
+    /// Ferrovisor's own x86-64 emulator.
+    Emu,
 }
 
 /// Errors of the seam. Each variant names the operation; the OS error is the source.
@@ -143,21 +145,38 @@ pub trait Vcpu: Send {
     /// [`kick_current_thread`] ran on this thread (from a signal handler) since the last run.
     fn run(&mut self) -> Result<VcpuExit<'_>>;
     fn regs(&self) -> Result<Regs>;
-    fn set_regs(&self, regs: &Regs) -> Result<()>;
+    fn set_regs(&mut self, regs: &Regs) -> Result<()>;
     fn sregs(&self) -> Result<Sregs>;
-    fn set_sregs(&self, sregs: &Sregs) -> Result<()>;
-    fn set_fpu(&self, fpu: &Fpu) -> Result<()>;
-    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()>;
-    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()>;
+    fn set_sregs(&mut self, sregs: &Sregs) -> Result<()>;
+    fn set_fpu(&mut self, fpu: &Fpu) -> Result<()>;
+    fn set_cpuid(&mut self, entries: &[CpuidEntry]) -> Result<()>;
+    fn set_msrs(&mut self, msrs: &[MsrEntry]) -> Result<()>;
     /// Wires the local APIC's LINT0 to ExtINT and LINT1 to NMI, as firmware does on a PC.
-    fn setup_lapic_lints(&self) -> Result<()>;
+    fn setup_lapic_lints(&mut self) -> Result<()>;
     /// Sets the vCPU runnable (the bootstrap processor) or waiting for a STARTUP IPI.
-    fn set_runnable(&self, runnable: bool) -> Result<()>;
+    fn set_runnable(&mut self, runnable: bool) -> Result<()>;
 }
 
 /// Makes the vCPU of the calling thread return [`VcpuExit::Interrupted`] from its current or
 /// next [`Vcpu::run`]. Async-signal-safe: meant to be called from the VMM's kick-signal
 /// handler on a vCPU thread.
 pub fn kick_current_thread() {
+    KICKED.with(|k| k.set(true));
     kvm::kick_current_thread();
+}
+
+thread_local! {
+    /// Set by [`kick_current_thread`]; back ends that run guest code in user space poll it.
+    /// Const-initialised, so the signal handler never allocates.
+    static KICKED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Returns and clears this thread's kick flag (for user-space back ends).
+pub fn take_kick() -> bool {
+    KICKED.with(|k| k.replace(false))
+}
+
+/// Whether this thread was kicked, without clearing the flag.
+pub fn kicked() -> bool {
+    KICKED.with(|k| k.get())
 }

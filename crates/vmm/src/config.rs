@@ -123,6 +123,31 @@ impl FromStr for OnReboot {
     }
 }
 
+/// Which vCPU back end runs the guest.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// KVM where the host has hardware virtualization, the emulator otherwise.
+    #[default]
+    Auto,
+    /// Hardware-assisted virtualization through /dev/kvm.
+    Kvm,
+    /// Ferrovisor's own x86-64 emulator.
+    Emu,
+}
+
+impl FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Backend::Auto),
+            "kvm" => Ok(Backend::Kvm),
+            "emu" => Ok(Backend::Emu),
+            _ => Err(format!("'{s}' is not a back end; use kvm, emu or auto")),
+        }
+    }
+}
+
 fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
 }
@@ -147,6 +172,8 @@ pub struct VmConfig {
     pub memory: MemorySize,
     #[serde(default)]
     pub on_reboot: OnReboot,
+    #[serde(default)]
+    pub backend: Backend,
 }
 
 /// A setting the user got wrong. The message says which and what to do.
@@ -179,6 +206,7 @@ impl VmConfig {
             cpus: default_cpus(),
             memory: MemorySize::default(),
             on_reboot: OnReboot::default(),
+            backend: Backend::default(),
         }
     }
 

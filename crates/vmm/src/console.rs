@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use devices::legacy::serial::SerialInput;
 use devices::legacy::Serial;
 
 use crate::VmEvent;
@@ -59,8 +60,9 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Where console input goes: the serial port of the VM that runs now (replaced on restart).
-pub type ConsoleTarget = Arc<Mutex<Option<Arc<Mutex<Serial>>>>>;
+/// Where console input goes: the serial port of the VM that runs now (replaced on restart),
+/// with its lock-free input handle.
+pub type ConsoleTarget = Arc<Mutex<Option<(Arc<Mutex<Serial>>, SerialInput)>>>;
 
 /// Starts the thread that copies stdin to the guest's serial port. With `escapes`, Ctrl-A x
 /// asks the VMM to quit. At end of input the thread stops; the guest keeps running.
@@ -111,22 +113,28 @@ fn pump(target: ConsoleTarget, events: Sender<VmEvent>, escapes: bool) {
     }
 }
 
-/// Feeds `bytes` to the guest as its receive FIFO drains; waits while it is full.
-fn deliver(target: &ConsoleTarget, mut bytes: &[u8]) {
-    while !bytes.is_empty() {
-        let serial = target.lock().expect("console target lock poisoned").clone();
-        let taken = match serial {
-            Some(serial) => serial
-                .lock()
-                .expect("serial device lock poisoned")
-                .enqueue_input(bytes),
-            None => 0,
-        };
-        bytes = &bytes[taken..];
-        if taken == 0 {
-            // The guest has not read what it has; a 16550 FIFO holds 16–64 bytes, so polling
-            // at 1 ms keeps up with typing and pasting alike.
-            thread::sleep(Duration::from_millis(1));
+/// Feeds `bytes` to the guest: queues them, then makes sure they reach the receive FIFO —
+/// the guest pulls them in whenever it touches the UART; when it is idle (waiting for an
+/// interrupt) this thread pushes them in. Waits until all have been taken, so typing ahead
+/// cannot grow an unbounded queue.
+fn deliver(target: &ConsoleTarget, bytes: &[u8]) {
+    // Input typed before the VM exists waits for its serial port.
+    let (serial, input) = loop {
+        if let Some(t) = target.lock().expect("console target lock poisoned").clone() {
+            break t;
         }
+        thread::sleep(Duration::from_millis(1));
+    };
+    input.send(bytes);
+    while input.pending() > 0 {
+        if let Ok(mut s) = serial.try_lock() {
+            s.pull_input();
+        }
+        if input.pending() == 0 {
+            break;
+        }
+        // The FIFO is full or the vCPU holds the UART: it will pull the rest itself. A 16550
+        // FIFO holds 16–64 bytes, so polling at 1 ms keeps up with typing and pasting alike.
+        thread::sleep(Duration::from_millis(1));
     }
 }

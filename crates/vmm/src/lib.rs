@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
-use config::{ConfigError, OnReboot, VmConfig};
+use config::{Backend, ConfigError, OnReboot, VmConfig};
 use hypervisor::kvm::KvmHypervisor;
 use hypervisor::{Hypervisor, HypervisorError};
 
@@ -204,8 +204,33 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     // Mistakes in the settings are reported before the host is even asked for KVM.
     config.validate(config::MAX_VCPUS, config::host_memory_bytes())?;
     vm::check_files(config)?;
-    let hv = KvmHypervisor::new().map_err(VmmError::Hypervisor)?;
-    run_on(&hv, config)
+    let hv = choose_backend(config.backend)?;
+    run_on(hv.as_ref(), config)
+}
+
+/// The back end for `backend`; `Auto` picks KVM only where hardware virtualization backs it,
+/// and says which it chose and why on stderr.
+fn choose_backend(backend: Backend) -> Result<Box<dyn Hypervisor>, VmmError> {
+    match backend {
+        Backend::Kvm => Ok(Box::new(
+            KvmHypervisor::new().map_err(VmmError::Hypervisor)?,
+        )),
+        Backend::Emu => Ok(Box::new(emu::backend::EmuHypervisor::new())),
+        Backend::Auto => {
+            if KvmHypervisor::host_has_hardware_virtualization() {
+                if let Ok(kvm) = KvmHypervisor::new() {
+                    return Ok(Box::new(kvm));
+                }
+            }
+            let why = if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+                "KVM here is PVM, which cannot run unmodified kernels"
+            } else {
+                "no hardware virtualization behind /dev/kvm"
+            };
+            eprintln!("ferrovisor: using the emu back end ({why}); --backend kvm forces KVM");
+            Ok(Box::new(emu::backend::EmuHypervisor::new()))
+        }
+    }
 }
 
 /// [`run`] on a given back end.

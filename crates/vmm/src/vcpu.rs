@@ -128,7 +128,7 @@ fn run_once(vcpu: &mut dyn Vcpu, ctx: &VcpuContext) -> Option<Stop> {
                 _ => "unknown suberror",
             };
             return failed(format!(
-                "KVM internal error {suberror} ({what}), data {data:x?}"
+                "internal error {suberror} ({what}), data {data:x?}"
             ));
         }
         Ok(VcpuExit::FailEntry { reason }) => {

@@ -206,13 +206,14 @@ impl Vm {
             ACPI_SLEEP_CONTROL_PORT,
             ACPI_PM_PORT_LEN,
         )?;
-        *console.lock().expect("console target lock poisoned") = Some(serial);
+        let input = serial.lock().expect("serial lock poisoned").input();
+        *console.lock().expect("console target lock poisoned") = Some((serial, input));
 
         let supported = hv.supported_cpuid().map_err(VmmError::Hypervisor)?;
         let mut vcpus = Vec::with_capacity(config.cpus as usize);
         for id in 0..config.cpus {
-            let vcpu = vm.create_vcpu(id).map_err(VmmError::Hypervisor)?;
-            let setup = || -> hypervisor::Result<()> {
+            let mut vcpu = vm.create_vcpu(id).map_err(VmmError::Hypervisor)?;
+            let mut setup = || -> hypervisor::Result<()> {
                 vcpu.set_cpuid(&arch::cpuid::vcpu_cpuid(&supported, id, config.cpus))?;
                 vcpu.set_msrs(&arch::msr::boot_msrs())?;
                 vcpu.setup_lapic_lints()?;

@@ -6,7 +6,8 @@
 
 use std::fmt;
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
 use vm_superio::serial::{Error as UartError, SerialEvents};
@@ -86,14 +87,99 @@ type Uart = vm_superio::Serial<IrqTrigger, Arc<SerialMetrics>, Box<dyn Write + S
 /// and counted in [`SerialMetrics::out_lost_bytes`], and the guest carries on.
 pub struct Serial {
     uart: Uart,
+    /// Input waiting to enter the receive FIFO (see [`SerialInput`]).
+    input_rx: Receiver<u8>,
+    input_tx: Sender<u8>,
+    input_pending: Arc<AtomicUsize>,
+    /// A byte taken from the channel that did not fit in the FIFO.
+    held: Option<u8>,
+}
+
+/// A handle that feeds input to a [`Serial`] without taking its lock: bytes wait in a queue
+/// and move into the receive FIFO whenever the guest touches the UART (or the owner calls
+/// [`Serial::pull_input`]). A guest polling the line status register in a tight loop holds
+/// the device lock almost all the time; a producer that had to take that lock would starve.
+#[derive(Clone)]
+pub struct SerialInput {
+    tx: Sender<u8>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl SerialInput {
+    /// Queues `bytes` for the guest.
+    pub fn send(&self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.tx.send(b).is_ok() {
+                self.pending.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Bytes queued that have not reached the receive FIFO yet.
+    pub fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
 }
 
 impl Serial {
     /// A UART that raises `interrupt` and writes the guest's output to `out`.
     pub fn new(interrupt: Arc<dyn InterruptLine>, out: Box<dyn Write + Send>) -> Self {
         let metrics = Arc::new(SerialMetrics::default());
+        let (input_tx, input_rx) = channel();
         Serial {
             uart: vm_superio::Serial::with_events(IrqTrigger(interrupt), metrics, out),
+            input_rx,
+            input_tx,
+            input_pending: Arc::new(AtomicUsize::new(0)),
+            held: None,
+        }
+    }
+
+    /// A handle to feed input without the device lock.
+    pub fn input(&self) -> SerialInput {
+        SerialInput {
+            tx: self.input_tx.clone(),
+            pending: self.input_pending.clone(),
+        }
+    }
+
+    /// Moves queued input into the receive FIFO, as much as fits (raising the interrupt if the
+    /// guest enabled it).
+    pub fn pull_input(&mut self) {
+        let mut buf = [0u8; 64];
+        loop {
+            let room = self.uart.fifo_capacity().min(buf.len());
+            if room == 0 {
+                return;
+            }
+            let mut n = 0;
+            if let Some(b) = self.held.take() {
+                buf[0] = b;
+                n = 1;
+            }
+            while n < room {
+                match self.input_rx.try_recv() {
+                    Ok(b) => {
+                        buf[n] = b;
+                        n += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            if n == 0 {
+                return;
+            }
+            let taken = self.enqueue_input(&buf[..n]);
+            self.input_pending.fetch_sub(taken.min(n), Ordering::AcqRel);
+            if taken < n {
+                // Loopback mode or a full FIFO: keep the first byte that did not fit; the rest
+                // of this batch is dropped only if the guest keeps the UART in loopback, as a
+                // real UART would drop received bytes then.
+                self.held = Some(buf[taken]);
+                let dropped = n - taken - 1;
+                self.input_pending.fetch_sub(dropped, Ordering::AcqRel);
+                return;
+            }
         }
     }
 
@@ -146,6 +232,9 @@ impl Serial {
 
 impl BusDevice for Serial {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if self.input_pending.load(Ordering::Acquire) > 0 {
+            self.pull_input();
+        }
         match Self::register(offset, data.len()) {
             Some(reg) => data[0] = self.uart.read(reg),
             None => {
@@ -184,6 +273,7 @@ impl fmt::Debug for Serial {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Serial")
             .field("state", &self.uart.state())
+            .field("input_pending", &self.input_pending.load(Ordering::Relaxed))
             .field("metrics", self.metrics())
             .finish_non_exhaustive()
     }

@@ -7,7 +7,7 @@ use super::Cpu;
 /// Parity flag for the low byte: set when it has an even number of ones.
 #[inline(always)]
 pub(crate) fn parity(v: u64) -> u64 {
-    if (v as u8).count_ones() % 2 == 0 {
+    if (v as u8).count_ones().is_multiple_of(2) {
         PF
     } else {
         0
@@ -139,7 +139,11 @@ impl Cpu {
         match kind {
             0 => {
                 let c = count % bits;
-                r = if c == 0 { a } else { ((a << c) | (a >> (bits - c))) & m };
+                r = if c == 0 {
+                    a
+                } else {
+                    ((a << c) | (a >> (bits - c))) & m
+                };
                 f = (f & !(CF | OF)) | (r & 1);
                 if ((r & sb != 0) as u64) ^ (r & 1) != 0 {
                     f |= OF;
@@ -147,7 +151,11 @@ impl Cpu {
             }
             1 => {
                 let c = count % bits;
-                r = if c == 0 { a } else { ((a >> c) | (a << (bits - c))) & m };
+                r = if c == 0 {
+                    a
+                } else {
+                    ((a >> c) | (a << (bits - c))) & m
+                };
                 f &= !(CF | OF);
                 if r & sb != 0 {
                     f |= CF;
@@ -183,7 +191,11 @@ impl Cpu {
             }
             4 | 6 => {
                 r = if count >= bits { 0 } else { (a << count) & m };
-                let cf = if count > bits { 0 } else { (a >> (bits - count)) & 1 };
+                let cf = if count > bits {
+                    0
+                } else {
+                    (a >> (bits - count)) & 1
+                };
                 f = szp(r, size) | cf;
                 if ((r & sb != 0) as u64) ^ cf != 0 {
                     f |= OF;
@@ -191,7 +203,11 @@ impl Cpu {
             }
             5 => {
                 r = if count >= bits { 0 } else { a >> count };
-                let cf = if count > bits { 0 } else { (a >> (count - 1)) & 1 };
+                let cf = if count > bits {
+                    0
+                } else {
+                    (a >> (count - 1)) & 1
+                };
                 f = szp(r, size) | cf;
                 if count == 1 && a & sb != 0 {
                     f |= OF;
@@ -210,7 +226,14 @@ impl Cpu {
     }
 
     /// SHLD/SHRD: shift `dst` by `count`, filling from `src`.
-    pub(crate) fn shift_double(&mut self, left: bool, dst: u64, src: u64, count: u64, size: usize) -> u64 {
+    pub(crate) fn shift_double(
+        &mut self,
+        left: bool,
+        dst: u64,
+        src: u64,
+        count: u64,
+        size: usize,
+    ) -> u64 {
         let bits = (size * 8) as u32;
         let count = (count & if size == 8 { 0x3f } else { 0x1f }) as u32;
         if count == 0 {

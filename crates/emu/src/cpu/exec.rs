@@ -6,7 +6,7 @@ use super::alu::{szp, AluOp};
 use super::mmu::Access;
 use super::operand::{mask, sext};
 use super::state::flags::{AF, CF, DF, OF, PF, SF, ZF};
-use super::state::{RAX, RCX, RDX, RSP, RBP};
+use super::state::{RAX, RBP, RCX, RDX, RSP};
 use super::{sse, string, system, ud, vector, Cpu, Exec, Fault, StepEnd};
 use crate::memory;
 
@@ -72,9 +72,7 @@ impl Cpu {
                     // flags and the new value, so the last run's flags are the right ones.
                     // SAFETY: translate_host returned a mapped RAM page and the access does
                     // not cross it.
-                    let old = unsafe {
-                        memory::atomic_rmw(p, size, |old| f(self, old))
-                    };
+                    let old = unsafe { memory::atomic_rmw(p, size, |old| f(self, old)) };
                     return Ok(old);
                 }
             }
@@ -128,7 +126,11 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
             };
             let size = cpu.op_size(insn, 0);
             let b = cpu.read_op(insn, 1)?;
-            let b = if cpu.op_size(insn, 1) < size { sext(b, cpu.op_size(insn, 1)) } else { b };
+            let b = if cpu.op_size(insn, 1) < size {
+                sext(b, cpu.op_size(insn, 1))
+            } else {
+                b
+            };
             let saved = cpu.s.rflags;
             cpu.rmw(insn, false, |c, a| {
                 c.s.rflags = saved;
@@ -139,8 +141,17 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
             let size = cpu.op_size(insn, 0);
             let a = cpu.read_op(insn, 0)?;
             let b = cpu.read_op(insn, 1)?;
-            let b = if cpu.op_size(insn, 1) < size { sext(b, cpu.op_size(insn, 1)) } else { b };
-            cpu.alu(if m == M::Cmp { AluOp::Sub } else { AluOp::And }, a, b, size);
+            let b = if cpu.op_size(insn, 1) < size {
+                sext(b, cpu.op_size(insn, 1))
+            } else {
+                b
+            };
+            cpu.alu(
+                if m == M::Cmp { AluOp::Sub } else { AluOp::And },
+                a,
+                b,
+                size,
+            );
         }
         M::Inc | M::Dec => {
             let size = cpu.op_size(insn, 0);
@@ -243,20 +254,37 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
                 cpu.jump(target, size);
             }
         },
-        M::Ja | M::Jae | M::Jb | M::Jbe | M::Je | M::Jg | M::Jge | M::Jl | M::Jle | M::Jne
-        | M::Jno | M::Jnp | M::Jns | M::Jo | M::Jp | M::Js => {
+        M::Ja
+        | M::Jae
+        | M::Jb
+        | M::Jbe
+        | M::Je
+        | M::Jg
+        | M::Jge
+        | M::Jl
+        | M::Jle
+        | M::Jne
+        | M::Jno
+        | M::Jnp
+        | M::Jns
+        | M::Jo
+        | M::Jp
+        | M::Js => {
             if cpu.condition(insn.condition_code()) {
                 cpu.jump(insn.near_branch_target(), branch_size(insn));
             }
         }
         M::Jcxz | M::Jecxz | M::Jrcxz | M::Loop | M::Loope | M::Loopne => {
-            let asz = match insn.op1_register() {
-                Register::CX => 2,
-                Register::ECX => 4,
+            // The counter register is part of the instruction's code (…_CX/_ECX/_RCX).
+            let asz = match m {
+                M::Jcxz => 2,
+                M::Jecxz => 4,
+                M::Jrcxz => 8,
                 _ => {
-                    if cpu.s.bitness() == 64 {
+                    let name = format!("{:?}", insn.code());
+                    if name.ends_with("_RCX") {
                         8
-                    } else if cpu.s.bitness() == 32 {
+                    } else if name.ends_with("_ECX") {
                         4
                     } else {
                         2
@@ -267,7 +295,12 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
                 cpu.s.gpr[RCX] & mask(asz) == 0
             } else {
                 let c = cpu.s.gpr[RCX].wrapping_sub(1) & mask(asz);
-                cpu.s.gpr[RCX] = (cpu.s.gpr[RCX] & !mask(asz)) | c;
+                // ECX as the counter is a 32-bit register write: it zero-extends.
+                cpu.s.gpr[RCX] = if asz == 4 {
+                    c
+                } else {
+                    (cpu.s.gpr[RCX] & !mask(asz)) | c
+                };
                 c != 0
                     && match m {
                         M::Loope => cpu.s.rflags & ZF != 0,
@@ -279,14 +312,41 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
                 cpu.jump(insn.near_branch_target(), branch_size(insn));
             }
         }
-        M::Seta | M::Setae | M::Setb | M::Setbe | M::Sete | M::Setg | M::Setge | M::Setl
-        | M::Setle | M::Setne | M::Setno | M::Setnp | M::Setns | M::Seto | M::Setp | M::Sets => {
+        M::Seta
+        | M::Setae
+        | M::Setb
+        | M::Setbe
+        | M::Sete
+        | M::Setg
+        | M::Setge
+        | M::Setl
+        | M::Setle
+        | M::Setne
+        | M::Setno
+        | M::Setnp
+        | M::Setns
+        | M::Seto
+        | M::Setp
+        | M::Sets => {
             let v = cpu.condition(insn.condition_code()) as u64;
             cpu.write_op(insn, 0, v)?;
         }
-        M::Cmova | M::Cmovae | M::Cmovb | M::Cmovbe | M::Cmove | M::Cmovg | M::Cmovge
-        | M::Cmovl | M::Cmovle | M::Cmovne | M::Cmovno | M::Cmovnp | M::Cmovns | M::Cmovo
-        | M::Cmovp | M::Cmovs => {
+        M::Cmova
+        | M::Cmovae
+        | M::Cmovb
+        | M::Cmovbe
+        | M::Cmove
+        | M::Cmovg
+        | M::Cmovge
+        | M::Cmovl
+        | M::Cmovle
+        | M::Cmovne
+        | M::Cmovno
+        | M::Cmovnp
+        | M::Cmovns
+        | M::Cmovo
+        | M::Cmovp
+        | M::Cmovs => {
             let v = cpu.read_op(insn, 1)?;
             if cpu.condition(insn.condition_code()) {
                 cpu.write_op(insn, 0, v)?;
@@ -299,7 +359,11 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
         }
         M::Xchg => {
             if insn.op0_kind() == OpKind::Memory || insn.op1_kind() == OpKind::Memory {
-                let (mem_op, reg_op) = if insn.op0_kind() == OpKind::Memory { (0, 1) } else { (1, 0) };
+                let (mem_op, reg_op) = if insn.op0_kind() == OpKind::Memory {
+                    (0, 1)
+                } else {
+                    (1, 0)
+                };
                 let r = insn.op_register(reg_op);
                 let v = cpu.reg(r);
                 let old = if mem_op == 0 {
@@ -327,11 +391,11 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
                 c.alu(AluOp::Sub, acc, old, size);
                 if old & mask(size) == acc {
                     Some(src)
-                } else if insn.op0_kind() == OpKind::Memory {
-                    // The processor always writes back; with no change that is invisible.
-                    None
                 } else {
-                    Some(old)
+                    // The processor writes memory back unchanged (invisible); a register
+                    // destination is not written at all, so a 32-bit one is not zero-extended
+                    // (only EAX is, below).
+                    None
                 }
             })?;
             if cpu.s.rflags & ZF == 0 {
@@ -350,12 +414,20 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
         M::Xadd => {
             let size = cpu.op_size(insn, 0);
             let src = cpu.read_op(insn, 1)?;
-            let saved = cpu.s.rflags;
-            let old = cpu.rmw(insn, false, |c, old| {
-                c.s.rflags = saved;
-                Some(c.alu(AluOp::Add, old, src, size))
-            })?;
-            cpu.write_op(insn, 1, old)?;
+            if insn.op0_kind() == OpKind::Register {
+                // SRC <- DEST, then DEST <- sum: with one register for both, the sum wins.
+                let old = cpu.read_op(insn, 0)?;
+                let sum = cpu.alu(AluOp::Add, old, src, size);
+                cpu.write_op(insn, 1, old)?;
+                cpu.write_op(insn, 0, sum)?;
+            } else {
+                let saved = cpu.s.rflags;
+                let old = cpu.rmw(insn, false, |c, old| {
+                    c.s.rflags = saved;
+                    Some(c.alu(AluOp::Add, old, src, size))
+                })?;
+                cpu.write_op(insn, 1, old)?;
+            }
         }
         M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar => {
             let kind = match m {
@@ -369,7 +441,11 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
                 _ => 7,
             };
             let size = cpu.op_size(insn, 0);
-            let count = if insn.op_count() > 1 { cpu.read_op(insn, 1)? } else { 1 };
+            let count = if insn.op_count() > 1 {
+                cpu.read_op(insn, 1)?
+            } else {
+                1
+            };
             let saved = cpu.s.rflags;
             cpu.rmw(insn, false, |c, a| {
                 c.s.rflags = saved;
@@ -397,15 +473,27 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
         }
         M::Cdqe => cpu.s.gpr[RAX] = sext(cpu.s.gpr[RAX], 4),
         M::Cwd => {
-            let v = if cpu.s.gpr[RAX] & 0x8000 != 0 { 0xffff } else { 0 };
+            let v = if cpu.s.gpr[RAX] & 0x8000 != 0 {
+                0xffff
+            } else {
+                0
+            };
             cpu.set_reg(Register::DX, v);
         }
         M::Cdq => {
-            let v = if cpu.s.gpr[RAX] & 0x8000_0000 != 0 { 0xffff_ffff } else { 0 };
+            let v = if cpu.s.gpr[RAX] & 0x8000_0000 != 0 {
+                0xffff_ffff
+            } else {
+                0
+            };
             cpu.set_reg(Register::EDX, v);
         }
         M::Cqo => {
-            cpu.s.gpr[RDX] = if (cpu.s.gpr[RAX] as i64) < 0 { u64::MAX } else { 0 };
+            cpu.s.gpr[RDX] = if (cpu.s.gpr[RAX] as i64) < 0 {
+                u64::MAX
+            } else {
+                0
+            };
         }
         M::Bt | M::Bts | M::Btr | M::Btc => bit_test(cpu, insn, m)?,
         M::Bsf | M::Bsr | M::Tzcnt | M::Lzcnt | M::Popcnt => {
@@ -437,7 +525,11 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
                 }
                 _ => {
                     let r = if m == M::Tzcnt {
-                        if v == 0 { bits } else { v.trailing_zeros() as u64 }
+                        if v == 0 {
+                            bits
+                        } else {
+                            v.trailing_zeros() as u64
+                        }
                     } else if v == 0 {
                         bits
                     } else {
@@ -457,7 +549,11 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
         M::Bswap => {
             let r = insn.op0_register();
             let v = cpu.reg(r);
-            let nv = if r.size() == 8 { v.swap_bytes() } else { u64::from((v as u32).swap_bytes()) };
+            let nv = if r.size() == 8 {
+                v.swap_bytes()
+            } else {
+                u64::from((v as u32).swap_bytes())
+            };
             cpu.set_reg(r, nv);
         }
         M::Clc => cpu.s.rflags &= !CF,
@@ -473,16 +569,29 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
             let ah = (cpu.s.gpr[RAX] >> 8) & 0xd5;
             cpu.s.rflags = (cpu.s.rflags & !0xd5) | ah;
         }
-        M::Nop | M::Pause | M::Endbr64 | M::Endbr32 | M::Lfence | M::Mfence | M::Sfence
-        | M::Prefetchnta | M::Prefetcht0 | M::Prefetcht1 | M::Prefetcht2 | M::Prefetchw
-        | M::Clflush | M::Clflushopt | M::Wait => {}
+        M::Nop
+        | M::Pause
+        | M::Endbr64
+        | M::Endbr32
+        | M::Lfence
+        | M::Mfence
+        | M::Sfence
+        | M::Prefetchnta
+        | M::Prefetcht0
+        | M::Prefetcht1
+        | M::Prefetcht2
+        | M::Prefetchw
+        | M::Clflush
+        | M::Clflushopt
+        | M::Wait => {}
         M::Leave => {
             let ss = cpu.s.stack_size() as usize;
             let bp = cpu.s.gpr[RBP] & mask(ss);
             let size = stack_op_size(cpu, insn);
             let lin = cpu.linear(super::state::SS, bp);
             let v = cpu.read_lin(lin, size, Access::Read)?;
-            cpu.s.gpr[RSP] = (cpu.s.gpr[RSP] & !mask(ss)) | (bp.wrapping_add(size as u64) & mask(ss));
+            cpu.s.gpr[RSP] =
+                (cpu.s.gpr[RSP] & !mask(ss)) | (bp.wrapping_add(size as u64) & mask(ss));
             let reg = match size {
                 2 => Register::BP,
                 4 => Register::EBP,
@@ -533,10 +642,30 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
             let v = cpu.pop(size)?;
             system::write_flags(cpu, v, size);
         }
-        M::Movsb | M::Movsw | M::Movsq | M::Stosb | M::Stosw | M::Stosd | M::Stosq
-        | M::Lodsb | M::Lodsw | M::Lodsd | M::Lodsq | M::Cmpsb | M::Cmpsw | M::Cmpsq
-        | M::Scasb | M::Scasw | M::Scasd | M::Scasq | M::Insb | M::Insw | M::Insd
-        | M::Outsb | M::Outsw | M::Outsd => string::execute(cpu, insn)?,
+        M::Movsb
+        | M::Movsw
+        | M::Movsq
+        | M::Stosb
+        | M::Stosw
+        | M::Stosd
+        | M::Stosq
+        | M::Lodsb
+        | M::Lodsw
+        | M::Lodsd
+        | M::Lodsq
+        | M::Cmpsb
+        | M::Cmpsw
+        | M::Cmpsq
+        | M::Scasb
+        | M::Scasw
+        | M::Scasd
+        | M::Scasq
+        | M::Insb
+        | M::Insw
+        | M::Insd
+        | M::Outsb
+        | M::Outsw
+        | M::Outsd => string::execute(cpu, insn)?,
         M::Movsd | M::Cmpsd if string::is_string_form(insn) => string::execute(cpu, insn)?,
         M::Hlt => {
             if cpu.s.cpl() != 0 {
@@ -546,7 +675,9 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Result<(), StepEnd> 
         }
         M::Ud0 | M::Ud1 | M::Ud2 => return Err(ud().into()),
         M::Int3 => return system::software_interrupt(cpu, vector::BP, true).map_err(Into::into),
-        M::Int => return system::software_interrupt(cpu, insn.immediate8(), false).map_err(Into::into),
+        M::Int => {
+            return system::software_interrupt(cpu, insn.immediate8(), false).map_err(Into::into)
+        }
         M::Int1 => return system::software_interrupt(cpu, vector::DB, true).map_err(Into::into),
         M::Into => {
             if cpu.s.rflags & OF != 0 {
@@ -609,7 +740,9 @@ fn push_size(cpu: &Cpu, insn: &Instruction) -> usize {
 fn is_far_mem(insn: &Instruction) -> bool {
     matches!(
         insn.memory_size(),
-        iced_x86::MemorySize::SegPtr16 | iced_x86::MemorySize::SegPtr32 | iced_x86::MemorySize::SegPtr64
+        iced_x86::MemorySize::SegPtr16
+            | iced_x86::MemorySize::SegPtr32
+            | iced_x86::MemorySize::SegPtr64
     )
 }
 
@@ -617,14 +750,15 @@ fn bit_test(cpu: &mut Cpu, insn: &Instruction, m: Mnemonic) -> Exec {
     let size = cpu.op_size(insn, 0);
     let bits = (size * 8) as u64;
     let off = cpu.read_op(insn, 1)?;
-    let (bit, saved_insn_addr_adjust) = if insn.op0_kind() == OpKind::Memory && insn.op1_kind() == OpKind::Register {
-        // A register bit offset addresses memory beyond the operand (signed).
-        let soff = sext(off, size) as i64;
-        let byte_off = (soff >> 3) & !((size as i64) - 1);
-        ((soff as u64) & (bits - 1), byte_off)
-    } else {
-        (off & (bits - 1), 0)
-    };
+    let (bit, saved_insn_addr_adjust) =
+        if insn.op0_kind() == OpKind::Memory && insn.op1_kind() == OpKind::Register {
+            // A register bit offset addresses memory beyond the operand (signed).
+            let soff = sext(off, size) as i64;
+            let byte_off = (soff >> 3) & !((size as i64) - 1);
+            ((soff as u64) & (bits - 1), byte_off)
+        } else {
+            (off & (bits - 1), 0)
+        };
     let op = match m {
         Mnemonic::Bts => 1,
         Mnemonic::Btr => 2,
@@ -640,7 +774,9 @@ fn bit_test(cpu: &mut Cpu, insn: &Instruction, m: Mnemonic) -> Exec {
         }
     };
     let old = if saved_insn_addr_adjust != 0 {
-        let lin = cpu.mem_linear(insn).wrapping_add(saved_insn_addr_adjust as u64);
+        let lin = cpu
+            .mem_linear(insn)
+            .wrapping_add(saved_insn_addr_adjust as u64);
         let v = cpu.read_lin(lin, size, Access::Read)?;
         if op != 0 {
             cpu.write_lin(lin, size, f(v))?;

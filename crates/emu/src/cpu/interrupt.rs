@@ -35,12 +35,16 @@ fn idt_fault(kind: u8, vector: u8, external: bool) -> Fault {
 impl Cpu {
     /// Delivers a CPU exception raised by the current instruction (RIP is at its start).
     /// `Err` means a triple fault: the CPU shuts down.
-    pub(crate) fn deliver_exception(&mut self, mut vec: u8, mut code: Option<u32>) -> Result<(), ()> {
+    pub(crate) fn deliver_exception(
+        &mut self,
+        mut vec: u8,
+        mut code: Option<u32>,
+    ) -> Result<(), ()> {
         let mut first: Option<u8> = None;
         loop {
             match self.deliver(vec, code, false, true) {
                 Ok(()) => return Ok(()),
-                Err(Fault::NeedIo) => {
+                Err(Fault::NeedIo) | Err(Fault::FetchFromMmio) => {
                     // The IDT or stack is in MMIO: nothing sensible can run.
                     return Err(());
                 }
@@ -73,8 +77,10 @@ impl Cpu {
     pub(crate) fn deliver_external(&mut self, v: u8) -> Result<(), ()> {
         match self.deliver(v, None, false, false) {
             Ok(()) => Ok(()),
-            Err(Fault::Exception { vector, error_code }) => self.deliver_exception(vector, error_code),
-            Err(Fault::NeedIo) => Err(()),
+            Err(Fault::Exception { vector, error_code }) => {
+                self.deliver_exception(vector, error_code)
+            }
+            Err(Fault::NeedIo) | Err(Fault::FetchFromMmio) => Err(()),
         }
     }
 
@@ -147,9 +153,15 @@ impl Cpu {
         if long {
             let ist = (lo >> 32) & 7;
             let (mut rsp, switch) = if ist != 0 {
-                (self.read_sys(self.s.tr.base.wrapping_add(0x24 + (ist - 1) * 8), 8)?, true)
+                (
+                    self.read_sys(self.s.tr.base.wrapping_add(0x24 + (ist - 1) * 8), 8)?,
+                    true,
+                )
             } else if new_cpl < cpl {
-                (self.read_sys(self.s.tr.base.wrapping_add(4 + u64::from(new_cpl) * 8), 8)?, true)
+                (
+                    self.read_sys(self.s.tr.base.wrapping_add(4 + u64::from(new_cpl) * 8), 8)?,
+                    true,
+                )
             } else {
                 (old_rsp, false)
             };
@@ -190,7 +202,8 @@ impl Cpu {
                 // 32-bit TSS: ESPn at 4 + 8n, SSn at 8 + 8n.
                 let base = self.s.tr.base;
                 let new_esp = self.read_sys(base.wrapping_add(4 + u64::from(new_cpl) * 8), 4)?;
-                let new_ss = self.read_sys(base.wrapping_add(8 + u64::from(new_cpl) * 8), 2)? as u16;
+                let new_ss =
+                    self.read_sys(base.wrapping_add(8 + u64::from(new_cpl) * 8), 2)? as u16;
                 let desc = self.read_descriptor(new_ss)?;
                 sp_seg = Seg::from_descriptor(new_ss, desc);
                 esp = new_esp;

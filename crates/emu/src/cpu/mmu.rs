@@ -94,7 +94,14 @@ fn tag(lin: u64) -> u64 {
     (lin & PAGE_MASK) | 1
 }
 
-fn page_fault(cpu: &mut CpuState, lin: u64, acc: Access, user: bool, present: bool, rsvd: bool) -> Fault {
+fn page_fault(
+    cpu: &mut CpuState,
+    lin: u64,
+    acc: Access,
+    user: bool,
+    present: bool,
+    rsvd: bool,
+) -> Fault {
     cpu.cr2 = lin;
     let mut code = 0u32;
     if present {
@@ -196,7 +203,7 @@ impl Cpu {
         let wp = self.s.cr0 & cr0::WP != 0;
         let denied = match acc {
             Access::Read => user && !perm_u,
-            Access::Write => (user && (!perm_u || !perm_w)) || (!user && !perm_w && wp),
+            Access::Write => (user && (!perm_u || !perm_w)) || (!perm_w && wp),
             Access::Exec => (user && !perm_u) || !perm_x,
         };
         if denied {
@@ -306,7 +313,7 @@ impl Cpu {
         let wp = self.s.cr0 & cr0::WP != 0;
         let denied = match acc {
             Access::Read | Access::Exec => user && !u,
-            Access::Write => (user && (!u || !w)) || (!user && !w && wp),
+            Access::Write => (user && (!u || !w)) || (!w && wp),
         };
         if denied {
             return Err(page_fault(&mut self.s, lin, acc, user, true, false));
@@ -339,7 +346,9 @@ impl Cpu {
             let ok = match acc {
                 Access::Read => !user || e.perm & T_USER != 0,
                 Access::Write => {
-                    e.perm & T_WRITE != 0 && e.perm & T_DIRTY != 0 && (!user || e.perm & T_USER != 0)
+                    e.perm & T_WRITE != 0
+                        && e.perm & T_DIRTY != 0
+                        && (!user || e.perm & T_USER != 0)
                 }
                 Access::Exec => e.perm & T_EXEC != 0 && (!user || e.perm & T_USER != 0),
             };
@@ -355,10 +364,7 @@ impl Cpu {
         let i = self.tlb_lookup(lin, acc)?;
         let e = self.tlb.entries[i];
         if e.host.is_null() {
-            // Executing from MMIO is not supported (as with KVM's emulator): #GP would mislead,
-            // so report it as a fetch from a non-present page.
-            let user = self.s.cpl() == 3;
-            return Err(page_fault(&mut self.s, lin, acc, user, false, false));
+            return Err(Fault::FetchFromMmio);
         }
         // SAFETY: the page is mapped RAM; the offset is below 4096.
         Ok(unsafe { e.host.add((lin & 0xfff) as usize) })

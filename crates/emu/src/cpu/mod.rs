@@ -54,6 +54,9 @@ pub enum Fault {
     /// The instruction needs the VMM to complete a device read; nothing was committed and the
     /// instruction restarts once the VMM has supplied the value.
     NeedIo,
+    /// Instruction fetch from an address with no RAM: the emulator (like KVM's) cannot run
+    /// code from device memory.
+    FetchFromMmio,
 }
 
 pub type Exec<T = ()> = Result<T, Fault>;
@@ -108,6 +111,10 @@ pub trait Machine {
     /// The guest executed HLT with interrupts enabled: the back end may sleep until an
     /// interrupt is due.
     fn halt(&mut self);
+    /// For back ends that need their concrete machine back.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }
 
 /// State of a device access in flight.
@@ -133,10 +140,28 @@ pub enum RunExit {
     /// Halted waiting for an interrupt, and the platform's wait ended without one (a kick, a
     /// timeout): call again.
     Halted,
+    /// The CPU tried to execute from an address that is not RAM.
+    FetchFromMmio,
+}
+
+/// Decoded-instruction cache size (entries, a power of two).
+const ICACHE_ENTRIES: usize = 8192;
+
+/// A decoded instruction with the bytes and address it was decoded from. An entry is used
+/// only if the bytes at RIP still match, so code written by this or another vCPU, or by the
+/// VMM, never runs stale without any invalidation protocol.
+#[derive(Clone, Copy)]
+struct CachedInsn {
+    rip: u64,
+    bitness: u32,
+    len: u8,
+    bytes: [u8; 15],
+    insn: Instruction,
 }
 
 /// An emulated x86-64 CPU.
 pub struct Cpu {
+    icache: Box<[CachedInsn]>,
     pub s: CpuState,
     /// The platform: interrupt controllers, timers, CPUID.
     pub m: Box<dyn Machine + Send>,
@@ -153,13 +178,25 @@ pub struct Cpu {
     interrupt_shadow: bool,
     /// RIP at the start of the current instruction (faults restart here).
     start_rip: u64,
+    /// Debug tracing (FERROVISOR_EMU_TRACE): instructions left to print, and whether to print
+    /// every exception delivered.
+    trace_insns: u64,
+    trace_exceptions: bool,
     /// Unimplemented instructions already logged, so each is reported once.
     reported_ud: std::collections::HashSet<iced_x86::Code>,
 }
 
 impl Cpu {
     pub fn new(mem: Arc<PhysMem>, m: Box<dyn Machine + Send>) -> Self {
+        let empty = CachedInsn {
+            rip: u64::MAX,
+            bitness: 0,
+            len: 0,
+            bytes: [0; 15],
+            insn: Instruction::default(),
+        };
         Cpu {
+            icache: vec![empty; ICACHE_ENTRIES].into_boxed_slice(),
             s: CpuState::default(),
             m,
             mem,
@@ -171,6 +208,11 @@ impl Cpu {
             interrupt_shadow: false,
             start_rip: 0,
             reported_ud: Default::default(),
+            trace_insns: std::env::var("FERROVISOR_EMU_TRACE")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            trace_exceptions: std::env::var_os("FERROVISOR_EMU_TRACE").is_some(),
         }
     }
 
@@ -191,7 +233,10 @@ impl Cpu {
         let mut insn = Instruction::default();
         let end = self.icount + budget;
         while self.icount < end {
-            if self.s.rflags & flags::IF != 0 && !self.interrupt_shadow && self.m.interrupt_pending() {
+            if self.s.rflags & flags::IF != 0
+                && !self.interrupt_shadow
+                && self.m.interrupt_pending()
+            {
                 if let Some(v) = self.m.take_interrupt() {
                     self.halted = false;
                     if self.deliver_external(v).is_err() {
@@ -221,12 +266,24 @@ impl Cpu {
                     self.icount += 1;
                     self.halted = true;
                 }
+                Err(StepEnd::Fault(Fault::FetchFromMmio)) => {
+                    self.s.rip = self.start_rip;
+                    return RunExit::FetchFromMmio;
+                }
                 Err(StepEnd::Fault(Fault::NeedIo)) => {
+                    // Nothing was committed: the instruction runs again with the VMM's answer.
+                    self.s.rip = self.start_rip;
                     let req = self.io.exit.expect("NeedIo always records the request");
                     return RunExit::Io(req);
                 }
                 Err(StepEnd::Fault(Fault::Exception { vector, error_code })) => {
                     self.s.rip = self.start_rip;
+                    if self.trace_exceptions {
+                        eprintln!(
+                            "emu: exception {vector} code {error_code:?} at {:#x} cr2={:#x} icount={}",
+                            self.start_rip, self.s.cr2, self.icount
+                        );
+                    }
                     if self.deliver_exception(vector, error_code).is_err() {
                         return RunExit::Shutdown;
                     }
@@ -242,14 +299,40 @@ impl Cpu {
         let bitness = self.s.bitness();
         let mut bytes = [0u8; 15];
         let n = self.fetch(&mut bytes).map_err(StepEnd::Fault)?;
-        let mut decoder = Decoder::with_ip(bitness, &bytes[..n], self.s.rip, DecoderOptions::NONE);
-        decoder.decode_out(insn);
-        if insn.is_invalid() {
-            // Out of bytes at the end of mapped memory or an invalid encoding.
-            return Err(StepEnd::Fault(ud()));
+        let rip = self.s.rip;
+        let slot = ((rip ^ (rip >> 13)) as usize) & (ICACHE_ENTRIES - 1);
+        let e = &self.icache[slot];
+        let len = usize::from(e.len);
+        if e.rip == rip && e.bitness == bitness && len <= n && e.bytes[..len] == bytes[..len] {
+            *insn = e.insn;
+        } else {
+            let mut decoder = Decoder::with_ip(bitness, &bytes[..n], rip, DecoderOptions::NONE);
+            decoder.decode_out(insn);
+            if insn.is_invalid() {
+                // Out of bytes at the end of mapped memory or an invalid encoding.
+                return Err(StepEnd::Fault(ud()));
+            }
+            self.icache[slot] = CachedInsn {
+                rip,
+                bitness,
+                len: insn.len() as u8,
+                bytes,
+                insn: *insn,
+            };
+        }
+        if self.trace_insns > 0 {
+            self.trace_insns -= 1;
+            let mut out = String::new();
+            let mut f = iced_x86::FastFormatter::new();
+            f.format(insn, &mut out);
+            eprintln!("emu: {:#018x} {out}", rip);
         }
         let next = insn.next_ip();
-        self.s.rip = if bitness == 64 { next } else { next & 0xffff_ffff };
+        self.s.rip = if bitness == 64 {
+            next
+        } else {
+            next & 0xffff_ffff
+        };
         exec::execute(self, insn)
     }
 
@@ -267,7 +350,9 @@ impl Cpu {
         match self.translate_host(lin.wrapping_add(first as u64), Access::Exec) {
             Ok(p2) => {
                 // SAFETY: as above, for the start of the next page.
-                unsafe { std::ptr::copy_nonoverlapping(p2, out.as_mut_ptr().add(first), 15 - first) };
+                unsafe {
+                    std::ptr::copy_nonoverlapping(p2, out.as_mut_ptr().add(first), 15 - first)
+                };
                 Ok(15)
             }
             // The instruction may end before the next page; decode what we have and fault

@@ -26,12 +26,16 @@ fn reg_table() -> &'static [RegInfo; 256] {
     TABLE.get_or_init(|| {
         let mut t = [RegInfo::default(); 256];
         for (i, slot) in t.iter_mut().enumerate() {
-            let Some(reg) = Register::values().nth(i) else { break };
+            let Some(reg) = Register::values().nth(i) else {
+                break;
+            };
             if reg.is_gpr() {
                 let full = reg.full_register();
                 let index = (full as usize - Register::RAX as usize) as u8;
-                let high = matches!(reg, Register::AH | Register::CH | Register::DH | Register::BH);
-                let index = if high { index } else { index };
+                let high = matches!(
+                    reg,
+                    Register::AH | Register::CH | Register::DH | Register::BH
+                );
                 *slot = RegInfo {
                     kind: 1,
                     index,
@@ -151,7 +155,10 @@ impl Cpu {
             addr_size = base.size();
         }
         if index != Register::None {
-            ea = ea.wrapping_add(self.reg(index).wrapping_mul(u64::from(insn.memory_index_scale())));
+            ea = ea.wrapping_add(
+                self.reg(index)
+                    .wrapping_mul(u64::from(insn.memory_index_scale())),
+            );
             addr_size = index.size();
         }
         if base == Register::None && index == Register::None {

@@ -61,8 +61,15 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Exec {
     let amask = mask(asz);
     let rep = insn.has_rep_prefix() || insn.has_repne_prefix();
     let src_seg = seg_index(insn.memory_segment());
-    let step = if cpu.s.rflags & DF != 0 { (size as u64).wrapping_neg() } else { size as u64 };
-    let is_cmp = matches!(m, M::Cmpsb | M::Cmpsw | M::Cmpsd | M::Cmpsq | M::Scasb | M::Scasw | M::Scasd | M::Scasq);
+    let step = if cpu.s.rflags & DF != 0 {
+        (size as u64).wrapping_neg()
+    } else {
+        size as u64
+    };
+    let is_cmp = matches!(
+        m,
+        M::Cmpsb | M::Cmpsw | M::Cmpsd | M::Cmpsq | M::Scasb | M::Scasw | M::Scasd | M::Scasq
+    );
 
     let mut done = 0u64;
     loop {
@@ -133,7 +140,7 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Exec {
             break;
         }
         let c = cpu.s.gpr[RCX].wrapping_sub(1) & amask;
-        cpu.s.gpr[RCX] = (cpu.s.gpr[RCX] & !amask) | c;
+        set_addr_reg(cpu, RCX, c, amask);
         done += 1;
         if is_cmp {
             let zf = cpu.s.rflags & ZF != 0;
@@ -141,7 +148,10 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Exec {
                 break;
             }
         }
-        if matches!(cpu.io.exit, Some(IoReq::PioOut { .. }) | Some(IoReq::MmioWrite { .. })) {
+        if matches!(
+            cpu.io.exit,
+            Some(IoReq::PioOut { .. }) | Some(IoReq::MmioWrite { .. })
+        ) {
             // The VMM must see this write before the next iteration; continue afterwards.
             if c != 0 {
                 cpu.s.rip = cpu.start_rip;
@@ -154,5 +164,15 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Exec {
 
 fn adv(cpu: &mut Cpu, reg: usize, step: u64, amask: u64) {
     let v = cpu.s.gpr[reg].wrapping_add(step) & amask;
-    cpu.s.gpr[reg] = (cpu.s.gpr[reg] & !amask) | v;
+    set_addr_reg(cpu, reg, v, amask);
+}
+
+/// Writes RSI/RDI/RCX at the address size: a 16-bit write keeps the upper bits, a 32-bit one
+/// zero-extends like any 32-bit register write.
+fn set_addr_reg(cpu: &mut Cpu, reg: usize, v: u64, amask: u64) {
+    cpu.s.gpr[reg] = if amask == 0xffff_ffff {
+        v
+    } else {
+        (cpu.s.gpr[reg] & !amask) | v
+    };
 }

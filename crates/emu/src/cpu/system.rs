@@ -33,6 +33,9 @@ impl Cpu {
         if let Some((r, v)) = self.io.response {
             if r == req {
                 self.io.response = None;
+                if self.trace_insns > 0 {
+                    eprintln!("emu: in {port:#x} -> {v:#x}");
+                }
                 return Ok(v);
             }
         }
@@ -72,7 +75,11 @@ impl Cpu {
                 selector,
                 base: 0,
                 limit: 0,
-                attr: if seg == SS { 0x4093 | (u16::from(selector & 3) << 5) } else { 0 },
+                attr: if seg == SS {
+                    0x4093 | ((selector & 3) << 5)
+                } else {
+                    0
+                },
             };
             return Ok(());
         }
@@ -170,6 +177,9 @@ impl Cpu {
             0x179 | 0x17a => 0,
             // Microcode revision.
             0x8b => 0,
+            // AMD SYSCFG, HWCR, NB_CFG, TOP_MEM2: read by Linux's AMD and MTRR code; zero means
+            // no memory above 4 GiB is special and nothing is locked.
+            0xc001_0010 | 0xc001_0015 | 0xc001_001f | 0xc001_001d => 0,
             _ => return Err(gp(0)),
         })
     }
@@ -219,9 +229,16 @@ impl Cpu {
             0x258 | 0x259 => self.s.msr.mtrr_fixed[(index - 0x258 + 1) as usize] = v,
             0x268..=0x26f => self.s.msr.mtrr_fixed[(index - 0x268 + 3) as usize] = v,
             0x179 | 0x17a | 0x8b => {}
+            0xc001_0010 | 0xc001_0015 | 0xc001_001f | 0xc001_001d => {}
             _ => return Err(gp(0)),
         }
         Ok(())
+    }
+
+    /// Sets an MSR from outside the guest (boot state, restore); false if it is unknown or the
+    /// value is invalid.
+    pub fn set_msr(&mut self, index: u32, value: u64) -> bool {
+        self.wrmsr(index, value).is_ok()
     }
 
     fn require_cpl0(&self) -> Exec {
@@ -359,8 +376,16 @@ pub(crate) fn pop_segment(cpu: &mut Cpu, insn: &Instruction, size: usize) -> Exe
 /// The selector and offset of a far pointer operand (immediate or memory).
 fn far_target(cpu: &mut Cpu, insn: &Instruction) -> Exec<(u16, u64, usize)> {
     match insn.op0_kind() {
-        OpKind::FarBranch16 => Ok((insn.far_branch_selector(), u64::from(insn.far_branch16()), 2)),
-        OpKind::FarBranch32 => Ok((insn.far_branch_selector(), u64::from(insn.far_branch32()), 4)),
+        OpKind::FarBranch16 => Ok((
+            insn.far_branch_selector(),
+            u64::from(insn.far_branch16()),
+            2,
+        )),
+        OpKind::FarBranch32 => Ok((
+            insn.far_branch_selector(),
+            u64::from(insn.far_branch32()),
+            4,
+        )),
         _ => {
             let size = insn.memory_size().size() - 2;
             let lin = cpu.mem_linear(insn);
@@ -406,7 +431,11 @@ pub(crate) fn far_return(cpu: &mut Cpu, insn: &Instruction) -> Exec {
     let sel = cpu.peek_stack(size as u64, size)? as u16;
     let cpl = cpu.s.cpl();
     let outer = cpu.s.cr0 & cr0::PE != 0 && (sel & 3) as u8 > cpl;
-    let imm = if insn.op_count() == 1 { u64::from(insn.immediate16()) } else { 0 };
+    let imm = if insn.op_count() == 1 {
+        u64::from(insn.immediate16())
+    } else {
+        0
+    };
     let (new_sp, new_ss) = if outer {
         let sp = cpu.peek_stack(2 * size as u64 + imm, size)?;
         let ss = cpu.peek_stack(3 * size as u64 + imm, size)? as u16;
@@ -469,7 +498,12 @@ fn iret(cpu: &mut Cpu, insn: &Instruction) -> Exec {
         });
     }
     cpu.s.seg[CS] = new_cs;
-    cpu.s.rip = ip & mask(if cpu.s.bitness() == 64 { 8 } else { size.min(4) });
+    cpu.s.rip = ip
+        & mask(if cpu.s.bitness() == 64 {
+            8
+        } else {
+            size.min(4)
+        });
     match (sp, ss) {
         (Some(sp), Some(ss)) => {
             if ss & !3 == 0 && long64 {
@@ -533,7 +567,9 @@ pub(crate) fn cmpxchg_wide(cpu: &mut Cpu, insn: &Instruction) -> Exec {
         let old = if (lin & 0xfff) <= 0xff8 {
             match cpu.translate_host(lin, Access::Write) {
                 // SAFETY: mapped RAM page, 8 bytes within it.
-                Ok(p) => unsafe { memory::atomic_rmw(p, 8, |old| (old == expected).then_some(new)) },
+                Ok(p) => unsafe {
+                    memory::atomic_rmw(p, 8, |old| (old == expected).then_some(new))
+                },
                 Err(e) => return Err(e),
             }
         } else {
@@ -702,7 +738,11 @@ fn execute_inner(cpu: &mut Cpu, insn: &Instruction) -> Exec<bool> {
             }
             M::Sgdt | M::Sidt => {
                 let (lin, base_size) = dtr_operand(cpu, insn)?;
-                let d = if insn.mnemonic() == M::Sgdt { cpu.s.gdtr } else { cpu.s.idtr };
+                let d = if insn.mnemonic() == M::Sgdt {
+                    cpu.s.gdtr
+                } else {
+                    cpu.s.idtr
+                };
                 cpu.write_lin(lin, 2, u64::from(d.limit))?;
                 cpu.write_lin(lin + 2, base_size, d.base)?;
             }
@@ -720,7 +760,8 @@ fn execute_inner(cpu: &mut Cpu, insn: &Instruction) -> Exec<bool> {
                 let mut seg = Seg::from_descriptor(sel, lo);
                 if cpu.s.long_mode() {
                     // System descriptors are 16 bytes in long mode.
-                    let hi = cpu.read_sys(cpu.s.gdtr.base.wrapping_add(u64::from(sel & !7) + 8), 8)?;
+                    let hi =
+                        cpu.read_sys(cpu.s.gdtr.base.wrapping_add(u64::from(sel & !7) + 8), 8)?;
                     seg.base |= (hi & 0xffff_ffff) << 32;
                 }
                 if !seg.present() {
@@ -740,7 +781,11 @@ fn execute_inner(cpu: &mut Cpu, insn: &Instruction) -> Exec<bool> {
                 }
             }
             M::Sldt | M::Str => {
-                let v = if insn.mnemonic() == M::Str { cpu.s.tr.selector } else { cpu.s.ldtr.selector };
+                let v = if insn.mnemonic() == M::Str {
+                    cpu.s.tr.selector
+                } else {
+                    cpu.s.ldtr.selector
+                };
                 cpu.write_op(insn, 0, u64::from(v))?;
             }
             M::Smsw => {
@@ -797,7 +842,11 @@ fn execute_inner(cpu: &mut Cpu, insn: &Instruction) -> Exec<bool> {
             M::Lsl | M::Lar => {
                 let sel = cpu.read_op(insn, 1)? as u16;
                 let ok = sel & !3 != 0;
-                let desc = if ok { cpu.read_descriptor(sel).ok() } else { None };
+                let desc = if ok {
+                    cpu.read_descriptor(sel).ok()
+                } else {
+                    None
+                };
                 match desc {
                     Some(d) if d & (1 << 47) != 0 => {
                         let v = if insn.mnemonic() == M::Lsl {

@@ -100,10 +100,24 @@ impl std::fmt::Display for RunResult {
     }
 }
 
+/// The back end of `ferrovisor run` unless a test names one: KVM, so these tests exercise
+/// the hardware-assisted path even where `auto` would pick the emulator.
+pub const DEFAULT_TEST_BACKEND: &str = "kvm";
+
+/// `args` with `--backend kvm` added to a `run` that names no back end.
+pub fn with_backend<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut v = args.to_vec();
+    if v.first() == Some(&"run") && !v.contains(&"--backend") {
+        v.insert(1, "--backend");
+        v.insert(2, DEFAULT_TEST_BACKEND);
+    }
+    v
+}
+
 /// Starts `ferrovisor` with `args`, stdin and stdout piped.
 pub fn spawn(args: &[&str]) -> Child {
     Command::new(BIN)
-        .args(args)
+        .args(with_backend(args))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

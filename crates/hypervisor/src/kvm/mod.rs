@@ -220,6 +220,7 @@ impl Vcpu for KvmVcpu {
                 // SAFETY: `run` is this vCPU's kvm_run (see the field); clearing
                 // immediate_exit re-arms the kick for the next run.
                 unsafe { ptr::write_volatile(ptr::addr_of_mut!((*run).immediate_exit), 0) };
+                crate::take_kick();
                 return Ok(VcpuExit::Interrupted);
             }
             Err(e) => return Err(HypervisorError::Run(os_error(e))),
@@ -262,7 +263,7 @@ impl Vcpu for KvmVcpu {
         Ok(convert::regs_from_kvm(&r))
     }
 
-    fn set_regs(&self, regs: &Regs) -> Result<()> {
+    fn set_regs(&mut self, regs: &Regs) -> Result<()> {
         self.fd
             .set_regs(&convert::regs_to_kvm(regs))
             .map_err(Self::state_err("set registers"))
@@ -276,7 +277,7 @@ impl Vcpu for KvmVcpu {
         Ok(convert::sregs_from_kvm(&s))
     }
 
-    fn set_sregs(&self, sregs: &Sregs) -> Result<()> {
+    fn set_sregs(&mut self, sregs: &Sregs) -> Result<()> {
         // Start from KVM's current state so fields we do not model (the pending-interrupt
         // bitmap) keep their values.
         let mut s = self
@@ -289,14 +290,14 @@ impl Vcpu for KvmVcpu {
             .map_err(Self::state_err("set special registers"))
     }
 
-    fn set_fpu(&self, fpu: &Fpu) -> Result<()> {
+    fn set_fpu(&mut self, fpu: &Fpu) -> Result<()> {
         let mut f = self.fd.get_fpu().map_err(Self::state_err("read FPU"))?;
         f.fcw = fpu.fcw;
         f.mxcsr = fpu.mxcsr;
         self.fd.set_fpu(&f).map_err(Self::state_err("set FPU"))
     }
 
-    fn set_cpuid(&self, entries: &[CpuidEntry]) -> Result<()> {
+    fn set_cpuid(&mut self, entries: &[CpuidEntry]) -> Result<()> {
         let kvm_entries: Vec<_> = entries.iter().map(convert::cpuid_to_kvm).collect();
         let cpuid = CpuId::from_entries(&kvm_entries).map_err(|_| {
             HypervisorError::VcpuState("set CPUID", io::Error::from_raw_os_error(libc::E2BIG))
@@ -306,7 +307,7 @@ impl Vcpu for KvmVcpu {
             .map_err(Self::state_err("set CPUID"))
     }
 
-    fn set_msrs(&self, msrs: &[MsrEntry]) -> Result<()> {
+    fn set_msrs(&mut self, msrs: &[MsrEntry]) -> Result<()> {
         let entries: Vec<_> = msrs
             .iter()
             .map(|m| kvm_bindings::kvm_msr_entry {
@@ -332,7 +333,7 @@ impl Vcpu for KvmVcpu {
         Ok(())
     }
 
-    fn setup_lapic_lints(&self) -> Result<()> {
+    fn setup_lapic_lints(&mut self) -> Result<()> {
         const APIC_LVT0: usize = 0x350;
         const APIC_LVT1: usize = 0x360;
         const DELIVERY_MODE_EXTINT: u32 = 0x7 << 8;
@@ -354,7 +355,7 @@ impl Vcpu for KvmVcpu {
             .map_err(Self::state_err("set LAPIC"))
     }
 
-    fn set_runnable(&self, runnable: bool) -> Result<()> {
+    fn set_runnable(&mut self, runnable: bool) -> Result<()> {
         let mp_state = kvm_mp_state {
             mp_state: if runnable {
                 KVM_MP_STATE_RUNNABLE
