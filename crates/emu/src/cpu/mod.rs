@@ -174,6 +174,8 @@ pub struct Cpu {
     pub halted: bool,
     /// Accesses are implicit supervisor accesses (descriptor tables, TSS, interrupt frames).
     supervisor_access: bool,
+    /// CR2 of a fetch fault on the second page of an instruction, raised only if needed.
+    pending_fetch_cr2: u64,
     /// STI/MOV SS shadow: no interrupt before the next instruction retires.
     interrupt_shadow: bool,
     /// RIP at the start of the current instruction (faults restart here).
@@ -205,6 +207,7 @@ impl Cpu {
             icount: 0,
             halted: false,
             supervisor_access: false,
+            pending_fetch_cr2: 0,
             interrupt_shadow: false,
             start_rip: 0,
             reported_ud: Default::default(),
@@ -298,7 +301,7 @@ impl Cpu {
         self.start_rip = self.s.rip;
         let bitness = self.s.bitness();
         let mut bytes = [0u8; 15];
-        let n = self.fetch(&mut bytes).map_err(StepEnd::Fault)?;
+        let (n, tail_fault) = self.fetch(&mut bytes).map_err(StepEnd::Fault)?;
         let rip = self.s.rip;
         let slot = ((rip ^ (rip >> 13)) as usize) & (ICACHE_ENTRIES - 1);
         let e = &self.icache[slot];
@@ -309,7 +312,11 @@ impl Cpu {
             let mut decoder = Decoder::with_ip(bitness, &bytes[..n], rip, DecoderOptions::NONE);
             decoder.decode_out(insn);
             if insn.is_invalid() {
-                // Out of bytes at the end of mapped memory or an invalid encoding.
+                if let Some(f) = tail_fault {
+                    // The instruction continues on a page that cannot be fetched.
+                    self.s.cr2 = self.pending_fetch_cr2;
+                    return Err(StepEnd::Fault(f));
+                }
                 return Err(StepEnd::Fault(ud()));
             }
             self.icache[slot] = CachedInsn {
@@ -336,8 +343,10 @@ impl Cpu {
         exec::execute(self, insn)
     }
 
-    /// Reads the instruction bytes at CS:RIP (up to 15, fewer at the end of RAM).
-    fn fetch(&mut self, out: &mut [u8; 15]) -> Exec<usize> {
+    /// Reads the instruction bytes at CS:RIP: up to 15, or fewer when the next page cannot be
+    /// read, together with the fault reading it raised (delivered only if the instruction
+    /// turns out to need those bytes).
+    fn fetch(&mut self, out: &mut [u8; 15]) -> Exec<(usize, Option<Fault>)> {
         let lin = self.linear(state::CS, self.s.rip);
         let first = (0x1000 - (lin & 0xfff)).min(15) as usize;
         let p = self.translate_host(lin, Access::Exec)?;
@@ -345,19 +354,24 @@ impl Cpu {
         // inside it.
         unsafe { std::ptr::copy_nonoverlapping(p, out.as_mut_ptr(), first) };
         if first == 15 {
-            return Ok(15);
+            return Ok((15, None));
         }
+        let cr2 = self.s.cr2;
         match self.translate_host(lin.wrapping_add(first as u64), Access::Exec) {
             Ok(p2) => {
                 // SAFETY: as above, for the start of the next page.
                 unsafe {
                     std::ptr::copy_nonoverlapping(p2, out.as_mut_ptr().add(first), 15 - first)
                 };
-                Ok(15)
+                Ok((15, None))
             }
-            // The instruction may end before the next page; decode what we have and fault
-            // if it does not.
-            Err(_) => Ok(first),
+            Err(f) => {
+                // The instruction may end before the next page: decode what we have first.
+                let fault_cr2 = self.s.cr2;
+                self.s.cr2 = cr2;
+                self.pending_fetch_cr2 = fault_cr2;
+                Ok((first, Some(f)))
+            }
         }
     }
 
