@@ -145,7 +145,7 @@ pub enum RunExit {
 }
 
 /// Decoded-instruction cache size (entries, a power of two).
-const ICACHE_ENTRIES: usize = 8192;
+const ICACHE_ENTRIES: usize = 16384;
 
 /// A decoded instruction with the bytes and address it was decoded from. An entry is used
 /// only if the bytes at RIP still match, so code written by this or another vCPU, or by the
@@ -154,9 +154,16 @@ const ICACHE_ENTRIES: usize = 8192;
 struct CachedInsn {
     rip: u64,
     bitness: u32,
-    len: u8,
-    bytes: [u8; 15],
+    /// The instruction's bytes as two little-endian words, with masks covering its length.
+    words: [u64; 2],
+    masks: [u64; 2],
     insn: Instruction,
+}
+
+/// The masks selecting the first `len` bytes of two 8-byte words.
+fn byte_masks(len: usize) -> [u64; 2] {
+    let m = |n: usize| if n >= 8 { u64::MAX } else { (1u64 << (8 * n)) - 1 };
+    [m(len.min(8)), m(len.saturating_sub(8))]
 }
 
 /// An emulated x86-64 CPU.
@@ -193,8 +200,8 @@ impl Cpu {
         let empty = CachedInsn {
             rip: u64::MAX,
             bitness: 0,
-            len: 0,
-            bytes: [0; 15],
+            words: [0; 2],
+            masks: [0; 2],
             insn: Instruction::default(),
         };
         Cpu {
@@ -300,39 +307,61 @@ impl Cpu {
     fn step(&mut self, insn: &mut Instruction) -> Result<(), StepEnd> {
         self.start_rip = self.s.rip;
         let bitness = self.s.bitness();
-        let mut bytes = [0u8; 15];
-        let (n, tail_fault) = self.fetch(&mut bytes).map_err(StepEnd::Fault)?;
         let rip = self.s.rip;
         let slot = ((rip ^ (rip >> 13)) as usize) & (ICACHE_ENTRIES - 1);
+        // Fast path: a cached decode whose bytes still match guest memory, read as two words
+        // straight from the code page (when 16 bytes from RIP stay inside it).
+        let lin = self.linear(state::CS, rip);
         let e = &self.icache[slot];
-        let len = usize::from(e.len);
-        if e.rip == rip && e.bitness == bitness && len <= n && e.bytes[..len] == bytes[..len] {
-            *insn = e.insn;
-        } else {
-            let mut decoder = Decoder::with_ip(bitness, &bytes[..n], rip, DecoderOptions::NONE);
-            decoder.decode_out(insn);
-            if insn.is_invalid() {
-                if let Some(f) = tail_fault {
-                    // The instruction continues on a page that cannot be fetched.
-                    self.s.cr2 = self.pending_fetch_cr2;
-                    return Err(StepEnd::Fault(f));
-                }
-                return Err(StepEnd::Fault(ud()));
-            }
-            self.icache[slot] = CachedInsn {
-                rip,
-                bitness,
-                len: insn.len() as u8,
-                bytes,
-                insn: *insn,
+        if e.rip == rip && e.bitness == bitness && (lin & 0xfff) <= 0xff0 {
+            let p = self.translate_host(lin, Access::Exec).map_err(StepEnd::Fault)?;
+            // SAFETY: `p` points into a mapped RAM page with at least 16 bytes left in it.
+            let (w0, w1) = unsafe {
+                (
+                    std::ptr::read_unaligned(p as *const u64),
+                    std::ptr::read_unaligned(p.add(8) as *const u64),
+                )
             };
+            let e = &self.icache[slot];
+            if (w0 ^ e.words[0]) & e.masks[0] == 0 && (w1 ^ e.words[1]) & e.masks[1] == 0 {
+                *insn = e.insn;
+                return self.finish_step(insn, bitness);
+            }
         }
+        let mut bytes = [0u8; 15];
+        let (n, tail_fault) = self.fetch(&mut bytes).map_err(StepEnd::Fault)?;
+        let mut decoder = Decoder::with_ip(bitness, &bytes[..n], rip, DecoderOptions::NONE);
+        decoder.decode_out(insn);
+        if insn.is_invalid() {
+            if let Some(f) = tail_fault {
+                // The instruction continues on a page that cannot be fetched.
+                self.s.cr2 = self.pending_fetch_cr2;
+                return Err(StepEnd::Fault(f));
+            }
+            return Err(StepEnd::Fault(ud()));
+        }
+        let mut padded = [0u8; 16];
+        padded[..15].copy_from_slice(&bytes);
+        let word = |i: usize| u64::from_le_bytes(padded[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        self.icache[slot] = CachedInsn {
+            rip,
+            bitness,
+            words: [word(0), word(1)],
+            masks: byte_masks(insn.len()),
+            insn: *insn,
+        };
+        self.finish_step(insn, bitness)
+    }
+
+    /// Advances RIP past `insn` and executes it.
+    #[inline(always)]
+    fn finish_step(&mut self, insn: &Instruction, bitness: u32) -> Result<(), StepEnd> {
         if self.trace_insns > 0 {
             self.trace_insns -= 1;
             let mut out = String::new();
             let mut f = iced_x86::FastFormatter::new();
             f.format(insn, &mut out);
-            eprintln!("emu: {:#018x} {out}", rip);
+            eprintln!("emu: {:#018x} {out}", insn.ip());
         }
         let next = insn.next_ip();
         self.s.rip = if bitness == 64 {
