@@ -59,7 +59,13 @@ pub struct BootCpuState {
     pub sregs: Sregs,
 }
 
-/// Writes the boot GDT, an empty IDT and the identity-mapped page tables.
+/// The reset-vector stub: `mov al, 0xfe; out 0x64, al; hlt; jmp $-1` — pulse the i8042 reset
+/// line. Linux on a hardware-reduced ACPI platform without EFI falls back to a "BIOS reboot",
+/// a real-mode jump to F000:FFF0; there is no BIOS, so this is what resets the machine.
+const RESET_STUB: [u8; 7] = [0xb0, 0xfe, 0xe6, 0x64, 0xf4, 0xeb, 0xfd];
+
+/// Writes the boot GDT, an empty IDT, the identity-mapped page tables and the reset-vector
+/// stub.
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     for (i, entry) in GDT.iter().enumerate() {
         mem.write_obj(*entry, BOOT_GDT_START.unchecked_add_usize(i * 8))
@@ -67,6 +73,8 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<(), BootError> {
     }
     mem.write_obj(0u64, BOOT_IDT_START)
         .map_err(|e| BootError::Write("IDT", e))?;
+    mem.write_slice(&RESET_STUB, crate::layout::RESET_VECTOR)
+        .map_err(|e| BootError::Write("reset vector", e))?;
 
     mem.write_obj(PDPTE_START.0 | PTE_PRESENT_RW, PML4_START)
         .map_err(|e| BootError::Write("page tables", e))?;
@@ -186,6 +194,17 @@ mod tests {
         for addr in [0, 0x10_0000, 0x1234_5678, 0xfee0_0000, 0xffff_ffff] {
             assert_eq!(translate(&mem, addr), addr);
         }
+    }
+
+    #[test]
+    fn reset_vector_pulses_the_i8042_reset_line() {
+        let mem = mem();
+        write_boot_tables(&mem).unwrap();
+        let mut code = [0u8; 7];
+        mem.read_slice(&mut code, crate::layout::RESET_VECTOR)
+            .unwrap();
+        // mov al, 0xfe; out 0x64, al
+        assert_eq!(&code[..4], &[0xb0, 0xfe, 0xe6, 0x64]);
     }
 
     #[test]

@@ -2,9 +2,7 @@
 
 use vm_memory::GuestAddress;
 
-use crate::layout::{
-    ACPI_TABLES_END, ACPI_TABLES_START, EBDA_START, HIMEM_START, MMIO_HOLE_END, MMIO_HOLE_START,
-};
+use crate::layout::{ACPI_TABLES_START, EBDA_START, HIMEM_START, MMIO_HOLE_END, MMIO_HOLE_START};
 
 /// e820 entry types (ACPI address range types).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,7 +51,7 @@ pub fn e820_map(mem_size_bytes: u64) -> Vec<E820Entry> {
         },
         E820Entry {
             addr: ACPI_TABLES_START,
-            len_bytes: ACPI_TABLES_END.0 - ACPI_TABLES_START.0,
+            len_bytes: HIMEM_START.0 - ACPI_TABLES_START.0,
             kind: E820Kind::Reserved,
         },
     ];

@@ -27,8 +27,11 @@ pub const EBDA_START: GuestAddress = GuestAddress(0x9fc00);
 pub const ACPI_TABLES_START: GuestAddress = GuestAddress(0xe0000);
 /// Where the RSDP is written (first thing in the ACPI area).
 pub const RSDP_START: GuestAddress = ACPI_TABLES_START;
-/// End (exclusive) of the ACPI area.
-pub const ACPI_TABLES_END: GuestAddress = GuestAddress(0x100000);
+/// End (exclusive) of the ACPI area: the last 16 bytes below 1 MiB are the reset vector.
+pub const ACPI_TABLES_END: GuestAddress = RESET_VECTOR;
+/// Where real-mode code lands after a jump to F000:FFF0, as Linux's last-resort "BIOS reboot"
+/// does: the VMM puts a stub there that resets the machine through the i8042.
+pub const RESET_VECTOR: GuestAddress = GuestAddress(0xffff0);
 /// First byte above the legacy 1 MiB area; the kernel is loaded here.
 pub const HIMEM_START: GuestAddress = GuestAddress(0x100000);
 /// The 32-bit MMIO hole: no RAM between these addresses.

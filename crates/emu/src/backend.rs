@@ -691,6 +691,7 @@ impl Vcpu for EmuVcpu {
                     continue;
                 }
                 RunExit::Io(req) => {
+                    tracing::trace!(?req, "emu: device access exit");
                     return Ok(match req {
                         IoReq::PioIn { port, size } => {
                             self.pending = Some(req);

@@ -162,7 +162,13 @@ struct CachedInsn {
 
 /// The masks selecting the first `len` bytes of two 8-byte words.
 fn byte_masks(len: usize) -> [u64; 2] {
-    let m = |n: usize| if n >= 8 { u64::MAX } else { (1u64 << (8 * n)) - 1 };
+    let m = |n: usize| {
+        if n >= 8 {
+            u64::MAX
+        } else {
+            (1u64 << (8 * n)) - 1
+        }
+    };
     [m(len.min(8)), m(len.saturating_sub(8))]
 }
 
@@ -314,7 +320,9 @@ impl Cpu {
         let lin = self.linear(state::CS, rip);
         let e = &self.icache[slot];
         if e.rip == rip && e.bitness == bitness && (lin & 0xfff) <= 0xff0 {
-            let p = self.translate_host(lin, Access::Exec).map_err(StepEnd::Fault)?;
+            let p = self
+                .translate_host(lin, Access::Exec)
+                .map_err(StepEnd::Fault)?;
             // SAFETY: `p` points into a mapped RAM page with at least 16 bytes left in it.
             let (w0, w1) = unsafe {
                 (
@@ -342,7 +350,8 @@ impl Cpu {
         }
         let mut padded = [0u8; 16];
         padded[..15].copy_from_slice(&bytes);
-        let word = |i: usize| u64::from_le_bytes(padded[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let word =
+            |i: usize| u64::from_le_bytes(padded[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
         self.icache[slot] = CachedInsn {
             rip,
             bitness,
