@@ -6,7 +6,7 @@
 //! the I/O APIC lock (delivery); never the reverse. The PIT and PIC locks are leaves.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use hypervisor::{
 use crate::cpu::state::{CpuState, Dtr, Seg};
 use crate::cpu::{Cpu, IoReq, Machine, RunExit};
 use crate::memory::{PhysMem, RamRegion};
-use crate::platform::clock::{self, HostClock, TimeSource};
+use crate::platform::clock::{self, HostClock, ManualClock, TimeSource};
 use crate::platform::ioapic::IoApic;
 use crate::platform::kvmclock;
 use crate::platform::lapic::{ApicEffect, IpiRequest, LocalApic};
@@ -35,11 +35,27 @@ const MAX_HALT_SLEEP: Duration = Duration::from_millis(10);
 
 /// The emulator back end.
 #[derive(Default)]
-pub struct EmuHypervisor {}
+pub struct EmuHypervisor {
+    deterministic: bool,
+}
+
+/// Guest wall-clock time at boot in deterministic mode (2026-01-01T00:00:00Z).
+const DETERMINISTIC_EPOCH_NS: u64 = 1_767_225_600_000_000_000;
 
 impl EmuHypervisor {
     pub fn new() -> Self {
-        EmuHypervisor {}
+        EmuHypervisor {
+            deterministic: false,
+        }
+    }
+
+    /// Deterministic mode: guest time is the instruction count (1 ns per instruction, idle
+    /// periods skipped to the next timer deadline) and the wall clock starts at a fixed date,
+    /// so the same guest with the same input behaves identically on every run. One vCPU only.
+    pub fn deterministic() -> Self {
+        EmuHypervisor {
+            deterministic: true,
+        }
     }
 }
 
@@ -57,7 +73,11 @@ impl Hypervisor for EmuHypervisor {
     }
 
     fn create_vm(&self) -> Result<Arc<dyn Vm>> {
-        let clock: Arc<dyn TimeSource> = Arc::new(HostClock::new());
+        let manual = self.deterministic.then(|| Arc::new(ManualClock::new(0)));
+        let clock: Arc<dyn TimeSource> = match &manual {
+            Some(m) => m.clone(),
+            None => Arc::new(HostClock::new()),
+        };
         Ok(Arc::new(EmuVm {
             shared: Arc::new(Shared {
                 regions: Mutex::new(Vec::new()),
@@ -67,7 +87,13 @@ impl Hypervisor for EmuHypervisor {
                 pit: Mutex::new(Pit::new()),
                 pic: Mutex::new(Pic::new()),
                 clock,
-                wall_clock_epoch_ns: wall_clock_ns(),
+                manual,
+                idle_ns: AtomicU64::new(0),
+                wall_clock_epoch_ns: if self.deterministic {
+                    DETERMINISTIC_EPOCH_NS
+                } else {
+                    wall_clock_ns()
+                },
             }),
         }))
     }
@@ -90,6 +116,10 @@ struct Shared {
     pit: Mutex<Pit>,
     pic: Mutex<Pic>,
     clock: Arc<dyn TimeSource>,
+    /// Deterministic mode's clock, advanced from the instruction count.
+    manual: Option<Arc<ManualClock>>,
+    /// Deterministic mode: guest time skipped while halted.
+    idle_ns: AtomicU64,
     /// Host wall-clock time at VM creation, for the kvm-clock wall clock.
     wall_clock_epoch_ns: u64,
 }
@@ -262,6 +292,7 @@ impl Vm for EmuVm {
             me: vs.clone(),
             cpuid: Vec::new(),
             tsc_offset: 0,
+            tsc_reads: 0,
         };
         let mut cpu = Cpu::new(mem, Box::new(machine));
         if id != 0 {
@@ -289,6 +320,8 @@ struct VcpuMachine {
     me: Arc<VcpuShared>,
     cpuid: Vec<CpuidEntry>,
     tsc_offset: i64,
+    /// Deterministic mode: TSC reads since the clock last moved.
+    tsc_reads: u64,
 }
 
 impl VcpuMachine {
@@ -480,7 +513,14 @@ impl Machine for VcpuMachine {
     }
 
     fn rdtsc(&mut self) -> u64 {
-        (clock::ns_to_tsc(self.now_ns()) as i64).wrapping_add(self.tsc_offset) as u64
+        let mut tsc = clock::ns_to_tsc(self.now_ns());
+        if self.shared.manual.is_some() {
+            // Time moves in steps between instruction batches; successive reads within one
+            // still advance, as code waiting on the TSC expects.
+            self.tsc_reads += 1;
+            tsc += self.tsc_reads;
+        }
+        (tsc as i64).wrapping_add(self.tsc_offset) as u64
     }
 
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
@@ -520,6 +560,17 @@ impl Machine for VcpuMachine {
             .lock()
             .expect("lapic lock poisoned")
             .next_deadline_ns();
+        if let Some(manual) = &self.shared.manual {
+            // Deterministic: idle time passes at once, up to the next timer (or 1 ms).
+            let target = deadline.unwrap_or(now + 1_000_000).max(now + 1);
+            self.shared
+                .idle_ns
+                .fetch_add(target - now, Ordering::Relaxed);
+            manual.set(target);
+            self.tsc_reads = 0;
+            self.poll_timers();
+            return;
+        }
         let mut sleep = MAX_HALT_SLEEP;
         if let Some(d) = deadline {
             sleep = sleep.min(Duration::from_nanos(d.saturating_sub(now)));
@@ -662,6 +713,11 @@ impl Vcpu for EmuVcpu {
             }
             self.machine().poll_timers();
             let exit = self.cpu.run(BUDGET);
+            if let Some(manual) = &self.shared.manual {
+                let now = self.cpu.icount + self.shared.idle_ns.load(Ordering::Relaxed);
+                manual.set(now);
+                self.machine().tsc_reads = 0;
+            }
             match exit {
                 RunExit::Budget | RunExit::Halted => continue,
                 RunExit::Shutdown => return Ok(VcpuExit::Shutdown),

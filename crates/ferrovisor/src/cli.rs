@@ -45,6 +45,10 @@ struct RunArgs {
     /// the host has hardware virtualization, emu otherwise) [default: auto].
     #[arg(long, value_name = "BACKEND")]
     backend: Option<Backend>,
+    /// Emulator only: guest time follows the instruction count, so the same guest with the same
+    /// input produces the same output on every run (1 vCPU).
+    #[arg(long)]
+    deterministic: bool,
     /// Read settings from a TOML or JSON file; flags given as well override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -104,6 +108,9 @@ impl RunArgs {
         }
         if let Some(b) = self.backend {
             config.backend = b;
+        }
+        if self.deterministic {
+            config.deterministic = true;
         }
         Ok(config)
     }

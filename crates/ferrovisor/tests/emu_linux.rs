@@ -47,19 +47,21 @@ fn args<'a>(kernel: &'a str, initrd: &'a str, cpus: &'a str, cmdline: &'a str) -
 }
 
 fn boot(cpus: &str, extra_cmdline: &str) -> RunResult {
+    boot_with(&[], cpus, extra_cmdline)
+}
+
+fn boot_with(flags: &[&str], cpus: &str, extra_cmdline: &str) -> RunResult {
     let kernel = fixture("vmlinuz");
     let initrd = fixture("initramfs.cpio.gz");
     let cmdline = format!("console=ttyS0 panic=-1 {extra_cmdline}");
-    run(
-        &args(
-            kernel.to_str().unwrap(),
-            initrd.to_str().unwrap(),
-            cpus,
-            &cmdline,
-        ),
-        b"",
-        BOOT_TIMEOUT,
-    )
+    let mut a = args(
+        kernel.to_str().unwrap(),
+        initrd.to_str().unwrap(),
+        cpus,
+        &cmdline,
+    );
+    a.extend_from_slice(flags);
+    run(&a, b"", BOOT_TIMEOUT)
 }
 
 #[test]
@@ -172,4 +174,15 @@ fn reboot_from_the_guest_exits_with_3_on_emu() {
     let r = shell_session("reboot -f\n");
     assert_eq!(r.code, Some(3), "{r}");
     assert!(r.stderr.contains("the guest rebooted"), "{r}");
+}
+
+#[test]
+fn deterministic_boots_print_identical_consoles() {
+    let run_once = || boot_with(&["--deterministic"], "1", "");
+    let (a, b) = (run_once(), run_once());
+    assert!(a.stdout.contains(MARKER), "{a}");
+    assert_eq!(a.code, Some(0), "{a}");
+    assert_eq!(b.code, Some(0), "{b}");
+    // Kernel log timestamps included: guest time comes from the instruction count.
+    assert_eq!(a.stdout, b.stdout, "the two deterministic boots differ");
 }

@@ -125,3 +125,56 @@ fn emu_serial_input_reaches_the_guest() {
     assert_eq!(r.code, Some(0), "{r}");
     assert!(r.has_line("echo hello emulator"), "{r}");
 }
+
+#[test]
+fn emu_deterministic_mode_gives_identical_output_across_runs() {
+    let kernel = test_guest_bzimage();
+    let outputs: Vec<RunResult> = (0..3)
+        .map(|_| {
+            run(
+                &[
+                    "run",
+                    "--backend",
+                    "emu",
+                    "--deterministic",
+                    "--kernel",
+                    kernel.to_str().unwrap(),
+                    "--cmdline",
+                    "console=ttyS0 ftg.smp=0 ftg.count=5",
+                ],
+                b"",
+                Duration::from_secs(120),
+            )
+        })
+        .collect();
+    for r in &outputs {
+        assert_eq!(r.code, Some(0), "{r}");
+        assert!(r.has_line("count 5"), "{r}");
+        // Time-dependent lines are part of the output: with the host clock they differ.
+        assert!(r.field("kvmclock", "delta_ns").is_some(), "{r}");
+    }
+    assert_eq!(outputs[0].stdout, outputs[1].stdout, "run 1 vs 2");
+    assert_eq!(outputs[0].stdout, outputs[2].stdout, "run 1 vs 3");
+}
+
+#[test]
+fn deterministic_mode_refuses_kvm_and_smp() {
+    let kernel = test_guest_bzimage();
+    let k = kernel.to_str().unwrap();
+    for (extra, needle) in [
+        (
+            &["--backend", "kvm"][..],
+            "--deterministic needs the emulator",
+        ),
+        (
+            &["--backend", "emu", "--cpus", "2"][..],
+            "--deterministic supports 1 vCPU",
+        ),
+    ] {
+        let mut args = vec!["run", "--deterministic", "--kernel", k];
+        args.extend_from_slice(extra);
+        let r = run(&args, b"", Duration::from_secs(30));
+        assert_eq!(r.code, Some(2), "{r}");
+        assert!(r.stderr.contains(needle), "{r}");
+    }
+}

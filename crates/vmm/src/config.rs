@@ -174,6 +174,10 @@ pub struct VmConfig {
     pub on_reboot: OnReboot,
     #[serde(default)]
     pub backend: Backend,
+    /// Run on the emulator with guest time from the instruction count: the same guest with the
+    /// same input gives the same output on every run.
+    #[serde(default)]
+    pub deterministic: bool,
 }
 
 /// A setting the user got wrong. The message says which and what to do.
@@ -194,6 +198,10 @@ pub enum ConfigError {
     CmdlineTooLong { len: usize, max: usize },
     #[error("the kernel command line contains a NUL byte")]
     CmdlineNul,
+    #[error("--deterministic needs the emulator; use --backend emu (or auto)")]
+    DeterministicNeedsEmu,
+    #[error("--deterministic supports 1 vCPU for now; use --cpus 1")]
+    DeterministicOneVcpu,
 }
 
 impl VmConfig {
@@ -207,6 +215,7 @@ impl VmConfig {
             memory: MemorySize::default(),
             on_reboot: OnReboot::default(),
             backend: Backend::default(),
+            deterministic: false,
         }
     }
 
@@ -231,6 +240,12 @@ impl VmConfig {
                 requested: self.memory,
                 limit_mib: host_memory_bytes >> 20,
             });
+        }
+        if self.deterministic && self.backend == Backend::Kvm {
+            return Err(ConfigError::DeterministicNeedsEmu);
+        }
+        if self.deterministic && self.cpus != 1 {
+            return Err(ConfigError::DeterministicOneVcpu);
         }
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);

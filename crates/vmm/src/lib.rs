@@ -204,7 +204,11 @@ pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
     // Mistakes in the settings are reported before the host is even asked for KVM.
     config.validate(config::MAX_VCPUS, config::host_memory_bytes())?;
     vm::check_files(config)?;
-    let hv = choose_backend(config.backend)?;
+    let hv: Box<dyn Hypervisor> = if config.deterministic {
+        Box::new(emu::backend::EmuHypervisor::deterministic())
+    } else {
+        choose_backend(config.backend)?
+    };
     run_on(hv.as_ref(), config)
 }
 
