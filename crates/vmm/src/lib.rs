@@ -54,31 +54,19 @@ pub enum VmEvent {
     ConsoleQuit,
 }
 
-/// How `run` ended.
-#[derive(Debug)]
-pub enum Outcome {
-    PowerOff,
-    Reset(ResetCause),
-    VcpuFailed {
-        id: u32,
-        reason: String,
-        state: String,
-    },
-    Signal(i32),
-    /// The user typed Ctrl-A x on the console.
-    ConsoleQuit,
-}
+/// How `run` ended: the event that ended the last VM.
+pub type Outcome = VmEvent;
 
-impl Outcome {
+impl VmEvent {
     /// The process exit code for this outcome (see docs/platform.md).
     pub fn exit_code(&self) -> i32 {
         match self {
-            Outcome::PowerOff => 0,
-            Outcome::Reset(_) => EXIT_GUEST_RESET,
-            Outcome::VcpuFailed { .. } => EXIT_VCPU_FAILED,
-            Outcome::Signal(sig) => 128 + sig,
+            VmEvent::PowerOff => 0,
+            VmEvent::Reset(_) => EXIT_GUEST_RESET,
+            VmEvent::VcpuFailed { .. } => EXIT_VCPU_FAILED,
+            VmEvent::Signal(sig) => 128 + sig,
             // As if the user had pressed Ctrl-C in a terminal that was not in raw mode.
-            Outcome::ConsoleQuit => 128 + libc::SIGINT,
+            VmEvent::ConsoleQuit => 128 + libc::SIGINT,
         }
     }
 }
@@ -259,13 +247,7 @@ pub fn run_on(hv: &dyn Hypervisor, config: &VmConfig) -> Result<Outcome, VmmErro
                 quit = Some(stale);
             }
         }
-        let outcome = match event {
-            VmEvent::PowerOff => Outcome::PowerOff,
-            VmEvent::Reset(cause) => Outcome::Reset(cause),
-            VmEvent::VcpuFailed { id, reason, state } => Outcome::VcpuFailed { id, reason, state },
-            VmEvent::Signal(sig) => Outcome::Signal(sig),
-            VmEvent::ConsoleQuit => Outcome::ConsoleQuit,
-        };
+        let outcome = event;
         match (outcome, quit) {
             (Outcome::Reset(_), None) if config.on_reboot == OnReboot::Restart => continue,
             (_, Some(VmEvent::Signal(sig))) => return Ok(Outcome::Signal(sig)),
