@@ -4,10 +4,10 @@
 mod common;
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -67,34 +67,15 @@ fn start(pty: &Pty, options: &str) -> (std::process::Child, std::sync::mpsc::Rec
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 1024];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0
-                || tx
-                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
-                    .is_err()
-            {
-                break;
-            }
-        }
-    });
+    let rx = stream_stdout(&mut child);
     (child, rx)
 }
 
 fn wait_for(rx: &std::sync::mpsc::Receiver<String>, seen: &mut String, what: &str) {
-    let start = Instant::now();
-    while !seen.contains(what) {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "no {what:?} in {seen}"
-        );
-        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(100)) {
-            seen.push_str(&chunk);
-        }
-    }
+    assert!(
+        wait_for_output(rx, seen, what, Duration::from_secs(30)),
+        "no {what:?} in {seen}"
+    );
 }
 
 #[test]

@@ -4,10 +4,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 
@@ -95,35 +94,15 @@ fn shell_session(script: &str) -> RunResult {
         "1",
         cmdline,
     ));
-    let mut stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0
-                || tx
-                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
-                    .is_err()
-            {
-                break;
-            }
-        }
-    });
-    let start = Instant::now();
+    let rx = stream_stdout(&mut child);
     let mut seen = String::new();
-    while !seen.contains(MARKER) && start.elapsed() < BOOT_TIMEOUT {
-        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(200)) {
-            seen.push_str(&chunk);
-        }
-    }
+    wait_for_output(&rx, &mut seen, MARKER, BOOT_TIMEOUT);
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(script.as_bytes()).unwrap();
     drop(stdin);
     let mut r = finish(child, BOOT_TIMEOUT);
-    let _ = reader.join();
-    while let Ok(chunk) = rx.try_recv() {
-        seen.push_str(&chunk);
-    }
+    // The streamer ends at end of output; collect everything it still has.
+    seen.extend(rx.iter());
     r.stdout = seen;
     r
 }

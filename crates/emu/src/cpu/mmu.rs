@@ -146,13 +146,7 @@ impl Cpu {
         let i = index(lin);
         if self.s.cr0 & cr0::PG == 0 {
             let gpa = lin & PAGE_MASK & 0xffff_ffff;
-            self.tlb.entries[i] = TlbEntry {
-                tag: tag(lin),
-                gpa,
-                host: self.mem.page_ptr(gpa).unwrap_or(std::ptr::null_mut()),
-                perm: T_WRITE | T_USER | T_EXEC | T_DIRTY,
-            };
-            return Ok(i);
+            return Ok(self.tlb_insert(i, lin, gpa, T_WRITE | T_USER | T_EXEC | T_DIRTY));
         }
         if self.s.cr4 & cr4::PAE == 0 || self.s.efer & efer::LMA == 0 {
             return self.tlb_fill_legacy(lin, acc, user, i);
@@ -244,13 +238,18 @@ impl Cpu {
         if global && self.s.cr4 & cr4::PGE != 0 {
             perm |= T_GLOBAL;
         }
+        Ok(self.tlb_insert(i, lin, gpa_page, perm))
+    }
+
+    /// Fills TLB slot `i` with the translation of `lin` to `gpa_page`; returns `i`.
+    fn tlb_insert(&mut self, i: usize, lin: u64, gpa_page: u64, perm: u8) -> usize {
         self.tlb.entries[i] = TlbEntry {
             tag: tag(lin),
             gpa: gpa_page,
             host: self.mem.page_ptr(gpa_page).unwrap_or(std::ptr::null_mut()),
             perm,
         };
-        Ok(i)
+        i
     }
 
     /// 32-bit paging (no PAE) and PAE paging outside long mode.
@@ -327,13 +326,7 @@ impl Cpu {
         if u {
             perm |= T_USER;
         }
-        self.tlb.entries[i] = TlbEntry {
-            tag: tag(lin),
-            gpa: gpa_page,
-            host: self.mem.page_ptr(gpa_page).unwrap_or(std::ptr::null_mut()),
-            perm,
-        };
-        Ok(i)
+        Ok(self.tlb_insert(i, lin, gpa_page, perm))
     }
 
     /// The TLB entry for `lin` valid for `acc`, walking the page tables on a miss.

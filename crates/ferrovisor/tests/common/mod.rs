@@ -125,6 +125,45 @@ pub fn spawn(args: &[&str]) -> Child {
         .expect("start ferrovisor")
 }
 
+/// Takes `child`'s stdout and streams it, chunk by chunk, to the returned receiver (for tests
+/// that act on what the guest prints while it runs).
+pub fn stream_stdout(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let mut stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Appends streamed output to `seen` until it contains `what`; false on timeout.
+pub fn wait_for_output(
+    rx: &std::sync::mpsc::Receiver<String>,
+    seen: &mut String,
+    what: &str,
+    timeout: Duration,
+) -> bool {
+    let start = Instant::now();
+    while !seen.contains(what) {
+        if start.elapsed() > timeout {
+            return false;
+        }
+        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(100)) {
+            seen.push_str(&chunk);
+        }
+    }
+    true
+}
+
 /// Waits for `child` to exit (killing it after `timeout`) and collects its output.
 pub fn finish(mut child: Child, timeout: Duration) -> RunResult {
     // The caller may have taken stdout to read it live; then there is nothing left to collect.
