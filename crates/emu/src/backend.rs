@@ -5,6 +5,7 @@
 //! Lock order: a vCPU's `lapic` lock may be taken while holding nothing else, or while holding
 //! the I/O APIC lock (delivery); never the reverse. The PIT and PIC locks are leaves.
 
+use std::collections::HashMap;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
@@ -310,6 +311,8 @@ impl Vm for EmuVm {
             io_buf: [0; 8],
             pending: None,
             started: std::time::Instant::now(),
+            rip_samples: std::env::var_os("FERROVISOR_EMU_PROFILE")
+                .map(|f| (std::path::PathBuf::from(f), HashMap::new())),
         }))
     }
 }
@@ -628,6 +631,9 @@ pub struct EmuVcpu {
     /// The read exit the VMM is answering (its result is passed in on the next run).
     pending: Option<IoReq>,
     started: std::time::Instant,
+    /// With FERROVISOR_EMU_PROFILE=FILE: guest RIP sampled every BUDGET instructions, written
+    /// to FILE (one `count rip` line per address) when the vCPU is dropped.
+    rip_samples: Option<(std::path::PathBuf, HashMap<u64, u64>)>,
 }
 
 impl EmuVcpu {
@@ -713,6 +719,9 @@ impl Vcpu for EmuVcpu {
             }
             self.machine().poll_timers();
             let exit = self.cpu.run(BUDGET);
+            if let (Some((_, samples)), RunExit::Budget) = (&mut self.rip_samples, &exit) {
+                *samples.entry(self.cpu.s.rip).or_default() += 1;
+            }
             if let Some(manual) = &self.shared.manual {
                 let now = self.cpu.icount + self.shared.idle_ns.load(Ordering::Relaxed);
                 manual.set(now);
@@ -972,6 +981,15 @@ impl Drop for EmuVcpu {
                 secs,
                 self.cpu.icount as f64 / secs.max(1e-9) / 1e6
             );
+        }
+        if let Some((path, samples)) = self.rip_samples.take() {
+            let path = path.with_extension(format!("vcpu{}", self.me.id));
+            let mut lines: Vec<_> = samples.into_iter().map(|(r, n)| (n, r)).collect();
+            lines.sort_unstable_by(|a, b| b.cmp(a));
+            let text: String = lines.iter().map(|(n, r)| format!("{n} {r:#x}\n")).collect();
+            if let Err(e) = std::fs::write(&path, text) {
+                eprintln!("emu: cannot write the RIP profile {}: {e}", path.display());
+            }
         }
     }
 }

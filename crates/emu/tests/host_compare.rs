@@ -2207,9 +2207,14 @@ fn string_table() -> Vec<Form> {
     }
     cmps!(cmpsb, cmpsw, cmpsd, cmpsq, scasb, scasw, scasd, scasq);
     // 32-bit address size (0x67): ESI/EDI/ECX are used and written back zero-extended.
+    // With ECX = 0 what happens to the upper halves is model-specific (Intel's fast-string
+    // MOVS zero-extends all three, AMD leaves them), so the count is never zero here.
     let addr32 = |c: &mut Case, r: &mut Rng| {
         for reg in [RSI, RDI, RCX] {
             c.gpr[reg] |= r.next() << 32;
+        }
+        if c.gpr[RCX] as u32 == 0 {
+            c.gpr[RCX] |= 1;
         }
     };
     for (name, bytes) in [

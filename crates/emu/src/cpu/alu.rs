@@ -125,6 +125,7 @@ impl Cpu {
 
     /// Shifts and rotates (ROL, ROR, RCL, RCR, SHL/SAL, SHR, SAR) with x86 flag rules.
     /// `kind` is the ModRM reg field: 0 ROL, 1 ROR, 2 RCL, 3 RCR, 4 SHL, 5 SHR, 6 SAL, 7 SAR.
+    #[inline(always)]
     pub(crate) fn shift(&mut self, kind: u8, a: u64, count: u64, size: usize) -> u64 {
         let bits = (size * 8) as u64;
         let count = count & if size == 8 { 0x3f } else { 0x1f };

@@ -8,9 +8,9 @@ use crate::memory;
 /// Kind of access, for permission checks and page-fault error codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
-    Read,
-    Write,
-    Exec,
+    Read = 0,
+    Write = 1,
+    Exec = 2,
 }
 
 const TLB_ENTRIES: usize = 1024;
@@ -34,10 +34,12 @@ const T_EXEC: u8 = 4;
 const T_DIRTY: u8 = 8;
 const T_GLOBAL: u8 = 16;
 
+/// A cached translation. `tags[mode * 3 + access]` holds the page's tag (linear page | 1)
+/// when that access is allowed without a walk in that mode (0 supervisor, 1 user), and 0
+/// otherwise, so a lookup is one compare whatever the access.
 #[derive(Clone, Copy)]
 struct TlbEntry {
-    /// Linear page number | 1 when valid.
-    tag: u64,
+    tags: [u64; 6],
     /// Physical page address.
     gpa: u64,
     /// Host address of the page if it is RAM, else null (MMIO).
@@ -46,7 +48,7 @@ struct TlbEntry {
 }
 
 const EMPTY: TlbEntry = TlbEntry {
-    tag: 0,
+    tags: [0; 6],
     gpa: 0,
     host: std::ptr::null_mut(),
     perm: 0,
@@ -78,7 +80,7 @@ impl Tlb {
 
     pub fn flush_page(&mut self, lin: u64) {
         let i = index(lin);
-        if self.entries[i].tag == tag(lin) {
+        if self.entries[i].tags.contains(&tag(lin)) {
             self.entries[i] = EMPTY;
         }
     }
@@ -243,8 +245,13 @@ impl Cpu {
 
     /// Fills TLB slot `i` with the translation of `lin` to `gpa_page`; returns `i`.
     fn tlb_insert(&mut self, i: usize, lin: u64, gpa_page: u64, perm: u8) -> usize {
+        let t = tag(lin);
+        let on = |allowed: bool| if allowed { t } else { 0 };
+        let (w, u, x) = (perm & T_WRITE != 0, perm & T_USER != 0, perm & T_EXEC != 0);
+        // Writes to a page whose dirty bit is clear walk again, to set it.
+        let d = perm & T_DIRTY != 0;
         self.tlb.entries[i] = TlbEntry {
-            tag: tag(lin),
+            tags: [t, on(w && d), on(x), on(u), on(u && w && d), on(u && x)],
             gpa: gpa_page,
             host: self.mem.page_ptr(gpa_page).unwrap_or(std::ptr::null_mut()),
             perm,
@@ -333,21 +340,9 @@ impl Cpu {
     #[inline(always)]
     fn tlb_lookup(&mut self, lin: u64, acc: Access) -> Exec<usize> {
         let i = index(lin);
-        let e = &self.tlb.entries[i];
-        if e.tag == tag(lin) {
-            let user = self.s.cpl() == 3 && !self.supervisor_access;
-            let ok = match acc {
-                Access::Read => !user || e.perm & T_USER != 0,
-                Access::Write => {
-                    e.perm & T_WRITE != 0
-                        && e.perm & T_DIRTY != 0
-                        && (!user || e.perm & T_USER != 0)
-                }
-                Access::Exec => e.perm & T_EXEC != 0 && (!user || e.perm & T_USER != 0),
-            };
-            if ok {
-                return Ok(i);
-            }
+        let user = self.s.cpl() == 3 && !self.supervisor_access;
+        if self.tlb.entries[i].tags[user as usize * 3 + acc as usize] == tag(lin) {
+            return Ok(i);
         }
         self.tlb_fill(lin, acc)
     }

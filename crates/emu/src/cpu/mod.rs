@@ -6,7 +6,9 @@
 //! the VMM completes, as a KVM exit would.
 
 mod alu;
+mod block;
 mod exec;
+mod fast;
 mod interrupt;
 mod mmu;
 mod operand;
@@ -144,37 +146,9 @@ pub enum RunExit {
     FetchFromMmio,
 }
 
-/// Decoded-instruction cache size (entries, a power of two).
-const ICACHE_ENTRIES: usize = 16384;
-
-/// A decoded instruction with the bytes and address it was decoded from. An entry is used
-/// only if the bytes at RIP still match, so code written by this or another vCPU, or by the
-/// VMM, never runs stale without any invalidation protocol.
-#[derive(Clone, Copy)]
-struct CachedInsn {
-    rip: u64,
-    bitness: u32,
-    /// The instruction's bytes as two little-endian words, with masks covering its length.
-    words: [u64; 2],
-    masks: [u64; 2],
-    insn: Instruction,
-}
-
-/// The masks selecting the first `len` bytes of two 8-byte words.
-fn byte_masks(len: usize) -> [u64; 2] {
-    let m = |n: usize| {
-        if n >= 8 {
-            u64::MAX
-        } else {
-            (1u64 << (8 * n)) - 1
-        }
-    };
-    [m(len.min(8)), m(len.saturating_sub(8))]
-}
-
 /// An emulated x86-64 CPU.
 pub struct Cpu {
-    icache: Box<[CachedInsn]>,
+    blocks: block::BlockCache,
     pub s: CpuState,
     /// The platform: interrupt controllers, timers, CPUID.
     pub m: Box<dyn Machine + Send>,
@@ -203,15 +177,8 @@ pub struct Cpu {
 
 impl Cpu {
     pub fn new(mem: Arc<PhysMem>, m: Box<dyn Machine + Send>) -> Self {
-        let empty = CachedInsn {
-            rip: u64::MAX,
-            bitness: 0,
-            words: [0; 2],
-            masks: [0; 2],
-            insn: Instruction::default(),
-        };
         Cpu {
-            icache: vec![empty; ICACHE_ENTRIES].into_boxed_slice(),
+            blocks: block::BlockCache::new(),
             s: CpuState::default(),
             m,
             mem,
@@ -246,7 +213,6 @@ impl Cpu {
     /// Runs up to `budget` instructions, or until a device access needs the VMM, HLT with
     /// interrupts off, or a triple fault.
     pub fn run(&mut self, budget: u64) -> RunExit {
-        let mut insn = Instruction::default();
         let end = self.icount + budget;
         while self.icount < end {
             if self.s.rflags & flags::IF != 0
@@ -271,42 +237,119 @@ impl Cpu {
                 continue;
             }
             self.interrupt_shadow = false;
-            match self.step(&mut insn) {
-                Ok(()) => {
-                    self.icount += 1;
-                    if let Some(req) = self.io.exit {
-                        return RunExit::Io(req);
-                    }
-                }
-                Err(StepEnd::Halt) => {
-                    self.icount += 1;
-                    self.halted = true;
-                }
-                Err(StepEnd::Fault(Fault::FetchFromMmio)) => {
-                    self.s.rip = self.start_rip;
-                    return RunExit::FetchFromMmio;
-                }
-                Err(StepEnd::Fault(Fault::NeedIo)) => {
-                    // Nothing was committed: the instruction runs again with the VMM's answer.
-                    self.s.rip = self.start_rip;
-                    let req = self.io.exit.expect("NeedIo always records the request");
-                    return RunExit::Io(req);
-                }
-                Err(StepEnd::Fault(Fault::Exception { vector, error_code })) => {
-                    self.s.rip = self.start_rip;
-                    if self.trace_exceptions {
-                        eprintln!(
-                            "emu: exception {vector} code {error_code:?} at {:#x} cr2={:#x} icount={}",
-                            self.start_rip, self.s.cr2, self.icount
-                        );
-                    }
-                    if self.deliver_exception(vector, error_code).is_err() {
-                        return RunExit::Shutdown;
-                    }
-                }
+            let flow = if self.trace_insns > 0 {
+                self.single_step()
+            } else {
+                self.run_block(end)
+            };
+            if let Flow::Exit(e) = flow {
+                return e;
             }
         }
         RunExit::Budget
+    }
+
+    /// Runs the block at RIP, compiling it first if the cache does not hold it, stopping early
+    /// when the instruction count reaches `end`.
+    fn run_block(&mut self, end: u64) -> Flow {
+        let rip = self.s.rip;
+        let bitness = self.s.bitness();
+        let lin = self.linear(state::CS, rip);
+        let host = match self.translate_host(lin, Access::Exec) {
+            Ok(p) => p,
+            Err(f) => {
+                self.start_rip = rip;
+                return self.retire(Err(f.into()));
+            }
+        };
+        let slot = block::BlockCache::slot(lin);
+        let block = match self.blocks.take(slot) {
+            Some(b) if b.matches(rip, lin, bitness, host) => b,
+            stale => match block::Block::compile(rip, lin, bitness, host) {
+                Some(b) => Box::new(b),
+                None => {
+                    if let Some(b) = stale {
+                        self.blocks.put(slot, b);
+                    }
+                    return self.single_step();
+                }
+            },
+        };
+        let mut flow = Flow::Next;
+        for op in block.ops.iter() {
+            let start = self.s.rip;
+            self.start_rip = start;
+            let mut next = start.wrapping_add(u64::from(op.len));
+            if bitness != 64 {
+                next &= 0xffff_ffff;
+            }
+            self.s.rip = next;
+            let r = (op.run)(self, op);
+            flow = self.retire(r);
+            // A taken branch, a restarted REP iteration or an exception leaves the block.
+            if !matches!(flow, Flow::Next) || self.s.rip != next || self.icount >= end {
+                break;
+            }
+        }
+        self.blocks.put(slot, block);
+        flow
+    }
+
+    /// Fetches, decodes and runs one instruction on its own (tracing, or an instruction that
+    /// crosses a page boundary).
+    fn single_step(&mut self) -> Flow {
+        let mut insn = Instruction::default();
+        let r = self.step(&mut insn);
+        self.retire(r)
+    }
+
+    /// Accounts for how an instruction ended.
+    #[inline(always)]
+    fn retire(&mut self, r: Result<(), StepEnd>) -> Flow {
+        match r {
+            Ok(()) => {
+                self.icount += 1;
+                if let Some(req) = self.io.exit {
+                    return Flow::Exit(RunExit::Io(req));
+                }
+                Flow::Next
+            }
+            Err(e) => self.retire_slow(e),
+        }
+    }
+
+    #[cold]
+    fn retire_slow(&mut self, e: StepEnd) -> Flow {
+        match e {
+            StepEnd::Halt => {
+                self.icount += 1;
+                self.halted = true;
+                Flow::Stop
+            }
+            StepEnd::Fault(Fault::FetchFromMmio) => {
+                self.s.rip = self.start_rip;
+                Flow::Exit(RunExit::FetchFromMmio)
+            }
+            StepEnd::Fault(Fault::NeedIo) => {
+                // Nothing was committed: the instruction runs again with the VMM's answer.
+                self.s.rip = self.start_rip;
+                let req = self.io.exit.expect("NeedIo always records the request");
+                Flow::Exit(RunExit::Io(req))
+            }
+            StepEnd::Fault(Fault::Exception { vector, error_code }) => {
+                self.s.rip = self.start_rip;
+                if self.trace_exceptions {
+                    eprintln!(
+                        "emu: exception {vector} code {error_code:?} at {:#x} cr2={:#x} icount={}",
+                        self.start_rip, self.s.cr2, self.icount
+                    );
+                }
+                if self.deliver_exception(vector, error_code).is_err() {
+                    return Flow::Exit(RunExit::Shutdown);
+                }
+                Flow::Stop
+            }
+        }
     }
 
     /// Fetches, decodes and executes one instruction.
@@ -314,28 +357,6 @@ impl Cpu {
         self.start_rip = self.s.rip;
         let bitness = self.s.bitness();
         let rip = self.s.rip;
-        let slot = ((rip ^ (rip >> 13)) as usize) & (ICACHE_ENTRIES - 1);
-        // Fast path: a cached decode whose bytes still match guest memory, read as two words
-        // straight from the code page (when 16 bytes from RIP stay inside it).
-        let lin = self.linear(state::CS, rip);
-        let e = &self.icache[slot];
-        if e.rip == rip && e.bitness == bitness && (lin & 0xfff) <= 0xff0 {
-            let p = self
-                .translate_host(lin, Access::Exec)
-                .map_err(StepEnd::Fault)?;
-            // SAFETY: `p` points into a mapped RAM page with at least 16 bytes left in it.
-            let (w0, w1) = unsafe {
-                (
-                    std::ptr::read_unaligned(p as *const u64),
-                    std::ptr::read_unaligned(p.add(8) as *const u64),
-                )
-            };
-            let e = &self.icache[slot];
-            if (w0 ^ e.words[0]) & e.masks[0] == 0 && (w1 ^ e.words[1]) & e.masks[1] == 0 {
-                *insn = e.insn;
-                return self.finish_step(insn, bitness);
-            }
-        }
         let mut bytes = [0u8; 15];
         let (n, tail_fault) = self.fetch(&mut bytes).map_err(StepEnd::Fault)?;
         let mut decoder = Decoder::with_ip(bitness, &bytes[..n], rip, DecoderOptions::NONE);
@@ -348,17 +369,6 @@ impl Cpu {
             }
             return Err(StepEnd::Fault(ud()));
         }
-        let mut padded = [0u8; 16];
-        padded[..15].copy_from_slice(&bytes);
-        let word =
-            |i: usize| u64::from_le_bytes(padded[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-        self.icache[slot] = CachedInsn {
-            rip,
-            bitness,
-            words: [word(0), word(1)],
-            masks: byte_masks(insn.len()),
-            insn: *insn,
-        };
         self.finish_step(insn, bitness)
     }
 
@@ -432,6 +442,16 @@ impl Cpu {
         }
         ud()
     }
+}
+
+/// What the run loop does after an instruction.
+enum Flow {
+    /// Go on with the next instruction of the block.
+    Next,
+    /// Leave the block (HLT, an exception delivered): back to the interrupt check.
+    Stop,
+    /// Return from `run`.
+    Exit(RunExit),
 }
 
 /// How a step ended other than by retiring normally.

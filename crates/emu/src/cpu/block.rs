@@ -1,0 +1,179 @@
+//! Basic blocks: straight runs of compiled instructions ([`Op`]s), cached by the address they
+//! start at and checked against guest memory on every entry.
+//!
+//! A block ends at the first instruction that can change the flow of control, the CPU mode,
+//! the address space or interrupt delivery, at the end of the page, or after [`MAX_OPS`]
+//! instructions. Interrupts are taken between blocks. A block is used only if the bytes it was
+//! compiled from are still in memory, compared on entry, so code written by this vCPU, another
+//! vCPU or the VMM (DMA) never runs stale, with no invalidation protocol to get wrong.
+
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind};
+
+use super::fast::{self, Op};
+
+/// Instructions per block at most: bounds interrupt latency and the cost of a rebuild.
+const MAX_OPS: usize = 32;
+/// Bytes decoded for a block at most.
+const MAX_BYTES: usize = 192;
+/// Cache slots (a power of two); direct-mapped by address.
+const SLOTS: usize = 8192;
+
+pub(crate) struct Block {
+    /// RIP and linear address of the first instruction, and the code size it was decoded at.
+    pub rip: u64,
+    pub lin: u64,
+    pub bitness: u32,
+    /// The bytes the block was compiled from (all inside one page).
+    pub bytes: Box<[u8]>,
+    pub ops: Box<[Op]>,
+}
+
+impl Block {
+    /// Whether the code at `host` (the host address of `lin`) is still what was compiled.
+    #[inline(always)]
+    pub fn matches(&self, rip: u64, lin: u64, bitness: u32, host: *const u8) -> bool {
+        if self.rip != rip || self.lin != lin || self.bitness != bitness {
+            return false;
+        }
+        let n = self.bytes.len();
+        let old = self.bytes.as_ptr();
+        // SAFETY: `host` is the mapped RAM page holding `lin`; the block's bytes were read
+        // from the same offset and do not cross the page, so every read below stays inside
+        // both the page and `self.bytes` (words at 0, 8, … and one ending at the last byte).
+        unsafe {
+            let word = |p: *const u8, at: usize| std::ptr::read_unaligned(p.add(at) as *const u64);
+            if n < 8 {
+                return (0..n).all(|k| *host.add(k) == *old.add(k));
+            }
+            let mut at = 0;
+            while at + 8 < n {
+                if word(host, at) != word(old, at) {
+                    return false;
+                }
+                at += 8;
+            }
+            word(host, n - 8) == word(old, n - 8)
+        }
+    }
+
+    /// Decodes and compiles the block starting at `rip` (linear `lin`, host address `host`).
+    /// None if not even one instruction fits in the page (it crosses into the next one) or
+    /// the first is invalid: the caller then steps it alone.
+    pub fn compile(rip: u64, lin: u64, bitness: u32, host: *const u8) -> Option<Block> {
+        let avail = (0x1000 - (lin & 0xfff) as usize).min(MAX_BYTES);
+        // SAFETY: `host` is the host address of `lin` in a mapped RAM page; `avail` bytes
+        // stay inside that page.
+        let code = unsafe { std::slice::from_raw_parts(host, avail) }.to_vec();
+        let mut decoder = Decoder::with_ip(bitness, &code, rip, DecoderOptions::NONE);
+        let mut ops = Vec::new();
+        let mut used = 0;
+        let mut insn = Instruction::default();
+        while ops.len() < MAX_OPS && decoder.can_decode() {
+            decoder.decode_out(&mut insn);
+            if insn.is_invalid() {
+                break;
+            }
+            used += insn.len();
+            ops.push(fast::compile(&insn, bitness));
+            if ends_block(&insn) {
+                break;
+            }
+        }
+        if ops.is_empty() {
+            return None;
+        }
+        Some(Block {
+            rip,
+            lin,
+            bitness,
+            bytes: code[..used].into(),
+            ops: ops.into_boxed_slice(),
+        })
+    }
+}
+
+/// The block cache of one vCPU.
+pub(crate) struct BlockCache {
+    slots: Box<[Option<Box<Block>>]>,
+}
+
+impl BlockCache {
+    pub fn new() -> Self {
+        BlockCache {
+            slots: (0..SLOTS).map(|_| None).collect(),
+        }
+    }
+
+    #[inline(always)]
+    pub fn slot(lin: u64) -> usize {
+        ((lin ^ (lin >> 14)) as usize) & (SLOTS - 1)
+    }
+
+    /// Takes the block in `slot` out of the cache (to run it while the CPU is borrowed).
+    #[inline(always)]
+    pub fn take(&mut self, slot: usize) -> Option<Box<Block>> {
+        self.slots[slot].take()
+    }
+
+    #[inline(always)]
+    pub fn put(&mut self, slot: usize, b: Box<Block>) {
+        self.slots[slot] = Some(b);
+    }
+}
+
+/// Whether nothing may follow `insn` in a block: it may branch, change the CPU mode, the
+/// address space, or when interrupts are taken, or it needs the VMM.
+fn ends_block(insn: &Instruction) -> bool {
+    use Mnemonic as M;
+    if insn.flow_control() != FlowControl::Next {
+        return true;
+    }
+    let special_reg = |n: u32| {
+        insn.op_kind(n) == OpKind::Register && {
+            let r = insn.op_register(n);
+            r.is_cr() || r.is_dr() || r.is_segment_register()
+        }
+    };
+    if matches!(insn.mnemonic(), M::Mov | M::Pop) && (special_reg(0) || special_reg(1)) {
+        return true;
+    }
+    matches!(
+        insn.mnemonic(),
+        M::Hlt
+            | M::Cli
+            | M::Sti
+            | M::Popf
+            | M::Popfd
+            | M::Popfq
+            | M::Lgdt
+            | M::Lidt
+            | M::Lldt
+            | M::Ltr
+            | M::Lmsw
+            | M::Clts
+            | M::Invlpg
+            | M::Invpcid
+            | M::Wrmsr
+            | M::Xsetbv
+            | M::Cpuid
+            | M::In
+            | M::Out
+            | M::Insb
+            | M::Insw
+            | M::Insd
+            | M::Outsb
+            | M::Outsw
+            | M::Outsd
+            | M::Lss
+            | M::Lfs
+            | M::Lgs
+            | M::Lds
+            | M::Les
+            | M::Swapgs
+            | M::Wbinvd
+            | M::Invd
+            | M::Monitor
+            | M::Mwait
+            | M::Pause
+    )
+}

@@ -1,0 +1,747 @@
+//! Pre-decoded instructions: each instruction of a block is compiled once into an [`Op`], a
+//! handler chosen for its exact form (operation, operand kinds and size fixed at compile time
+//! by const generics) plus the register indexes, immediate and address recipe it needs. The
+//! forms a Linux boot spends nearly all its time in (MOV, ALU, shifts, IMUL, Jcc, CALL/RET,
+//! PUSH/POP, SETcc, CMOVcc, LEA, MOVZX/MOVSX) get their own handlers; every other instruction
+//! runs through the general interpreter (`exec::execute`) from the same `Op`.
+//!
+//! Handlers have the general interpreter's semantics exactly; the host-comparison tests run
+//! both paths.
+
+use iced_x86::{ConditionCode, Instruction, Mnemonic, OpKind, Register};
+
+use super::alu::AluOp;
+use super::mmu::Access;
+use super::operand::{mask, sext};
+use super::state::{FS, RCX, RSP};
+use super::{exec, Cpu, StepEnd};
+
+pub(crate) type Handler = fn(&mut Cpu, &Op) -> Result<(), StepEnd>;
+
+/// "No register" in a [`Mem`] recipe.
+const NONE: u8 = 0xff;
+/// Marks AH, CH, DH, BH in a register field (bits 8..15 of registers 0..3).
+const HIGH: u8 = 0x10;
+
+/// How a memory operand's linear address is formed from its effective address.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum SegMode {
+    /// 64-bit mode, CS/DS/ES/SS: the segment base is ignored.
+    Flat,
+    /// 64-bit mode, FS/GS: base + offset, no truncation.
+    Based64,
+    /// Legacy modes: base + offset, truncated to 32 bits.
+    Legacy,
+}
+
+/// The address recipe of a memory operand, resolved at compile time.
+#[derive(Clone, Copy)]
+pub(crate) struct Mem {
+    base: u8,
+    index: u8,
+    scale: u8,
+    seg: u8,
+    mode: SegMode,
+    /// Displacement, or the absolute address of a RIP-relative operand.
+    disp: u64,
+    /// Address-size mask.
+    amask: u64,
+}
+
+const NO_MEM: Mem = Mem {
+    base: NONE,
+    index: NONE,
+    scale: 0,
+    seg: 0,
+    mode: SegMode::Flat,
+    disp: 0,
+    amask: u64::MAX,
+};
+
+/// One compiled instruction.
+#[derive(Clone, Copy)]
+pub(crate) struct Op {
+    pub run: Handler,
+    /// Instruction length in bytes.
+    pub len: u8,
+    /// Destination (or only) register, with [`HIGH`] for AH..BH.
+    dst: u8,
+    /// Source register.
+    src: u8,
+    cc: ConditionCode,
+    /// Immediate operand (sign-extended as the instruction defines), or branch target.
+    imm: u64,
+    mem: Mem,
+    /// The decoded instruction, for the general interpreter.
+    pub insn: Instruction,
+}
+
+/// Operand kinds, as const generic parameters.
+const R: u8 = 0;
+const M: u8 = 1;
+const I: u8 = 2;
+
+// ---- operand access -------------------------------------------------------------------------
+
+#[inline(always)]
+fn get<const S: usize>(cpu: &Cpu, r: u8) -> u64 {
+    if S == 1 && r & HIGH != 0 {
+        (cpu.s.gpr[(r & 3) as usize] >> 8) & 0xff
+    } else {
+        cpu.s.gpr[(r & 15) as usize] & mask(S)
+    }
+}
+
+#[inline(always)]
+fn set<const S: usize>(cpu: &mut Cpu, r: u8, v: u64) {
+    if S == 1 && r & HIGH != 0 {
+        let g = &mut cpu.s.gpr[(r & 3) as usize];
+        *g = (*g & !0xff00) | ((v & 0xff) << 8);
+        return;
+    }
+    let g = &mut cpu.s.gpr[(r & 15) as usize];
+    *g = match S {
+        1 => (*g & !0xff) | (v & 0xff),
+        2 => (*g & !0xffff) | (v & 0xffff),
+        4 => v & 0xffff_ffff,
+        _ => v,
+    };
+}
+
+#[inline(always)]
+fn ea(cpu: &Cpu, m: &Mem) -> u64 {
+    let mut a = m.disp;
+    if m.base != NONE {
+        a = a.wrapping_add(cpu.s.gpr[m.base as usize]);
+    }
+    if m.index != NONE {
+        a = a.wrapping_add(cpu.s.gpr[m.index as usize] << m.scale);
+    }
+    a & m.amask
+}
+
+#[inline(always)]
+fn linear(cpu: &Cpu, m: &Mem) -> u64 {
+    let off = ea(cpu, m);
+    match m.mode {
+        SegMode::Flat => off,
+        SegMode::Based64 => cpu.s.seg[m.seg as usize].base.wrapping_add(off),
+        SegMode::Legacy => cpu.linear(m.seg as usize, off),
+    }
+}
+
+#[inline(always)]
+fn load<const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<u64, StepEnd> {
+    let l = linear(cpu, &op.mem);
+    Ok(cpu.read_lin(l, S, Access::Read)?)
+}
+
+/// Operand of kind `K` (register `r`, memory or immediate).
+#[inline(always)]
+fn operand<const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op, r: u8) -> Result<u64, StepEnd> {
+    match K {
+        R => Ok(get::<S>(cpu, r)),
+        M => load::<S>(cpu, op),
+        _ => Ok(op.imm & mask(S)),
+    }
+}
+
+/// Read-modify-write of a register or memory destination. `f` computes the new value and may
+/// set flags; if the memory write faults, the flags are put back so the instruction has no
+/// effect.
+#[inline(always)]
+fn modify<const D: u8, const S: usize>(
+    cpu: &mut Cpu,
+    op: &Op,
+    f: impl FnOnce(&mut Cpu, u64) -> u64,
+) -> Result<(), StepEnd> {
+    if D == R {
+        let a = get::<S>(cpu, op.dst);
+        let r = f(cpu, a);
+        set::<S>(cpu, op.dst, r);
+        return Ok(());
+    }
+    let l = linear(cpu, &op.mem);
+    let a = cpu.read_lin(l, S, Access::Read)?;
+    let saved = cpu.s.rflags;
+    let r = f(cpu, a);
+    if let Err(e) = cpu.write_lin(l, S, r) {
+        cpu.s.rflags = saved;
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// Runs the instruction through the general interpreter.
+fn general(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+    exec::execute(cpu, &op.insn)
+}
+
+// ---- handlers -------------------------------------------------------------------------------
+
+const fn alu_op(n: u8) -> AluOp {
+    match n {
+        0 => AluOp::Add,
+        1 => AluOp::Adc,
+        2 | 7 => AluOp::Sub,
+        3 => AluOp::Sbb,
+        4 | 8 => AluOp::And,
+        5 => AluOp::Or,
+        _ => AluOp::Xor,
+    }
+}
+
+/// ADD ADC SUB SBB AND OR XOR (0..6), CMP (7), TEST (8).
+fn alu<const OP: u8, const D: u8, const K: u8, const S: usize>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), StepEnd> {
+    let b = operand::<K, S>(cpu, op, op.src)?;
+    if OP >= 7 {
+        let a = match D {
+            R => get::<S>(cpu, op.dst),
+            _ => load::<S>(cpu, op)?,
+        };
+        cpu.alu(alu_op(OP), a, b, S);
+        return Ok(());
+    }
+    modify::<D, S>(cpu, op, |c, a| c.alu(alu_op(OP), a, b, S))
+}
+
+fn mov<const D: u8, const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+    let v = operand::<K, S>(cpu, op, op.src)?;
+    if D == R {
+        set::<S>(cpu, op.dst, v);
+    } else {
+        let l = linear(cpu, &op.mem);
+        cpu.write_lin(l, S, v)?;
+    }
+    Ok(())
+}
+
+/// MOVZX / MOVSX / MOVSXD: destination size `S`, source size `SS`.
+fn movx<const SIGNED: bool, const K: u8, const SS: usize, const S: usize>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), StepEnd> {
+    let v = operand::<K, SS>(cpu, op, op.src)?;
+    let v = if SIGNED { sext(v, SS) } else { v };
+    set::<S>(cpu, op.dst, v);
+    Ok(())
+}
+
+fn lea<const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+    let a = ea(cpu, &op.mem);
+    set::<S>(cpu, op.dst, a);
+    Ok(())
+}
+
+/// Shifts and rotates; `KIND` is as in `Cpu::shift`, the count an immediate (`K` = I) or CL.
+fn shift<const KIND: u8, const D: u8, const K: u8, const S: usize>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), StepEnd> {
+    let count = if K == I {
+        op.imm
+    } else {
+        cpu.s.gpr[RCX] & 0xff
+    };
+    modify::<D, S>(cpu, op, |c, a| c.shift(KIND, a, count, S))
+}
+
+/// INC (0), DEC (1), NEG (2), NOT (3).
+fn unary<const KIND: u8, const D: u8, const S: usize>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), StepEnd> {
+    modify::<D, S>(cpu, op, |c, a| match KIND {
+        0 => c.incdec(a, S, true),
+        1 => c.incdec(a, S, false),
+        2 => c.neg(a, S),
+        _ => !a & mask(S),
+    })
+}
+
+/// IMUL r, r/m (THREE = false) and IMUL r, r/m, imm (THREE = true).
+fn imul<const THREE: bool, const K: u8, const S: usize>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), StepEnd> {
+    use super::state::flags::{AF, CF, OF, PF, SF, ZF};
+    let v = operand::<K, S>(cpu, op, op.src)?;
+    let (a, b) = if THREE {
+        (v, op.imm)
+    } else {
+        (get::<S>(cpu, op.dst), v)
+    };
+    let full = (sext(a, S) as i64 as i128) * (sext(b & mask(S), S) as i64 as i128);
+    let r = (full as u64) & mask(S);
+    let mut f = cpu.s.rflags & !(CF | OF | SF | ZF | PF | AF);
+    f |= super::alu::szp(r, S) & (SF | ZF | PF);
+    if sext(r, S) as i64 as i128 != full {
+        f |= CF | OF;
+    }
+    cpu.s.rflags = f;
+    set::<S>(cpu, op.dst, r);
+    Ok(())
+}
+
+fn setcc<const D: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+    let v = cpu.condition(op.cc) as u64;
+    if D == R {
+        set::<1>(cpu, op.dst, v);
+    } else {
+        let l = linear(cpu, &op.mem);
+        cpu.write_lin(l, 1, v)?;
+    }
+    Ok(())
+}
+
+fn cmovcc<const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+    let v = operand::<K, S>(cpu, op, op.src)?;
+    if cpu.condition(op.cc) {
+        set::<S>(cpu, op.dst, v);
+    } else if S == 4 {
+        // A 32-bit CMOV zero-extends its destination even when the condition is false.
+        let cur = get::<4>(cpu, op.dst);
+        set::<4>(cpu, op.dst, cur);
+    }
+    Ok(())
+}
+
+fn jcc(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+    if cpu.condition(op.cc) {
+        cpu.s.rip = op.imm;
+    }
+    Ok(())
+}
+
+fn jmp(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+    cpu.s.rip = op.imm;
+    Ok(())
+}
+
+/// CALL rel32 in 64-bit mode.
+fn call64(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+    let sp = cpu.s.gpr[RSP].wrapping_sub(8);
+    cpu.write_lin(sp, 8, cpu.s.rip)?;
+    cpu.s.gpr[RSP] = sp;
+    cpu.s.rip = op.imm;
+    Ok(())
+}
+
+/// RET in 64-bit mode.
+fn ret64(cpu: &mut Cpu, _op: &Op) -> Result<(), StepEnd> {
+    let sp = cpu.s.gpr[RSP];
+    let target = cpu.read_lin(sp, 8, Access::Read)?;
+    cpu.s.gpr[RSP] = sp.wrapping_add(8);
+    cpu.s.rip = target;
+    Ok(())
+}
+
+/// PUSH r64 in 64-bit mode (PUSH RSP pushes the value before the decrement).
+fn push64(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+    let v = cpu.s.gpr[op.src as usize];
+    let sp = cpu.s.gpr[RSP].wrapping_sub(8);
+    cpu.write_lin(sp, 8, v)?;
+    cpu.s.gpr[RSP] = sp;
+    Ok(())
+}
+
+/// POP r64 in 64-bit mode (POP RSP loads the popped value).
+fn pop64(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+    let sp = cpu.s.gpr[RSP];
+    let v = cpu.read_lin(sp, 8, Access::Read)?;
+    cpu.s.gpr[RSP] = sp.wrapping_add(8);
+    cpu.s.gpr[op.dst as usize] = v;
+    Ok(())
+}
+
+fn nop(_cpu: &mut Cpu, _op: &Op) -> Result<(), StepEnd> {
+    Ok(())
+}
+
+// ---- compilation ----------------------------------------------------------------------------
+
+/// Instantiates handler `$f` for the operand size `$size` (1, 2, 4, 8), after the other const
+/// arguments.
+macro_rules! sized {
+    ($f:ident, $size:expr $(, $c:expr)*) => {
+        match $size {
+            1 => $f::<$($c,)* 1> as Handler,
+            2 => $f::<$($c,)* 2> as Handler,
+            4 => $f::<$($c,)* 4> as Handler,
+            _ => $f::<$($c,)* 8> as Handler,
+        }
+    };
+}
+
+/// Instantiates handler `$f` for a (destination, source) kind pair after `$c`.
+macro_rules! kinds {
+    ($f:ident, $d:expr, $k:expr, $size:expr $(, $c:expr)*) => {
+        match ($d, $k) {
+            (R, R) => sized!($f, $size $(, $c)*, R, R),
+            (R, M) => sized!($f, $size $(, $c)*, R, M),
+            (R, _) => sized!($f, $size $(, $c)*, R, I),
+            (_, R) => sized!($f, $size $(, $c)*, M, R),
+            _ => sized!($f, $size $(, $c)*, M, I),
+        }
+    };
+}
+
+/// Register field value for a general-purpose register, or None.
+fn gpr(reg: Register) -> Option<u8> {
+    if !reg.is_gpr() {
+        return None;
+    }
+    if matches!(
+        reg,
+        Register::AH | Register::CH | Register::DH | Register::BH
+    ) {
+        return Some(HIGH | (reg as u8 - Register::AH as u8));
+    }
+    Some((reg.full_register() as usize - Register::RAX as usize) as u8)
+}
+
+fn mem_recipe(insn: &Instruction, bitness: u32) -> Mem {
+    let seg = super::operand::seg_index(insn.memory_segment());
+    let mode = if bitness != 64 {
+        SegMode::Legacy
+    } else if seg >= FS {
+        SegMode::Based64
+    } else {
+        SegMode::Flat
+    };
+    let reg = |r: Register| gpr(r).map(|g| g & 15).unwrap_or(NONE);
+    if insn.is_ip_rel_memory_operand() {
+        return Mem {
+            seg: seg as u8,
+            mode,
+            disp: insn.ip_rel_memory_address(),
+            ..NO_MEM
+        };
+    }
+    let (base, index) = (insn.memory_base(), insn.memory_index());
+    let asize = if base != Register::None {
+        base.size()
+    } else if index != Register::None {
+        index.size()
+    } else {
+        match insn.memory_displ_size() {
+            2 => 2,
+            4 => 4,
+            _ if bitness == 64 => 8,
+            _ => 4,
+        }
+    };
+    Mem {
+        base: reg(base),
+        index: reg(index),
+        scale: insn.memory_index_scale().trailing_zeros() as u8,
+        seg: seg as u8,
+        mode,
+        disp: insn.memory_displacement64(),
+        amask: mask(asize),
+    }
+}
+
+/// Kind of operand `n`: R (a general-purpose register), M, I, or None for anything else.
+fn kind(insn: &Instruction, n: u32) -> Option<u8> {
+    match insn.op_kind(n) {
+        OpKind::Register => gpr(insn.op_register(n)).map(|_| R),
+        OpKind::Memory => Some(M),
+        OpKind::Immediate8
+        | OpKind::Immediate16
+        | OpKind::Immediate32
+        | OpKind::Immediate64
+        | OpKind::Immediate8to16
+        | OpKind::Immediate8to32
+        | OpKind::Immediate8to64
+        | OpKind::Immediate32to64 => Some(I),
+        _ => None,
+    }
+}
+
+fn size_of(insn: &Instruction, n: u32) -> usize {
+    match insn.op_kind(n) {
+        OpKind::Register => insn.op_register(n).size(),
+        OpKind::Memory => insn.memory_size().size(),
+        _ => 0,
+    }
+}
+
+/// Compiles `insn` (decoded at `bitness`) into an [`Op`].
+pub(crate) fn compile(insn: &Instruction, bitness: u32) -> Op {
+    let mut op = Op {
+        run: general,
+        len: insn.len() as u8,
+        dst: 0,
+        src: 0,
+        cc: insn.condition_code(),
+        imm: 0,
+        mem: NO_MEM,
+        insn: *insn,
+    };
+    if insn.has_lock_prefix() || insn.memory_size().size() > 8 {
+        return op;
+    }
+    let has_mem = (0..insn.op_count()).any(|n| insn.op_kind(n) == OpKind::Memory);
+    if has_mem {
+        op.mem = mem_recipe(insn, bitness);
+    }
+    if let Some(run) = select(insn, bitness, &mut op) {
+        op.run = run;
+    }
+    op
+}
+
+/// The specialised handler for `insn`, filling `op`'s fields; None for the general path.
+fn select(insn: &Instruction, bitness: u32, op: &mut Op) -> Option<Handler> {
+    use Mnemonic as Mn;
+    let m = insn.mnemonic();
+    let n = insn.op_count();
+    let k0 = if n > 0 { kind(insn, 0) } else { None };
+    let k1 = if n > 1 { kind(insn, 1) } else { None };
+    let size = if n > 0 { size_of(insn, 0) } else { 0 };
+    if n > 0 && insn.op_kind(0) == OpKind::Register {
+        op.dst = gpr(insn.op0_register()).unwrap_or(0);
+    }
+    if n > 1 && insn.op_kind(1) == OpKind::Register {
+        op.src = gpr(insn.op1_register()).unwrap_or(0);
+    }
+    if n > 1 && k1 == Some(I) {
+        op.imm = insn.immediate(1);
+    }
+    let sized_ok = matches!(size, 1 | 2 | 4 | 8);
+    let h = match m {
+        Mn::Add | Mn::Adc | Mn::Sub | Mn::Sbb | Mn::And | Mn::Or | Mn::Xor | Mn::Cmp | Mn::Test => {
+            let (d, k) = (k0?, k1?);
+            if d == I || (d == M && k == M) || !sized_ok {
+                return None;
+            }
+            let code: u8 = match m {
+                Mn::Add => 0,
+                Mn::Adc => 1,
+                Mn::Sub => 2,
+                Mn::Sbb => 3,
+                Mn::And => 4,
+                Mn::Or => 5,
+                Mn::Xor => 6,
+                Mn::Cmp => 7,
+                _ => 8,
+            };
+            // TEST r/m, r is symmetric; CMP r, r/m reads the memory as its second operand.
+            macro_rules! by_op {
+                ($($o:literal),*) => {
+                    match code {
+                        $($o => kinds!(alu, d, k, size, $o),)*
+                        _ => kinds!(alu, d, k, size, 8),
+                    }
+                };
+            }
+            by_op!(0, 1, 2, 3, 4, 5, 6, 7)
+        }
+        Mn::Mov => {
+            let (d, k) = (k0?, k1?);
+            if d == I || !sized_ok {
+                return None;
+            }
+            kinds!(mov, d, k, size)
+        }
+        Mn::Movzx | Mn::Movsx | Mn::Movsxd => {
+            let (d, k) = (k0?, k1?);
+            let ss = size_of(insn, 1);
+            if d != R || k == I {
+                return None;
+            }
+            macro_rules! by_src {
+                ($signed:expr) => {
+                    match (k, ss) {
+                        (R, 1) => sized!(movx, size, $signed, R, 1),
+                        (R, 2) => sized!(movx, size, $signed, R, 2),
+                        (R, 4) => sized!(movx, size, $signed, R, 4),
+                        (_, 1) => sized!(movx, size, $signed, M, 1),
+                        (_, 2) => sized!(movx, size, $signed, M, 2),
+                        (_, 4) => sized!(movx, size, $signed, M, 4),
+                        _ => return None,
+                    }
+                };
+            }
+            if !matches!(size, 2 | 4 | 8) {
+                return None;
+            }
+            if m == Mn::Movzx {
+                by_src!(false)
+            } else {
+                by_src!(true)
+            }
+        }
+        Mn::Lea => {
+            if k0? != R || !matches!(size, 2 | 4 | 8) {
+                return None;
+            }
+            sized!(lea, size)
+        }
+        Mn::Rol | Mn::Ror | Mn::Shl | Mn::Sal | Mn::Shr | Mn::Sar => {
+            let d = k0?;
+            if d == I || !sized_ok {
+                return None;
+            }
+            let by_cl = insn.op_kind(1) == OpKind::Register && insn.op1_register() == Register::CL;
+            if !by_cl {
+                if insn.op_kind(1) != OpKind::Immediate8 {
+                    return None;
+                }
+                op.imm = u64::from(insn.immediate8());
+            }
+            let k = if by_cl { R } else { I };
+            macro_rules! by_kind {
+                ($($name:ident = $kind:literal),*) => {
+                    match m {
+                        $(Mn::$name => match (d, k) {
+                            (R, I) => sized!(shift, size, $kind, R, I),
+                            (R, _) => sized!(shift, size, $kind, R, R),
+                            (_, I) => sized!(shift, size, $kind, M, I),
+                            _ => sized!(shift, size, $kind, M, R),
+                        },)*
+                        _ => return None,
+                    }
+                };
+            }
+            by_kind!(Rol = 0, Ror = 1, Shl = 4, Shr = 5, Sal = 6, Sar = 7)
+        }
+        Mn::Inc | Mn::Dec | Mn::Neg | Mn::Not => {
+            let d = k0?;
+            if d == I || !sized_ok {
+                return None;
+            }
+            macro_rules! by_dst {
+                ($kind:literal) => {
+                    if d == R {
+                        sized!(unary, size, $kind, R)
+                    } else {
+                        sized!(unary, size, $kind, M)
+                    }
+                };
+            }
+            match m {
+                Mn::Inc => by_dst!(0),
+                Mn::Dec => by_dst!(1),
+                Mn::Neg => by_dst!(2),
+                _ => by_dst!(3),
+            }
+        }
+        Mn::Imul if n >= 2 => {
+            if k0? != R || !matches!(size, 2 | 4 | 8) {
+                return None;
+            }
+            let k = k1?;
+            if n == 3 {
+                op.imm = insn.immediate(2);
+                if k == M {
+                    sized!(imul, size, true, M)
+                } else {
+                    sized!(imul, size, true, R)
+                }
+            } else if k == M {
+                sized!(imul, size, false, M)
+            } else {
+                sized!(imul, size, false, R)
+            }
+        }
+        _ if insn.condition_code() != ConditionCode::None => match m {
+            Mn::Ja
+            | Mn::Jae
+            | Mn::Jb
+            | Mn::Jbe
+            | Mn::Je
+            | Mn::Jg
+            | Mn::Jge
+            | Mn::Jl
+            | Mn::Jle
+            | Mn::Jne
+            | Mn::Jno
+            | Mn::Jnp
+            | Mn::Jns
+            | Mn::Jo
+            | Mn::Jp
+            | Mn::Js => {
+                op.imm = insn.near_branch_target();
+                jcc as Handler
+            }
+            Mn::Seta
+            | Mn::Setae
+            | Mn::Setb
+            | Mn::Setbe
+            | Mn::Sete
+            | Mn::Setg
+            | Mn::Setge
+            | Mn::Setl
+            | Mn::Setle
+            | Mn::Setne
+            | Mn::Setno
+            | Mn::Setnp
+            | Mn::Setns
+            | Mn::Seto
+            | Mn::Setp
+            | Mn::Sets
+                if size == 1 =>
+            {
+                if k0? == R {
+                    setcc::<R> as Handler
+                } else {
+                    setcc::<M> as Handler
+                }
+            }
+            Mn::Cmova
+            | Mn::Cmovae
+            | Mn::Cmovb
+            | Mn::Cmovbe
+            | Mn::Cmove
+            | Mn::Cmovg
+            | Mn::Cmovge
+            | Mn::Cmovl
+            | Mn::Cmovle
+            | Mn::Cmovne
+            | Mn::Cmovno
+            | Mn::Cmovnp
+            | Mn::Cmovns
+            | Mn::Cmovo
+            | Mn::Cmovp
+            | Mn::Cmovs
+                if matches!(size, 2 | 4 | 8) =>
+            {
+                if k1? == M {
+                    sized!(cmovcc, size, M)
+                } else {
+                    sized!(cmovcc, size, R)
+                }
+            }
+            _ => return None,
+        },
+        Mn::Jmp
+            if matches!(
+                insn.op0_kind(),
+                OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+            ) =>
+        {
+            op.imm = insn.near_branch_target();
+            jmp as Handler
+        }
+        Mn::Call if bitness == 64 && insn.op0_kind() == OpKind::NearBranch64 => {
+            op.imm = insn.near_branch_target();
+            call64 as Handler
+        }
+        Mn::Ret if bitness == 64 && n == 0 && insn.code() == iced_x86::Code::Retnq => {
+            ret64 as Handler
+        }
+        Mn::Push if bitness == 64 && k0 == Some(R) && size == 8 => {
+            op.src = op.dst;
+            push64 as Handler
+        }
+        Mn::Pop if bitness == 64 && k0 == Some(R) && size == 8 => pop64 as Handler,
+        Mn::Nop => nop as Handler,
+        _ => return None,
+    };
+    Some(h)
+}
