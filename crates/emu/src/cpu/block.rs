@@ -1,7 +1,8 @@
 //! Basic blocks: straight runs of compiled instructions ([`Op`]s), cached by the address they
 //! start at and checked against guest memory on every entry.
 //!
-//! A block ends at the first instruction that can change the flow of control, the CPU mode,
+//! A block ends at the first instruction that can change the flow of control (a conditional
+//! branch is a side exit and does not end it), the CPU mode,
 //! the address space or interrupt delivery, at the end of the page, or after [`MAX_OPS`]
 //! instructions. Interrupts are taken between blocks. A block is used only if the bytes it was
 //! compiled from are still in memory, compared on entry, so code written by this vCPU, another
@@ -16,7 +17,8 @@ const MAX_OPS: usize = 32;
 /// Bytes decoded for a block at most.
 const MAX_BYTES: usize = 192;
 /// Cache slots (a power of two); direct-mapped by address.
-const SLOTS: usize = 8192;
+const SLOTS: usize = 1 << SLOT_BITS;
+const SLOT_BITS: u32 = 15;
 
 pub(crate) struct Block {
     /// RIP and linear address of the first instruction, and the code size it was decoded at.
@@ -106,7 +108,7 @@ impl BlockCache {
 
     #[inline(always)]
     pub fn slot(lin: u64) -> usize {
-        ((lin ^ (lin >> 14)) as usize) & (SLOTS - 1)
+        (lin.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SLOT_BITS)) as usize
     }
 
     /// Takes the block in `slot` out of the cache (to run it while the CPU is borrowed).
@@ -125,7 +127,12 @@ impl BlockCache {
 /// address space, or when interrupts are taken, or it needs the VMM.
 fn ends_block(insn: &Instruction) -> bool {
     use Mnemonic as M;
-    if insn.flow_control() != FlowControl::Next {
+    // A conditional branch does not end the block: when taken, the run loop leaves the block
+    // there (RIP is not the next instruction's); when not, the block goes on.
+    if !matches!(
+        insn.flow_control(),
+        FlowControl::Next | FlowControl::ConditionalBranch
+    ) {
         return true;
     }
     let special_reg = |n: u32| {

@@ -15,6 +15,7 @@ use super::mmu::Access;
 use super::operand::{mask, sext};
 use super::state::{FS, RCX, RSP};
 use super::{exec, Cpu, StepEnd};
+use crate::memory;
 
 pub(crate) type Handler = fn(&mut Cpu, &Op) -> Result<(), StepEnd>;
 
@@ -62,8 +63,9 @@ const NO_MEM: Mem = Mem {
 #[derive(Clone, Copy)]
 pub(crate) struct Op {
     pub run: Handler,
-    /// Instruction length in bytes.
-    pub len: u8,
+    /// RIP of the instruction and of the next one.
+    pub rip: u64,
+    pub next: u64,
     /// Destination (or only) register, with [`HIGH`] for AH..BH.
     dst: u8,
     /// Source register.
@@ -130,10 +132,31 @@ fn linear(cpu: &Cpu, m: &Mem) -> u64 {
     }
 }
 
+/// Reads `S` bytes at linear `l`: straight from the page on a TLB hit.
+#[inline(always)]
+fn read<const S: usize>(cpu: &mut Cpu, l: u64) -> Result<u64, StepEnd> {
+    if let Some(p) = cpu.tlb_hit(l, S, Access::Read) {
+        // SAFETY: tlb_hit returned a RAM pointer with S bytes left in its page.
+        return Ok(unsafe { memory::load(p, S) });
+    }
+    Ok(cpu.read_lin(l, S, Access::Read)?)
+}
+
+/// Writes `S` bytes at linear `l`: straight into the page on a TLB hit.
+#[inline(always)]
+fn write<const S: usize>(cpu: &mut Cpu, l: u64, v: u64) -> Result<(), StepEnd> {
+    if let Some(p) = cpu.tlb_hit(l, S, Access::Write) {
+        // SAFETY: tlb_hit returned a RAM pointer with S bytes left in its page.
+        unsafe { memory::store(p, S, v) };
+        return Ok(());
+    }
+    Ok(cpu.write_lin(l, S, v)?)
+}
+
 #[inline(always)]
 fn load<const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<u64, StepEnd> {
     let l = linear(cpu, &op.mem);
-    Ok(cpu.read_lin(l, S, Access::Read)?)
+    read::<S>(cpu, l)
 }
 
 /// Operand of kind `K` (register `r`, memory or immediate).
@@ -162,6 +185,15 @@ fn modify<const D: u8, const S: usize>(
         return Ok(());
     }
     let l = linear(cpu, &op.mem);
+    if let Some(p) = cpu.tlb_hit(l, S, Access::Write) {
+        // SAFETY: tlb_hit returned a RAM pointer with S bytes left in its page (a write
+        // entry implies the page is readable).
+        let a = unsafe { memory::load(p, S) };
+        let r = f(cpu, a);
+        // SAFETY: as above.
+        unsafe { memory::store(p, S, r) };
+        return Ok(());
+    }
     let a = cpu.read_lin(l, S, Access::Read)?;
     let saved = cpu.s.rflags;
     let r = f(cpu, a);
@@ -214,7 +246,7 @@ fn mov<const D: u8, const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Resu
         set::<S>(cpu, op.dst, v);
     } else {
         let l = linear(cpu, &op.mem);
-        cpu.write_lin(l, S, v)?;
+        write::<S>(cpu, l, v)?;
     }
     Ok(())
 }
@@ -292,7 +324,7 @@ fn setcc<const D: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
         set::<1>(cpu, op.dst, v);
     } else {
         let l = linear(cpu, &op.mem);
-        cpu.write_lin(l, 1, v)?;
+        write::<1>(cpu, l, v)?;
     }
     Ok(())
 }
@@ -324,7 +356,7 @@ fn jmp(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
 /// CALL rel32 in 64-bit mode.
 fn call64(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
     let sp = cpu.s.gpr[RSP].wrapping_sub(8);
-    cpu.write_lin(sp, 8, cpu.s.rip)?;
+    write::<8>(cpu, sp, cpu.s.rip)?;
     cpu.s.gpr[RSP] = sp;
     cpu.s.rip = op.imm;
     Ok(())
@@ -333,7 +365,7 @@ fn call64(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
 /// RET in 64-bit mode.
 fn ret64(cpu: &mut Cpu, _op: &Op) -> Result<(), StepEnd> {
     let sp = cpu.s.gpr[RSP];
-    let target = cpu.read_lin(sp, 8, Access::Read)?;
+    let target = read::<8>(cpu, sp)?;
     cpu.s.gpr[RSP] = sp.wrapping_add(8);
     cpu.s.rip = target;
     Ok(())
@@ -343,7 +375,7 @@ fn ret64(cpu: &mut Cpu, _op: &Op) -> Result<(), StepEnd> {
 fn push64(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
     let v = cpu.s.gpr[op.src as usize];
     let sp = cpu.s.gpr[RSP].wrapping_sub(8);
-    cpu.write_lin(sp, 8, v)?;
+    write::<8>(cpu, sp, v)?;
     cpu.s.gpr[RSP] = sp;
     Ok(())
 }
@@ -351,7 +383,7 @@ fn push64(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
 /// POP r64 in 64-bit mode (POP RSP loads the popped value).
 fn pop64(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
     let sp = cpu.s.gpr[RSP];
-    let v = cpu.read_lin(sp, 8, Access::Read)?;
+    let v = read::<8>(cpu, sp)?;
     cpu.s.gpr[RSP] = sp.wrapping_add(8);
     cpu.s.gpr[op.dst as usize] = v;
     Ok(())
@@ -474,7 +506,12 @@ fn size_of(insn: &Instruction, n: u32) -> usize {
 pub(crate) fn compile(insn: &Instruction, bitness: u32) -> Op {
     let mut op = Op {
         run: general,
-        len: insn.len() as u8,
+        rip: insn.ip(),
+        next: if bitness == 64 {
+            insn.next_ip()
+        } else {
+            insn.next_ip() & 0xffff_ffff
+        },
         dst: 0,
         src: 0,
         cc: insn.condition_code(),

@@ -347,6 +347,24 @@ impl Cpu {
         self.tlb_fill(lin, acc)
     }
 
+    /// Host pointer for a `size`-byte access at `lin` when the TLB already allows it and it
+    /// is RAM within one page; None sends the caller to the general path (`read_lin`,
+    /// `write_lin`), which walks, faults, crosses pages and reaches devices.
+    #[inline(always)]
+    pub(crate) fn tlb_hit(&self, lin: u64, size: usize, acc: Access) -> Option<*mut u8> {
+        let e = &self.tlb.entries[index(lin)];
+        let user = self.s.cpl() == 3 && !self.supervisor_access;
+        let off = (lin & 0xfff) as usize;
+        if e.tags[user as usize * 3 + acc as usize] != tag(lin)
+            || off + size > 0x1000
+            || e.host.is_null()
+        {
+            return None;
+        }
+        // SAFETY: the entry maps a RAM page and `off` is inside it.
+        Some(unsafe { e.host.add(off) })
+    }
+
     /// Host pointer for `lin` (which must be RAM) for `acc`.
     pub(crate) fn translate_host(&mut self, lin: u64, acc: Access) -> Exec<*mut u8> {
         let i = self.tlb_lookup(lin, acc)?;

@@ -157,6 +157,9 @@ pub struct Cpu {
     tlb: mmu::Tlb,
     /// Instructions retired.
     pub icount: u64,
+    /// Blocks entered, and blocks compiled (statistics).
+    pub blocks_run: u64,
+    pub blocks_compiled: u64,
     /// In the HLT state, waiting for an interrupt.
     pub halted: bool,
     /// Accesses are implicit supervisor accesses (descriptor tables, TSS, interrupt frames).
@@ -185,6 +188,8 @@ impl Cpu {
             io: IoState::default(),
             tlb: mmu::Tlb::new(),
             icount: 0,
+            blocks_run: 0,
+            blocks_compiled: 0,
             halted: false,
             supervisor_access: false,
             pending_fetch_cr2: 0,
@@ -266,7 +271,10 @@ impl Cpu {
         let block = match self.blocks.take(slot) {
             Some(b) if b.matches(rip, lin, bitness, host) => b,
             stale => match block::Block::compile(rip, lin, bitness, host) {
-                Some(b) => Box::new(b),
+                Some(b) => {
+                    self.blocks_compiled += 1;
+                    Box::new(b)
+                }
                 None => {
                     if let Some(b) = stale {
                         self.blocks.put(slot, b);
@@ -275,20 +283,28 @@ impl Cpu {
                 }
             },
         };
+        self.blocks_run += 1;
         let mut flow = Flow::Next;
-        for op in block.ops.iter() {
-            let start = self.s.rip;
-            self.start_rip = start;
-            let mut next = start.wrapping_add(u64::from(op.len));
-            if bitness != 64 {
-                next &= 0xffff_ffff;
-            }
-            self.s.rip = next;
-            let r = (op.run)(self, op);
-            flow = self.retire(r);
-            // A taken branch, a restarted REP iteration or an exception leaves the block.
-            if !matches!(flow, Flow::Next) || self.s.rip != next || self.icount >= end {
-                break;
+        let n = block.ops.len().min((end - self.icount) as usize);
+        for op in &block.ops[..n] {
+            self.start_rip = op.rip;
+            self.s.rip = op.next;
+            match (op.run)(self, op) {
+                Ok(()) => {
+                    self.icount += 1;
+                    if let Some(req) = self.io.exit {
+                        flow = Flow::Exit(RunExit::Io(req));
+                        break;
+                    }
+                    // A taken branch or a restarted REP iteration leaves the block.
+                    if self.s.rip != op.next {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    flow = self.retire_slow(e);
+                    break;
+                }
             }
         }
         self.blocks.put(slot, block);
