@@ -25,8 +25,10 @@ pub(crate) struct Block {
     pub rip: u64,
     pub lin: u64,
     pub bitness: u32,
-    /// The bytes the block was compiled from (all inside one page).
-    pub bytes: Box<[u8]>,
+    /// How many bytes the block was compiled from (all inside one page), and those bytes,
+    /// kept beside the header so the check on entry touches one allocation.
+    len: usize,
+    bytes: [u8; MAX_BYTES],
     pub ops: Box<[Op]>,
 }
 
@@ -37,7 +39,7 @@ impl Block {
         if self.rip != rip || self.lin != lin || self.bitness != bitness {
             return false;
         }
-        let n = self.bytes.len();
+        let n = self.len;
         let old = self.bytes.as_ptr();
         // SAFETY: `host` is the mapped RAM page holding `lin`; the block's bytes were read
         // from the same offset and do not cross the page, so every read below stays inside
@@ -88,7 +90,12 @@ impl Block {
             rip,
             lin,
             bitness,
-            bytes: code[..used].into(),
+            len: used,
+            bytes: {
+                let mut b = [0; MAX_BYTES];
+                b[..used].copy_from_slice(&code[..used]);
+                b
+            },
             ops: ops.into_boxed_slice(),
         })
     }

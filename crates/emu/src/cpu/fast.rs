@@ -150,7 +150,17 @@ fn write<const S: usize>(cpu: &mut Cpu, l: u64, v: u64) -> Result<(), StepEnd> {
         unsafe { memory::store(p, S, v) };
         return Ok(());
     }
-    Ok(cpu.write_lin(l, S, v)?)
+    cpu.write_lin(l, S, v)?;
+    posted(cpu)
+}
+
+/// After a write through the general path: a device write left for the VMM ends the run.
+#[inline(always)]
+fn posted(cpu: &Cpu) -> Result<(), StepEnd> {
+    if cpu.io.exit.is_some() {
+        return Err(StepEnd::Posted);
+    }
+    Ok(())
 }
 
 #[inline(always)]
@@ -201,12 +211,14 @@ fn modify<const D: u8, const S: usize>(
         cpu.s.rflags = saved;
         return Err(e.into());
     }
-    Ok(())
+    posted(cpu)
 }
 
 /// Runs the instruction through the general interpreter.
 fn general(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
-    exec::execute(cpu, &op.insn)
+    cpu.start_rip = op.rip;
+    exec::execute(cpu, &op.insn)?;
+    posted(cpu)
 }
 
 // ---- handlers -------------------------------------------------------------------------------

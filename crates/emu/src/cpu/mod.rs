@@ -287,21 +287,19 @@ impl Cpu {
         let mut flow = Flow::Next;
         let n = block.ops.len().min((end - self.icount) as usize);
         for op in &block.ops[..n] {
-            self.start_rip = op.rip;
+            // `start_rip` is set only where it is read: by the general interpreter (`general`
+            // sets it) and on the way out of a failed instruction.
             self.s.rip = op.next;
             match (op.run)(self, op) {
                 Ok(()) => {
                     self.icount += 1;
-                    if let Some(req) = self.io.exit {
-                        flow = Flow::Exit(RunExit::Io(req));
-                        break;
-                    }
                     // A taken branch or a restarted REP iteration leaves the block.
                     if self.s.rip != op.next {
                         break;
                     }
                 }
                 Err(e) => {
+                    self.start_rip = op.rip;
                     flow = self.retire_slow(e);
                     break;
                 }
@@ -337,6 +335,11 @@ impl Cpu {
     #[cold]
     fn retire_slow(&mut self, e: StepEnd) -> Flow {
         match e {
+            StepEnd::Posted => {
+                self.icount += 1;
+                let req = self.io.exit.expect("Posted always records the request");
+                Flow::Exit(RunExit::Io(req))
+            }
             StepEnd::Halt => {
                 self.icount += 1;
                 self.halted = true;
@@ -474,6 +477,8 @@ enum Flow {
 pub(crate) enum StepEnd {
     Fault(Fault),
     Halt,
+    /// The instruction completed and left a device write (`Cpu::io.exit`) for the VMM.
+    Posted,
 }
 
 impl From<Fault> for StepEnd {

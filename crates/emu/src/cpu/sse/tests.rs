@@ -105,6 +105,7 @@ impl T {
                 Ok(()) => {}
                 Err(StepEnd::Fault(f)) => return Err(f),
                 Err(StepEnd::Halt) => panic!("hlt"),
+                Err(StepEnd::Posted) => panic!("device write"),
             }
         }
         Ok(())
