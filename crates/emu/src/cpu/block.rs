@@ -8,7 +8,7 @@
 //! compiled from are still in memory, compared on entry, so code written by this vCPU, another
 //! vCPU or the VMM (DMA) never runs stale, with no invalidation protocol to get wrong.
 
-use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, RflagsBits};
 
 use super::fast::{self, Op};
 
@@ -69,23 +69,29 @@ impl Block {
         // stay inside that page.
         let code = unsafe { std::slice::from_raw_parts(host, avail) }.to_vec();
         let mut decoder = Decoder::with_ip(bitness, &code, rip, DecoderOptions::NONE);
-        let mut ops = Vec::new();
+        let mut insns = Vec::with_capacity(MAX_OPS);
         let mut used = 0;
         let mut insn = Instruction::default();
-        while ops.len() < MAX_OPS && decoder.can_decode() {
+        while insns.len() < MAX_OPS && decoder.can_decode() {
             decoder.decode_out(&mut insn);
             if insn.is_invalid() {
                 break;
             }
             used += insn.len();
-            ops.push(fast::compile(&insn, bitness));
+            insns.push(insn);
             if ends_block(&insn) {
                 break;
             }
         }
-        if ops.is_empty() {
+        if insns.is_empty() {
             return None;
         }
+        let needed = flags_needed(&insns);
+        let ops: Vec<Op> = insns
+            .iter()
+            .zip(needed)
+            .map(|(insn, flags)| fast::compile(insn, bitness, flags))
+            .collect();
         Some(Block {
             rip,
             lin,
@@ -128,6 +134,62 @@ impl BlockCache {
     pub fn put(&mut self, slot: usize, b: Box<Block>) {
         self.slots[slot] = Some(b);
     }
+}
+
+/// The status flags.
+const STATUS: u32 = RflagsBits::OF
+    | RflagsBits::SF
+    | RflagsBits::ZF
+    | RflagsBits::AF
+    | RflagsBits::CF
+    | RflagsBits::PF;
+
+/// For each instruction of a block, whether the status flags it writes can be observed: read
+/// by a later instruction of the block before another overwrites them, or seen at the end of
+/// the block, at a conditional side exit, or in the frame of an exception a later instruction
+/// raises before they are overwritten. Where they cannot, the instruction is compiled without
+/// computing them (`fast::compile`), the way a translator drops dead flag computations; the
+/// architectural state at every point anything can see it is unchanged.
+fn flags_needed(insns: &[Instruction]) -> Vec<bool> {
+    let mut live = STATUS;
+    let mut needed = vec![true; insns.len()];
+    for (i, insn) in insns.iter().enumerate().rev() {
+        needed[i] = insn.rflags_modified() & live != 0;
+        if fast::cannot_fault(insn) {
+            live = (live & !flags_always_written(insn)) | insn.rflags_read();
+        } else {
+            // A fault here shows the flags as they are before this instruction; a branch
+            // leaves with all of them.
+            live = STATUS;
+        }
+    }
+    needed
+}
+
+/// The status flags `insn` writes whatever its operands' values. A shift or rotate by 0
+/// leaves the flags alone, so one by CL writes none for sure, and one by an immediate only if
+/// the masked count is not 0.
+fn flags_always_written(insn: &Instruction) -> u32 {
+    use Mnemonic as M;
+    let shift = matches!(
+        insn.mnemonic(),
+        M::Rol | M::Ror | M::Rcl | M::Rcr | M::Shl | M::Sal | M::Shr | M::Sar | M::Shld | M::Shrd
+    );
+    if shift {
+        let last = insn.op_count() - 1;
+        if insn.op_kind(last) != OpKind::Immediate8 {
+            return 0;
+        }
+        let bits = if insn.op0_register().size() == 8 || insn.memory_size().size() == 8 {
+            0x3f
+        } else {
+            0x1f
+        };
+        if insn.immediate8() & bits == 0 {
+            return 0;
+        }
+    }
+    insn.rflags_modified() & STATUS
 }
 
 /// Whether nothing may follow `insn` in a block: it may branch, change the CPU mode, the

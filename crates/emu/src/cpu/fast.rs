@@ -63,6 +63,9 @@ const NO_MEM: Mem = Mem {
 #[derive(Clone, Copy)]
 pub(crate) struct Op {
     pub run: Handler,
+    /// The same instruction computing every flag it writes, for when the block does not run
+    /// to its end (see `block::flags_needed`).
+    pub exact: Handler,
     /// RIP of the instruction and of the next one.
     pub rip: u64,
     pub next: u64,
@@ -405,8 +408,6 @@ fn nop(_cpu: &mut Cpu, _op: &Op) -> Result<(), StepEnd> {
     Ok(())
 }
 
-// ---- compilation ----------------------------------------------------------------------------
-
 /// Instantiates handler `$f` for the operand size `$size` (1, 2, 4, 8), after the other const
 /// arguments.
 macro_rules! sized {
@@ -432,6 +433,264 @@ macro_rules! kinds {
         }
     };
 }
+
+// ---- flagless variants, for instructions whose flags nothing can observe -----------------
+
+/// ADD SUB AND OR XOR (and CMP, TEST: nothing) on a register, without flags.
+fn alu_nf<const OP: u8, const K: u8, const S: usize>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), StepEnd> {
+    if OP >= 7 {
+        return Ok(());
+    }
+    let b = operand::<K, S>(cpu, op, op.src)?;
+    let a = get::<S>(cpu, op.dst);
+    let r = match OP {
+        0 => a.wrapping_add(b),
+        2 => a.wrapping_sub(b),
+        4 => a & b,
+        5 => a | b,
+        _ => a ^ b,
+    };
+    set::<S>(cpu, op.dst, r);
+    Ok(())
+}
+
+fn imul_nf<const THREE: bool, const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+    let v = get::<S>(cpu, op.src);
+    let (a, b) = if THREE {
+        (v, op.imm)
+    } else {
+        (get::<S>(cpu, op.dst), v)
+    };
+    set::<S>(cpu, op.dst, a.wrapping_mul(b));
+    Ok(())
+}
+
+/// SHL/SAL, SHR, SAR (KIND 4/6, 5, 7) of a register by an immediate or CL, without flags.
+fn shift_nf<const KIND: u8, const K: u8, const S: usize>(
+    cpu: &mut Cpu,
+    op: &Op,
+) -> Result<(), StepEnd> {
+    let count = if K == I {
+        op.imm
+    } else {
+        cpu.s.gpr[RCX] & 0xff
+    } & if S == 8 { 0x3f } else { 0x1f };
+    let a = get::<S>(cpu, op.dst);
+    let bits = (S * 8) as u64;
+    let r = match KIND {
+        4 | 6 => {
+            if count >= bits {
+                0
+            } else {
+                a << count
+            }
+        }
+        5 => {
+            if count >= bits {
+                0
+            } else {
+                a >> count
+            }
+        }
+        _ => (sext(a, S) as i64 >> count.min(63)) as u64,
+    };
+    set::<S>(cpu, op.dst, r);
+    Ok(())
+}
+
+/// INC, DEC, NEG (KIND 0, 1, 2) of a register, without flags.
+fn unary_nf<const KIND: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+    let a = get::<S>(cpu, op.dst);
+    let r = match KIND {
+        0 => a.wrapping_add(1),
+        1 => a.wrapping_sub(1),
+        _ => a.wrapping_neg(),
+    };
+    set::<S>(cpu, op.dst, r);
+    Ok(())
+}
+
+/// Whether `insn` can neither fault, leave the block nor reach a device: register and
+/// immediate operands only (LEA computes an address without touching memory), and an
+/// operation that raises nothing on them.
+pub(crate) fn cannot_fault(insn: &Instruction) -> bool {
+    use Mnemonic as Mn;
+    let m = insn.mnemonic();
+    let operands_ok = (0..insn.op_count()).all(|n| match insn.op_kind(n) {
+        OpKind::Register => insn.op_register(n).is_gpr(),
+        OpKind::Memory => m == Mn::Lea,
+        k => kind_is_immediate(k),
+    });
+    operands_ok
+        && !insn.has_lock_prefix()
+        && matches!(
+            m,
+            Mn::Mov
+                | Mn::Movzx
+                | Mn::Movsx
+                | Mn::Movsxd
+                | Mn::Lea
+                | Mn::Add
+                | Mn::Adc
+                | Mn::Sub
+                | Mn::Sbb
+                | Mn::And
+                | Mn::Or
+                | Mn::Xor
+                | Mn::Cmp
+                | Mn::Test
+                | Mn::Inc
+                | Mn::Dec
+                | Mn::Neg
+                | Mn::Not
+                | Mn::Rol
+                | Mn::Ror
+                | Mn::Rcl
+                | Mn::Rcr
+                | Mn::Shl
+                | Mn::Sal
+                | Mn::Shr
+                | Mn::Sar
+                | Mn::Shld
+                | Mn::Shrd
+                | Mn::Bswap
+                | Mn::Nop
+        )
+        || (m == Mn::Imul && insn.op_count() >= 2 && operands_ok)
+        || (operands_ok && is_setcc_or_cmov(m))
+}
+
+fn is_setcc_or_cmov(m: Mnemonic) -> bool {
+    use Mnemonic as Mn;
+    matches!(
+        m,
+        Mn::Seta
+            | Mn::Setae
+            | Mn::Setb
+            | Mn::Setbe
+            | Mn::Sete
+            | Mn::Setg
+            | Mn::Setge
+            | Mn::Setl
+            | Mn::Setle
+            | Mn::Setne
+            | Mn::Setno
+            | Mn::Setnp
+            | Mn::Setns
+            | Mn::Seto
+            | Mn::Setp
+            | Mn::Sets
+            | Mn::Cmova
+            | Mn::Cmovae
+            | Mn::Cmovb
+            | Mn::Cmovbe
+            | Mn::Cmove
+            | Mn::Cmovg
+            | Mn::Cmovge
+            | Mn::Cmovl
+            | Mn::Cmovle
+            | Mn::Cmovne
+            | Mn::Cmovno
+            | Mn::Cmovnp
+            | Mn::Cmovns
+            | Mn::Cmovo
+            | Mn::Cmovp
+            | Mn::Cmovs
+    )
+}
+
+fn kind_is_immediate(k: OpKind) -> bool {
+    matches!(
+        k,
+        OpKind::Immediate8
+            | OpKind::Immediate16
+            | OpKind::Immediate32
+            | OpKind::Immediate64
+            | OpKind::Immediate8to16
+            | OpKind::Immediate8to32
+            | OpKind::Immediate8to64
+            | OpKind::Immediate32to64
+    )
+}
+
+/// The flagless handler for `insn`, if it has one: register destination, no memory.
+fn select_flagless(insn: &Instruction, op: &Op) -> Option<Handler> {
+    use Mnemonic as Mn;
+    if !cannot_fault(insn) || insn.op_count() == 0 || insn.op_kind(0) != OpKind::Register {
+        return None;
+    }
+    let size = insn.op0_register().size();
+    if !matches!(size, 1 | 2 | 4 | 8) || op.dst & HIGH != 0 {
+        return None;
+    }
+    let m = insn.mnemonic();
+    let k1 = if insn.op_count() > 1 {
+        kind(insn, 1)
+    } else {
+        None
+    };
+    Some(match m {
+        Mn::Add | Mn::Sub | Mn::And | Mn::Or | Mn::Xor | Mn::Cmp | Mn::Test => {
+            let k = k1?;
+            macro_rules! by_op {
+                ($($name:ident = $o:literal),*) => {
+                    match m {
+                        $(Mn::$name => if k == R {
+                            sized!(alu_nf, size, $o, R)
+                        } else {
+                            sized!(alu_nf, size, $o, I)
+                        },)*
+                        _ => return None,
+                    }
+                };
+            }
+            by_op!(
+                Add = 0,
+                Sub = 2,
+                And = 4,
+                Or = 5,
+                Xor = 6,
+                Cmp = 7,
+                Test = 8
+            )
+        }
+        Mn::Imul if matches!(size, 2 | 4 | 8) && k1? == R => {
+            if insn.op_count() == 3 {
+                sized!(imul_nf, size, true)
+            } else {
+                sized!(imul_nf, size, false)
+            }
+        }
+        Mn::Shl | Mn::Sal | Mn::Shr | Mn::Sar => {
+            let by_cl = insn.op_kind(1) == OpKind::Register && insn.op1_register() == Register::CL;
+            if !by_cl && insn.op_kind(1) != OpKind::Immediate8 {
+                return None;
+            }
+            macro_rules! by_kind {
+                ($($name:ident = $kind:literal),*) => {
+                    match m {
+                        $(Mn::$name => if by_cl {
+                            sized!(shift_nf, size, $kind, R)
+                        } else {
+                            sized!(shift_nf, size, $kind, I)
+                        },)*
+                        _ => return None,
+                    }
+                };
+            }
+            by_kind!(Shl = 4, Sal = 6, Shr = 5, Sar = 7)
+        }
+        Mn::Inc => sized!(unary_nf, size, 0),
+        Mn::Dec => sized!(unary_nf, size, 1),
+        Mn::Neg => sized!(unary_nf, size, 2),
+        _ => return None,
+    })
+}
+
+// ---- compilation ----------------------------------------------------------------------------
 
 /// Register field value for a general-purpose register, or None.
 fn gpr(reg: Register) -> Option<u8> {
@@ -514,10 +773,12 @@ fn size_of(insn: &Instruction, n: u32) -> usize {
     }
 }
 
-/// Compiles `insn` (decoded at `bitness`) into an [`Op`].
-pub(crate) fn compile(insn: &Instruction, bitness: u32) -> Op {
+/// Compiles `insn` (decoded at `bitness`) into an [`Op`]; `flags` says whether the status
+/// flags it writes may be observed (`block::flags_needed`).
+pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Op {
     let mut op = Op {
         run: general,
+        exact: general,
         rip: insn.ip(),
         next: if bitness == 64 {
             insn.next_ip()
@@ -540,6 +801,12 @@ pub(crate) fn compile(insn: &Instruction, bitness: u32) -> Op {
     }
     if let Some(run) = select(insn, bitness, &mut op) {
         op.run = run;
+        op.exact = run;
+        if !flags {
+            if let Some(nf) = select_flagless(insn, &op) {
+                op.run = nf;
+            }
+        }
     }
     op
 }

@@ -284,13 +284,27 @@ impl Cpu {
             },
         };
         self.blocks_run += 1;
-        let mut flow = Flow::Next;
         let n = block.ops.len().min((end - self.icount) as usize);
-        for op in &block.ops[..n] {
+        let flow = if n == block.ops.len() {
+            self.run_ops::<false>(&block.ops)
+        } else {
+            // Cut short by the budget: a dropped flag computation might be visible after it.
+            self.run_ops::<true>(&block.ops[..n])
+        };
+        self.blocks.put(slot, block);
+        flow
+    }
+
+    /// Runs compiled instructions in order until one leaves the sequence. `EXACT` runs each
+    /// with all its flags.
+    #[inline(always)]
+    fn run_ops<const EXACT: bool>(&mut self, ops: &[fast::Op]) -> Flow {
+        for op in ops {
             // `start_rip` is set only where it is read: by the general interpreter (`general`
             // sets it) and on the way out of a failed instruction.
             self.s.rip = op.next;
-            match (op.run)(self, op) {
+            let run = if EXACT { op.exact } else { op.run };
+            match run(self, op) {
                 Ok(()) => {
                     self.icount += 1;
                     // A taken branch or a restarted REP iteration leaves the block.
@@ -300,13 +314,11 @@ impl Cpu {
                 }
                 Err(e) => {
                     self.start_rip = op.rip;
-                    flow = self.retire_slow(e);
-                    break;
+                    return self.retire_slow(e);
                 }
             }
         }
-        self.blocks.put(slot, block);
-        flow
+        Flow::Next
     }
 
     /// Fetches, decodes and runs one instruction on its own (tracing, or an instruction that

@@ -1,0 +1,179 @@
+//! Block execution against single-stepping: random runs of register instructions (the forms the
+//! block compiler may compile without their flag computations when nothing can observe them)
+//! executed as whole blocks and one instruction at a time from the same state must end in the
+//! same registers and flags, and, when a later instruction faults, push the same flags in the
+//! exception frame.
+#![cfg(target_arch = "x86_64")]
+
+use emu::testkit::{FlatCpu, Regs};
+use iced_x86::code_asm::*;
+
+const CODE: u64 = 0x10_0000;
+const STACK_TOP: u64 = 0x20_0000;
+/// Status flags plus DF: what a difference would show in.
+const FLAGS: u64 = 0x8d5 | 0x400;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+const REGS64: [AsmRegister64; 8] = [rax, rcx, rdx, rbx, rsi, rdi, r8, r9];
+const REGS32: [AsmRegister32; 8] = [eax, ecx, edx, ebx, esi, edi, r8d, r9d];
+const REGS8: [AsmRegister8; 8] = [al, cl, dl, bl, sil, dil, r8b, r9b];
+
+/// Appends one random register-only instruction.
+fn random_insn(a: &mut CodeAssembler, r: &mut Rng) -> Result<(), IcedError> {
+    let x = REGS64[r.below(8) as usize];
+    let y = REGS64[r.below(8) as usize];
+    let x32 = REGS32[r.below(8) as usize];
+    let y32 = REGS32[r.below(8) as usize];
+    let b8 = REGS8[r.below(8) as usize];
+    let imm = (r.next() as i32) >> r.below(31);
+    let sh = r.below(70) as u32;
+    match r.below(26) {
+        0 => a.add(x, y),
+        1 => a.sub(x, y),
+        2 => a.and(x, imm),
+        3 => a.or(x32, y32),
+        4 => a.xor(x, y),
+        5 => a.cmp(x, y),
+        6 => a.test(x32, y32),
+        7 => a.imul_2(x, y),
+        8 => a.imul_3(x32, y32, imm),
+        9 => a.shl(x, sh),
+        10 => a.shr(x32, sh),
+        11 => a.sar(x, sh),
+        12 => a.shl(x, cl),
+        13 => a.inc(x),
+        14 => a.dec(x32),
+        15 => a.neg(x),
+        16 => a.adc(x, y),
+        17 => a.sbb(x32, y32),
+        18 => a.setb(b8),
+        19 => a.cmovae(x, y),
+        20 => a.setne(b8),
+        21 => a.add(x32, imm),
+        22 => a.sub(x, imm),
+        23 => a.mov(x, y),
+        24 => a.lea(x, qword_ptr(y + x * 4 + imm)),
+        _ => a.rol(x, sh),
+    }
+}
+
+fn random_regs(r: &mut Rng) -> Regs {
+    let mut regs = Regs::default();
+    for g in regs.gpr.iter_mut() {
+        // Small and extreme values make carries, overflows and zero results likely.
+        *g = match r.below(4) {
+            0 => r.below(4),
+            1 => u64::MAX - r.below(4),
+            2 => 1 << r.below(64),
+            _ => r.next(),
+        };
+    }
+    regs.gpr[4] = STACK_TOP;
+    regs.rip = CODE;
+    regs.rflags = 0x2 | (r.next() & 0x8d5);
+    regs
+}
+
+fn assemble(body: impl FnOnce(&mut CodeAssembler) -> Result<(), IcedError>) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).expect("64-bit assembler");
+    body(&mut a).expect("assembles");
+    a.assemble(CODE).expect("assembles")
+}
+
+/// Runs `code` from `regs` as blocks (a large budget) and one instruction per run; returns
+/// both end states (registers, and the exception frame's RFLAGS if the CPU stopped in a
+/// handler).
+fn both_ways(code: &[u8], regs: &Regs, steps: u64) -> [(Regs, Option<u64>); 2] {
+    let mut out = [(Regs::default(), None); 2];
+    for (way, slot) in out.iter_mut().enumerate() {
+        let mut c = FlatCpu::new();
+        c.load_code(CODE, code);
+        c.set_regs(regs);
+        if way == 0 {
+            c.step(steps);
+        } else {
+            for _ in 0..steps {
+                c.step(1);
+            }
+        }
+        let frame_flags = c.exception().map(|e| {
+            let rsp_now = c.regs().gpr[4];
+            let frame = if e.error_code.is_some() {
+                rsp_now + 8
+            } else {
+                rsp_now
+            };
+            c.read_u64(frame + 16)
+        });
+        *slot = (c.regs(), frame_flags);
+    }
+    out
+}
+
+#[test]
+fn blocks_end_in_the_state_single_stepping_reaches() {
+    let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+    for case in 0..3000 {
+        let n = 1 + r.below(20);
+        let mut seed = Rng(r.next() | 1);
+        let code = assemble(|a| {
+            for _ in 0..n {
+                random_insn(a, &mut seed)?;
+            }
+            a.hlt()
+        });
+        let regs = random_regs(&mut r);
+        let [(blocks, _), (single, _)] = both_ways(&code, &regs, n + 1);
+        assert_eq!(
+            single.rip,
+            CODE + code.len() as u64,
+            "case {case}: did not reach the end"
+        );
+        assert_eq!(
+            (blocks.gpr, blocks.rflags & FLAGS),
+            (single.gpr, single.rflags & FLAGS),
+            "case {case}: block execution diverges from single-stepping for {code:02x?} from {regs:x?}"
+        );
+    }
+}
+
+#[test]
+fn a_fault_after_dropped_flag_computations_shows_the_exact_flags() {
+    let mut r = Rng(0x1234_5678_9abc_def1);
+    for case in 0..1000 {
+        let n = 1 + r.below(12);
+        let mut seed = Rng(r.next() | 1);
+        // Random instructions, then a load from a non-canonical address (#GP), then more
+        // instructions that would have overwritten the flags.
+        let code = assemble(|a| {
+            for _ in 0..n {
+                random_insn(a, &mut seed)?;
+            }
+            a.mov(r10, qword_ptr(r11))?;
+            a.add(rax, rcx)?;
+            a.hlt()
+        });
+        let mut regs = random_regs(&mut r);
+        regs.gpr[11] = 0x8000_0000_0000_0000;
+        let [(_, blocks), (_, single)] = both_ways(&code, &regs, n + 3);
+        assert!(single.is_some(), "case {case}: the load did not fault");
+        assert_eq!(
+            blocks.map(|f| f & FLAGS),
+            single.map(|f| f & FLAGS),
+            "case {case}: the exception frame's RFLAGS differ for {code:02x?}"
+        );
+    }
+}
