@@ -138,7 +138,7 @@ struct VcpuShared {
     id: u32,
     lapic: Mutex<LocalApic>,
     /// Something may be pending in the LAPIC (set by other threads; cleared by the owner).
-    irq_hint: AtomicBool,
+    irq_hint: Arc<AtomicBool>,
     sleep: Mutex<()>,
     wake: Condvar,
 }
@@ -277,7 +277,7 @@ impl Vm for EmuVm {
         let vs = Arc::new(VcpuShared {
             id,
             lapic: Mutex::new(LocalApic::new(id)),
-            irq_hint: AtomicBool::new(false),
+            irq_hint: Arc::new(AtomicBool::new(false)),
             sleep: Mutex::new(()),
             wake: Condvar::new(),
         });
@@ -536,6 +536,10 @@ impl Machine for VcpuMachine {
 
     fn take_interrupt(&mut self) -> Option<u8> {
         self.me.lapic.lock().expect("lapic lock poisoned").ack()
+    }
+
+    fn interrupt_hint(&self) -> Option<Arc<AtomicBool>> {
+        Some(self.me.irq_hint.clone())
     }
 
     fn interrupt_pending(&self) -> bool {

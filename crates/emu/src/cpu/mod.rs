@@ -108,8 +108,13 @@ pub trait Machine {
     fn cpuid(&self, leaf: u32, subleaf: u32) -> [u32; 4];
     /// The vector of an interrupt the local APIC wants to deliver now, taken (IRR → ISR).
     fn take_interrupt(&mut self) -> Option<u8>;
-    /// Whether an interrupt is pending (cheap; checked between instructions).
+    /// Whether an interrupt is pending (checked between blocks).
     fn interrupt_pending(&self) -> bool;
+    /// A flag that is set whenever an interrupt may have become pending (and may be set
+    /// spuriously): while it is clear the CPU skips `interrupt_pending`. None: always ask.
+    fn interrupt_hint(&self) -> Option<Arc<std::sync::atomic::AtomicBool>> {
+        None
+    }
     /// The guest executed HLT with interrupts enabled: the back end may sleep until an
     /// interrupt is due.
     fn halt(&mut self);
@@ -149,6 +154,8 @@ pub enum RunExit {
 /// An emulated x86-64 CPU.
 pub struct Cpu {
     blocks: block::BlockCache,
+    /// The machine's interrupt hint (`Machine::interrupt_hint`).
+    irq_hint: Option<Arc<std::sync::atomic::AtomicBool>>,
     pub s: CpuState,
     /// The platform: interrupt controllers, timers, CPUID.
     pub m: Box<dyn Machine + Send>,
@@ -181,6 +188,7 @@ pub struct Cpu {
 impl Cpu {
     pub fn new(mem: Arc<PhysMem>, m: Box<dyn Machine + Send>) -> Self {
         Cpu {
+            irq_hint: m.interrupt_hint(),
             blocks: block::BlockCache::new(),
             s: CpuState::default(),
             m,
@@ -222,6 +230,10 @@ impl Cpu {
         while self.icount < end {
             if self.s.rflags & flags::IF != 0
                 && !self.interrupt_shadow
+                && self
+                    .irq_hint
+                    .as_ref()
+                    .is_none_or(|h| h.load(std::sync::atomic::Ordering::Acquire))
                 && self.m.interrupt_pending()
             {
                 if let Some(v) = self.m.take_interrupt() {
@@ -260,12 +272,15 @@ impl Cpu {
         let rip = self.s.rip;
         let bitness = self.s.bitness();
         let lin = self.linear(state::CS, rip);
-        let host = match self.translate_host(lin, Access::Exec) {
-            Ok(p) => p,
-            Err(f) => {
-                self.start_rip = rip;
-                return self.retire(Err(f.into()));
-            }
+        let host = match self.tlb_hit(lin, 1, Access::Exec) {
+            Some(p) => p,
+            None => match self.translate_host(lin, Access::Exec) {
+                Ok(p) => p,
+                Err(f) => {
+                    self.start_rip = rip;
+                    return self.retire(Err(f.into()));
+                }
+            },
         };
         let slot = block::BlockCache::slot(lin);
         let block = match self.blocks.take(slot) {
