@@ -124,15 +124,19 @@ impl BlockCache {
         (lin.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SLOT_BITS)) as usize
     }
 
-    /// Takes the block in `slot` out of the cache (to run it while the CPU is borrowed).
+    /// The block in `slot`, as a pointer: the caller runs it while the CPU (which owns the
+    /// cache) is borrowed mutably, and must not keep it past the next `put`.
     #[inline(always)]
-    pub fn take(&mut self, slot: usize) -> Option<Box<Block>> {
-        self.slots[slot].take()
+    pub fn get(&self, slot: usize) -> Option<*const Block> {
+        self.slots[slot].as_deref().map(|b| b as *const Block)
     }
 
+    /// Stores `b` in `slot`, dropping the block there; returns a pointer to it as `get` does.
     #[inline(always)]
-    pub fn put(&mut self, slot: usize, b: Box<Block>) {
+    pub fn put(&mut self, slot: usize, b: Box<Block>) -> *const Block {
+        let p: *const Block = &*b;
         self.slots[slot] = Some(b);
+        p
     }
 }
 

@@ -26,6 +26,7 @@ const HIGH: u8 = 0x10;
 
 /// How a memory operand's linear address is formed from its effective address.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 enum SegMode {
     /// 64-bit mode, CS/DS/ES/SS: the segment base is ignored.
     Flat,
@@ -38,15 +39,16 @@ enum SegMode {
 /// The address recipe of a memory operand, resolved at compile time.
 #[derive(Clone, Copy)]
 pub(crate) struct Mem {
+    /// Displacement, or the absolute address of a RIP-relative operand.
+    disp: u64,
     base: u8,
     index: u8,
     scale: u8,
     seg: u8,
     mode: SegMode,
-    /// Displacement, or the absolute address of a RIP-relative operand.
-    disp: u64,
-    /// Address-size mask.
-    amask: u64,
+    /// 64 minus the address size in bits: the effective address is masked with
+    /// `u64::MAX >> ashift`.
+    ashift: u8,
 }
 
 const NO_MEM: Mem = Mem {
@@ -56,30 +58,32 @@ const NO_MEM: Mem = Mem {
     seg: 0,
     mode: SegMode::Flat,
     disp: 0,
-    amask: u64::MAX,
+    ashift: 0,
 };
 
-/// One compiled instruction.
-#[derive(Clone, Copy)]
+/// One compiled instruction: one cache line.
 pub(crate) struct Op {
     pub run: Handler,
     /// The same instruction computing every flag it writes, for when the block does not run
     /// to its end (see `block::flags_needed`).
     pub exact: Handler,
-    /// RIP of the instruction and of the next one.
+    /// RIP of the instruction.
     pub rip: u64,
-    pub next: u64,
+    /// Immediate operand (sign-extended as the instruction defines), or branch target.
+    imm: u64,
+    /// The decoded instruction, kept only for the general interpreter.
+    insn: Option<Box<Instruction>>,
+    mem: Mem,
+    /// Length in bytes.
+    pub len: u8,
     /// Destination (or only) register, with [`HIGH`] for AH..BH.
     dst: u8,
     /// Source register.
     src: u8,
     cc: ConditionCode,
-    /// Immediate operand (sign-extended as the instruction defines), or branch target.
-    imm: u64,
-    mem: Mem,
-    /// The decoded instruction, for the general interpreter.
-    pub insn: Instruction,
 }
+
+const _: () = assert!(std::mem::size_of::<Op>() <= 64);
 
 /// Operand kinds, as const generic parameters.
 const R: u8 = 0;
@@ -122,7 +126,7 @@ fn ea(cpu: &Cpu, m: &Mem) -> u64 {
     if m.index != NONE {
         a = a.wrapping_add(cpu.s.gpr[m.index as usize] << m.scale);
     }
-    a & m.amask
+    a & (u64::MAX >> m.ashift)
 }
 
 #[inline(always)]
@@ -220,7 +224,11 @@ fn modify<const D: u8, const S: usize>(
 /// Runs the instruction through the general interpreter.
 fn general(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
     cpu.start_rip = op.rip;
-    exec::execute(cpu, &op.insn)?;
+    let insn = op
+        .insn
+        .as_deref()
+        .expect("general ops keep their instruction");
+    exec::execute(cpu, insn)?;
     posted(cpu)
 }
 
@@ -744,7 +752,7 @@ fn mem_recipe(insn: &Instruction, bitness: u32) -> Mem {
         seg: seg as u8,
         mode,
         disp: insn.memory_displacement64(),
-        amask: mask(asize),
+        ashift: (64 - 8 * asize) as u8,
     }
 }
 
@@ -780,19 +788,16 @@ pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Op {
         run: general,
         exact: general,
         rip: insn.ip(),
-        next: if bitness == 64 {
-            insn.next_ip()
-        } else {
-            insn.next_ip() & 0xffff_ffff
-        },
+        len: insn.len() as u8,
         dst: 0,
         src: 0,
         cc: insn.condition_code(),
         imm: 0,
         mem: NO_MEM,
-        insn: *insn,
+        insn: None,
     };
     if insn.has_lock_prefix() || insn.memory_size().size() > 8 {
+        op.insn = Some(Box::new(*insn));
         return op;
     }
     let has_mem = (0..insn.op_count()).any(|n| insn.op_kind(n) == OpKind::Memory);
@@ -807,6 +812,8 @@ pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Op {
                 op.run = nf;
             }
         }
+    } else {
+        op.insn = Some(Box::new(*insn));
     }
     op
 }

@@ -283,47 +283,50 @@ impl Cpu {
             },
         };
         let slot = block::BlockCache::slot(lin);
-        let block = match self.blocks.take(slot) {
-            Some(b) if b.matches(rip, lin, bitness, host) => b,
-            stale => match block::Block::compile(rip, lin, bitness, host) {
+        let cached = self.blocks.get(slot).filter(|&b| {
+            // SAFETY: a pointer from the cache, valid until the next `put`.
+            unsafe { &*b }.matches(rip, lin, bitness, host)
+        });
+        let block = match cached {
+            Some(b) => b,
+            None => match block::Block::compile(rip, lin, bitness, host) {
                 Some(b) => {
                     self.blocks_compiled += 1;
-                    Box::new(b)
+                    self.blocks.put(slot, Box::new(b))
                 }
-                None => {
-                    if let Some(b) = stale {
-                        self.blocks.put(slot, b);
-                    }
-                    return self.single_step();
-                }
+                None => return self.single_step(),
             },
         };
+        // SAFETY: the block lives in the cache, which only `run_block` changes (`put`, above,
+        // before this point); the instructions it runs do not reach the cache, so the block
+        // stays alive and unchanged while its instructions run.
+        let block: &block::Block = unsafe { &*block };
         self.blocks_run += 1;
+        let ipmask = if bitness == 64 { u64::MAX } else { 0xffff_ffff };
         let n = block.ops.len().min((end - self.icount) as usize);
-        let flow = if n == block.ops.len() {
-            self.run_ops::<false>(&block.ops)
+        if n == block.ops.len() {
+            self.run_ops::<false>(&block.ops, ipmask)
         } else {
             // Cut short by the budget: a dropped flag computation might be visible after it.
-            self.run_ops::<true>(&block.ops[..n])
-        };
-        self.blocks.put(slot, block);
-        flow
+            self.run_ops::<true>(&block.ops[..n], ipmask)
+        }
     }
 
     /// Runs compiled instructions in order until one leaves the sequence. `EXACT` runs each
     /// with all its flags.
     #[inline(always)]
-    fn run_ops<const EXACT: bool>(&mut self, ops: &[fast::Op]) -> Flow {
+    fn run_ops<const EXACT: bool>(&mut self, ops: &[fast::Op], ipmask: u64) -> Flow {
         for op in ops {
             // `start_rip` is set only where it is read: by the general interpreter (`general`
             // sets it) and on the way out of a failed instruction.
-            self.s.rip = op.next;
+            let next = op.rip.wrapping_add(u64::from(op.len)) & ipmask;
+            self.s.rip = next;
             let run = if EXACT { op.exact } else { op.run };
             match run(self, op) {
                 Ok(()) => {
                     self.icount += 1;
                     // A taken branch or a restarted REP iteration leaves the block.
-                    if self.s.rip != op.next {
+                    if self.s.rip != next {
                         break;
                     }
                 }
