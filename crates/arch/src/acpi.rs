@@ -5,12 +5,17 @@
 //! 16-byte aligned:
 //!
 //! 1. the RSDP (revision 2) at [`layout::RSDP_START`], pointing at the XSDT;
-//! 2. the DSDT: `\_S5_`, the COM1 device and one processor device per vCPU;
+//! 2. the DSDT: `\_S5_`, the COM1 and CMOS RTC devices and one processor device per vCPU;
 //! 3. the FADT: hardware-reduced, with the sleep control/status and reset registers as 8-bit
 //!    System I/O generic addresses, `X_DSDT` pointing at the DSDT;
 //! 4. the MADT: local APIC address, one Processor Local APIC per vCPU, one I/O APIC and the
 //!    ISA IRQ 0 → GSI 2 interrupt source override;
 //! 5. the XSDT, listing the FADT and the MADT.
+//!
+//! The RTC is declared (`PNP0B00`) so that Linux binds its `rtc_cmos` driver to the ports through
+//! ACPI rather than guessing; its `_CRS` names ISA IRQ 8 as real PCs and QEMU do, although the
+//! VMM's RTC raises no interrupts (no alarms or periodic ticks; reading and setting the time need
+//! none).
 //!
 //! The tables are assembled with the `acpi_tables` crate; the few structures it does not model
 //! (the MADT interrupt source override, the AML `IRQNoFlags` resource descriptor) are encoded
@@ -69,7 +74,7 @@ const MADT_TYPE_INTERRUPT_SOURCE_OVERRIDE: u8 = 2;
 /// DSDT revision 2: AML integers are 64 bits wide.
 const DSDT_REVISION: u8 = 2;
 
-/// The platform's ACPI-visible configuration: vCPU count, fixed-hardware ports and COM1.
+/// The platform's ACPI-visible configuration: vCPU count, fixed-hardware ports, COM1 and the RTC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AcpiConfig {
     /// Number of vCPUs, `1..=`[`MAX_VCPUS`]. vCPU `i` has APIC ID and ACPI processor UID `i`.
@@ -88,6 +93,10 @@ pub struct AcpiConfig {
     pub com1_port: u16,
     /// ISA IRQ of COM1, `0..=15`.
     pub com1_irq: u8,
+    /// First I/O port of the CMOS RTC (index, then data: 2 ports).
+    pub rtc_port: u16,
+    /// ISA IRQ the RTC is described with, `0..=15`.
+    pub rtc_irq: u8,
 }
 
 impl AcpiConfig {
@@ -102,6 +111,8 @@ impl AcpiConfig {
             s5_sleep_type: 5,
             com1_port: 0x3f8,
             com1_irq: 4,
+            rtc_port: 0x70,
+            rtc_irq: 8,
         }
     }
 }
@@ -122,9 +133,14 @@ pub enum AcpiError {
     /// The S5 sleep type does not fit the 3-bit `SLP_TYP` field.
     #[error("invalid S5 sleep type {0}: SLP_TYP is 3 bits (0..=7)")]
     InvalidSleepType(u8),
-    /// The COM1 IRQ is not an ISA IRQ.
-    #[error("invalid COM1 IRQ {0}: must be an ISA IRQ (0..=15)")]
-    InvalidIrq(u8),
+    /// A device's IRQ is not an ISA IRQ.
+    #[error("invalid {device} IRQ {irq}: must be an ISA IRQ (0..=15)")]
+    InvalidIrq {
+        /// The device, as the DSDT names it.
+        device: &'static str,
+        /// The configured IRQ.
+        irq: u8,
+    },
     /// The tables do not fit in the ACPI area.
     #[error("ACPI tables end at {end:#x}, past the end of the ACPI area at {limit:#x}")]
     TablesTooLarge {
@@ -191,8 +207,10 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
     if cfg.s5_sleep_type > 7 {
         return Err(AcpiError::InvalidSleepType(cfg.s5_sleep_type));
     }
-    if cfg.com1_irq > 15 {
-        return Err(AcpiError::InvalidIrq(cfg.com1_irq));
+    for (device, irq) in [("COM1", cfg.com1_irq), ("RTC", cfg.rtc_irq)] {
+        if irq > 15 {
+            return Err(AcpiError::InvalidIrq { device, irq });
+        }
     }
     Ok(())
 }
@@ -310,7 +328,7 @@ impl Aml for IrqNoFlags {
     }
 }
 
-/// The DSDT: `\_S5_`, `\_SB_.COM1` and one ACPI 6 processor device per vCPU.
+/// The DSDT: `\_S5_`, `\_SB_.COM1`, `\_SB_.RTC_` and one ACPI 6 processor device per vCPU.
 fn build_dsdt(cfg: &AcpiConfig) -> Sdt {
     let mut dsdt = Sdt::new(
         *b"DSDT",
@@ -329,6 +347,7 @@ fn build_dsdt(cfg: &AcpiConfig) -> Sdt {
     dsdt.append_slice(&s5.to_bytes());
 
     let mut sb = com1_device(cfg);
+    sb.extend_from_slice(&rtc_device(cfg));
     for index in 0..cfg.vcpus {
         sb.extend_from_slice(&processor_device(index));
     }
@@ -345,6 +364,21 @@ fn com1_device(cfg: &AcpiConfig) -> Vec<u8> {
         vec![
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
             &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io, &irq])),
+        ],
+    )
+    .to_bytes()
+}
+
+/// `Device (RTC_)`: an MC146818-compatible CMOS RTC at `rtc_port` (2 ports) on ISA IRQ
+/// `rtc_irq`, which it never raises.
+fn rtc_device(cfg: &AcpiConfig) -> Vec<u8> {
+    let io = aml::IO::new(cfg.rtc_port, cfg.rtc_port, 1, 2);
+    let irq = IrqNoFlags(cfg.rtc_irq);
+    aml::Device::new(
+        "RTC_".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
             &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io, &irq])),
         ],
     )

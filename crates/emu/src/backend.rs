@@ -26,6 +26,7 @@ use crate::platform::lapic::{ApicEffect, IpiRequest, LocalApic};
 use crate::platform::msi::{DeliveryMode, MsiMessage};
 use crate::platform::pic::Pic;
 use crate::platform::pit::Pit;
+use crate::turns::Turns;
 
 const LAPIC_BASE: u64 = 0xfee0_0000;
 const IOAPIC_BASE: u64 = 0xfec0_0000;
@@ -90,6 +91,7 @@ impl Hypervisor for EmuHypervisor {
                 clock,
                 manual,
                 idle_ns: AtomicU64::new(0),
+                turns: self.deterministic.then(Turns::new),
                 wall_clock_epoch_ns: if self.deterministic {
                     DETERMINISTIC_EPOCH_NS
                 } else {
@@ -121,6 +123,8 @@ struct Shared {
     manual: Option<Arc<ManualClock>>,
     /// Deterministic mode: guest time skipped while halted.
     idle_ns: AtomicU64,
+    /// Deterministic mode: the vCPUs' turns, and the instructions they retired.
+    turns: Option<Turns>,
     /// Host wall-clock time at VM creation, for the kvm-clock wall clock.
     wall_clock_epoch_ns: u64,
 }
@@ -153,6 +157,17 @@ impl VcpuShared {
 impl Shared {
     fn now_ns(&self) -> u64 {
         self.clock.now_ns()
+    }
+
+    /// The turn scheduler, when the vCPUs take turns (deterministic mode, several vCPUs).
+    fn multi_turns(&self) -> Option<&Turns> {
+        self.turns
+            .as_ref()
+            .filter(|_| self.vcpus.read().expect("vcpu list lock poisoned").len() > 1)
+    }
+
+    fn vcpu_count(&self) -> u32 {
+        self.vcpus.read().expect("vcpu list lock poisoned").len() as u32
     }
 
     /// Delivers an interrupt message (from the I/O APIC or an MSI) to the LAPICs it names.
@@ -310,10 +325,23 @@ impl Vm for EmuVm {
             },
             io_buf: [0; 8],
             pending: None,
+            holding_turn: false,
             started: std::time::Instant::now(),
             rip_samples: std::env::var_os("FERROVISOR_EMU_PROFILE")
                 .map(|f| (std::path::PathBuf::from(f), HashMap::new())),
         }))
+    }
+
+    fn wall_clock_ns(&self) -> u64 {
+        if self.shared.manual.is_some() {
+            // Deterministic: the fixed boot date plus guest time, as the kvm-clock wall clock
+            // gives it, so the RTC reads the same on every run.
+            self.shared
+                .wall_clock_epoch_ns
+                .saturating_add(self.shared.now_ns())
+        } else {
+            wall_clock_ns()
+        }
     }
 }
 
@@ -568,8 +596,13 @@ impl Machine for VcpuMachine {
             .expect("lapic lock poisoned")
             .next_deadline_ns();
         if let Some(manual) = &self.shared.manual {
-            // Deterministic: idle time passes at once, up to the next timer (or 1 ms).
-            let target = deadline.unwrap_or(now + 1_000_000).max(now + 1);
+            // Deterministic: idle time passes at once, up to the next timer (or 1 ms); while
+            // other vCPUs take turns, by at most a turn's worth, so time does not race ahead of
+            // a busy vCPU.
+            let mut target = deadline.unwrap_or(now + 1_000_000).max(now + 1);
+            if self.shared.multi_turns().is_some() {
+                target = target.min(now + BUDGET);
+            }
             self.shared
                 .idle_ns
                 .fetch_add(target - now, Ordering::Relaxed);
@@ -634,6 +667,9 @@ pub struct EmuVcpu {
     io_buf: [u8; 8],
     /// The read exit the VMM is answering (its result is passed in on the next run).
     pending: Option<IoReq>,
+    /// Deterministic mode with several vCPUs: this vCPU holds the turn (kept across device
+    /// exits, so the VMM handles them in turn order too).
+    holding_turn: bool,
     started: std::time::Instant,
     /// With FERROVISOR_EMU_PROFILE=FILE: guest RIP sampled every BUDGET instructions, written
     /// to FILE (one `count rip` line per address) when the vCPU is dropped.
@@ -695,11 +731,43 @@ impl EmuVcpu {
     }
 }
 
+impl EmuVcpu {
+    /// Waits for this vCPU's turn if the vCPUs take turns; false if kicked meanwhile.
+    fn begin_turn(&mut self) -> bool {
+        if self.holding_turn {
+            return true;
+        }
+        let shared = self.shared.clone();
+        match shared.multi_turns() {
+            Some(t) => {
+                if !t.acquire(self.me.id) {
+                    return false;
+                }
+                self.holding_turn = true;
+                true
+            }
+            None => true,
+        }
+    }
+
+    /// Passes the turn on, if this vCPU holds it.
+    fn end_turn(&mut self) {
+        if self.holding_turn {
+            if let Some(t) = &self.shared.turns {
+                t.pass(self.me.id, self.shared.vcpu_count());
+            }
+            self.holding_turn = false;
+        }
+    }
+}
+
 impl Vcpu for EmuVcpu {
     fn run(&mut self) -> Result<VcpuExit<'_>> {
         self.complete_io();
         loop {
-            if hypervisor::take_kick() {
+            if hypervisor::take_kick() || !self.begin_turn() {
+                hypervisor::take_kick();
+                self.end_turn();
                 return Ok(VcpuExit::Interrupted);
             }
             let (init, sipi) = {
@@ -712,6 +780,9 @@ impl Vcpu for EmuVcpu {
             if self.mp == MpState::WaitForSipi {
                 if let Some(v) = sipi {
                     self.do_sipi(v);
+                } else if self.holding_turn {
+                    self.end_turn();
+                    continue;
                 } else {
                     let g = self.me.sleep.lock().expect("vcpu sleep lock poisoned");
                     if !self.me.irq_hint.load(Ordering::Acquire) && !hypervisor::kicked() {
@@ -722,18 +793,27 @@ impl Vcpu for EmuVcpu {
                 }
             }
             self.machine().poll_timers();
+            let before = self.cpu.icount;
             let exit = self.cpu.run(BUDGET);
             if let (Some((_, samples)), RunExit::Budget) = (&mut self.rip_samples, &exit) {
                 *samples.entry(self.cpu.s.rip).or_default() += 1;
             }
             if let Some(manual) = &self.shared.manual {
-                let now = self.cpu.icount + self.shared.idle_ns.load(Ordering::Relaxed);
+                let retired = match &self.shared.turns {
+                    Some(t) => t.retire(self.cpu.icount - before),
+                    None => self.cpu.icount,
+                };
+                let now = retired + self.shared.idle_ns.load(Ordering::Relaxed);
                 manual.set(now);
                 self.machine().tsc_reads = 0;
+            }
+            if !matches!(exit, RunExit::Io(_)) {
+                self.end_turn();
             }
             match exit {
                 RunExit::Budget | RunExit::Halted => continue,
                 RunExit::Shutdown => return Ok(VcpuExit::Shutdown),
+                RunExit::Dead if self.shared.multi_turns().is_some() => continue,
                 RunExit::FetchFromMmio => {
                     // Reported as KVM reports its emulator giving up: an emulation failure.
                     return Ok(VcpuExit::InternalError {
@@ -1003,3 +1083,29 @@ impl Drop for EmuVcpu {
 // SAFETY: the interpreter state is owned by the vCPU; the machine's shared parts are behind
 // locks and atomics; the raw host pointers in guest memory refer to the VM's mappings.
 unsafe impl Send for EmuVcpu {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic_wall_clock_starts_at_the_fixed_date() {
+        let vm = EmuHypervisor::deterministic().create_vm().unwrap();
+        // Guest time is zero until a vCPU runs, however much host time passes.
+        assert_eq!(vm.wall_clock_ns(), DETERMINISTIC_EPOCH_NS);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(vm.wall_clock_ns(), DETERMINISTIC_EPOCH_NS);
+    }
+
+    #[test]
+    fn wall_clock_is_the_hosts_otherwise() {
+        let vm = EmuHypervisor::new().create_vm().unwrap();
+        let before = hypervisor::host_wall_clock_ns();
+        let now = vm.wall_clock_ns();
+        let after = hypervisor::host_wall_clock_ns();
+        assert!(
+            (before..=after).contains(&now),
+            "{before} <= {now} <= {after}"
+        );
+    }
+}

@@ -8,3 +8,4 @@ pub mod cpuid;
 pub mod memory;
 pub mod platform;
 pub mod testkit;
+mod turns;

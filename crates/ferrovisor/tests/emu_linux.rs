@@ -1,6 +1,7 @@
 //! Debian's cloud kernel with the busybox initramfs on the emulator back end: boots to init on
-//! 1 and 2 vCPUs, runs commands typed on the serial console, powers off and reboots. The
-//! fixtures come from `scripts/fetch-guest-fixtures.sh`; these tests need no /dev/kvm.
+//! 1 and 2 vCPUs, runs commands typed on the serial console (reading and setting the CMOS RTC
+//! among them), powers off and reboots. The fixtures come from `scripts/fetch-guest-fixtures.sh`;
+//! these tests need no /dev/kvm.
 
 mod common;
 
@@ -109,13 +110,19 @@ fn shell_session(script: &str) -> RunResult {
 
 #[test]
 fn commands_typed_on_the_serial_console_run_on_emu() {
+    let host_before = unix_now();
     let r = shell_session(
         "echo LS-BEGIN; ls /; echo LS-END\n\
          grep -m1 'model name' /proc/cpuinfo\n\
          dd if=/dev/zero bs=1M count=64 2>/dev/null | md5sum\n\
          a=$(date +%s); sleep 2; b=$(date +%s); echo DATE-DELTA=$((b - a))\n\
+         echo RTC-NAME=$(cat /sys/class/rtc/rtc0/name)\n\
+         echo RTC-EPOCH=$(cat /sys/class/rtc/rtc0/since_epoch)\n\
+         date -u -s '2030-01-02 03:04:05' >/dev/null; hwclock -u -w\n\
+         echo RTC-SET=$(cat /sys/class/rtc/rtc0/since_epoch)\n\
          poweroff -f\n",
     );
+    let host_after = unix_now();
     assert_eq!(r.code, Some(0), "{r}");
     // The terminal echoes typed lines (twice: the tty, then the shell's line editor), so
     // look for output lines that stand alone.
@@ -146,6 +153,40 @@ fn commands_typed_on_the_serial_console_run_on_emu() {
         (2..=4).contains(&delta),
         "date must advance with sleep 2, got {delta}: {r}"
     );
+
+    // The CMOS RTC: found through ACPI, read at boot, showing the host's time, settable.
+    assert!(
+        r.stdout.contains("rtc_cmos 00:01: registered as rtc0"),
+        "{r}"
+    );
+    let value = |key: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(key))
+            .unwrap_or_else(|| panic!("no {key}: {r}"))
+            .trim()
+    };
+    assert!(value("RTC-NAME=").starts_with("rtc_cmos"), "{r}");
+    let rtc: u64 = value("RTC-EPOCH=").parse().expect("RTC-EPOCH is a number");
+    // A minute of slack either side for clock steps on the host.
+    assert!(
+        (host_before - 60..=host_after + 60).contains(&rtc),
+        "RTC time {rtc} outside the test's {host_before}..={host_after}: {r}"
+    );
+    // 2030-01-02T03:04:05Z, written by hwclock and read back a moment later.
+    let set: u64 = value("RTC-SET=").parse().expect("RTC-SET is a number");
+    assert!(
+        (1_893_553_445..=1_893_553_447).contains(&set),
+        "RTC set by hwclock reads {set}: {r}"
+    );
+}
+
+/// The host's Unix time in seconds.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 #[test]
@@ -164,4 +205,20 @@ fn deterministic_boots_print_identical_consoles() {
     assert_eq!(b.code, Some(0), "{b}");
     // Kernel log timestamps included: guest time comes from the instruction count.
     assert_eq!(a.stdout, b.stdout, "the two deterministic boots differ");
+}
+
+#[test]
+fn deterministic_smp_boots_print_identical_consoles() {
+    // Two vCPUs take turns in a fixed order, so even the interleaving of their console output
+    // and the kernel's SMP bring-up repeat exactly.
+    let run_once = || boot_with(&["--deterministic"], "2", "");
+    let (a, b) = (run_once(), run_once());
+    assert!(a.stdout.contains(MARKER), "{a}");
+    assert!(
+        a.stdout.contains("Brought up 1 node, 2 CPUs"),
+        "the second vCPU must come online: {a}"
+    );
+    assert_eq!(a.code, Some(0), "{a}");
+    assert_eq!(b.code, Some(0), "{b}");
+    assert_eq!(a.stdout, b.stdout, "the two deterministic SMP boots differ");
 }

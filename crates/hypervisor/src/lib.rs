@@ -102,6 +102,20 @@ pub trait Vm: Send + Sync {
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>>;
     /// Creates vCPU `id` (also its initial APIC ID).
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+    /// The guest's wall-clock time now, in nanoseconds since the Unix epoch: what devices that
+    /// show the date (the CMOS RTC) read. The host's wall clock unless the back end keeps its
+    /// own guest time, as the emulator's deterministic mode does.
+    fn wall_clock_ns(&self) -> u64 {
+        host_wall_clock_ns()
+    }
+}
+
+/// The host's wall-clock time in nanoseconds since the Unix epoch (0 if the host clock is set
+/// before it).
+pub fn host_wall_clock_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// What made a vCPU stop running guest code.
@@ -179,4 +193,28 @@ pub fn take_kick() -> bool {
 /// Whether this thread was kicked, without clearing the flag.
 pub fn kicked() -> bool {
     KICKED.with(|k| k.get())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use super::host_wall_clock_ns;
+
+    #[test]
+    fn host_wall_clock_is_unix_time() {
+        let unix_ns = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        };
+        let before = unix_ns();
+        let now = u128::from(host_wall_clock_ns());
+        let after = unix_ns();
+        assert!(
+            (before..=after).contains(&now),
+            "{before} <= {now} <= {after}"
+        );
+    }
 }

@@ -200,8 +200,6 @@ pub enum ConfigError {
     CmdlineNul,
     #[error("--deterministic needs the emulator; use --backend emu (or auto)")]
     DeterministicNeedsEmu,
-    #[error("--deterministic supports 1 vCPU for now; use --cpus 1")]
-    DeterministicOneVcpu,
 }
 
 impl VmConfig {
@@ -243,9 +241,6 @@ impl VmConfig {
         }
         if self.deterministic && self.backend == Backend::Kvm {
             return Err(ConfigError::DeterministicNeedsEmu);
-        }
-        if self.deterministic && self.cpus != 1 {
-            return Err(ConfigError::DeterministicOneVcpu);
         }
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);

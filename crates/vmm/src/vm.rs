@@ -13,8 +13,9 @@ use arch::linux::InitrdRegion;
 use devices::acpi::{AcpiPm, ACPI_PM_PORT_LEN, ACPI_SLEEP_CONTROL_PORT};
 use devices::bus::Bus;
 use devices::legacy::i8042::{I8042_DATA_PORT, I8042_PORT_LEN};
+use devices::legacy::rtc::{RTC_INDEX_PORT, RTC_PORT_LEN};
 use devices::legacy::serial::{COM1_BASE, COM1_IRQ, SERIAL_PORT_LEN};
-use devices::legacy::{Serial, I8042};
+use devices::legacy::{Rtc, Serial, I8042};
 use devices::{GuestEvent, GuestEventSink, InterruptLine};
 use hypervisor::{Fpu, Hypervisor, IrqLine, MemoryRegion, Vcpu};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -200,6 +201,19 @@ impl Vm {
             Arc::new(Mutex::new(I8042::new(sink.clone()))),
             I8042_DATA_PORT,
             I8042_PORT_LEN,
+        )?;
+        // The RTC shows the guest's wall clock. It holds the VM weakly: the bus is dropped after
+        // the guest memory, and the hypervisor VM must not outlive the memory it maps.
+        let clock_vm = Arc::downgrade(&vm);
+        let wall_clock = Box::new(move || {
+            clock_vm
+                .upgrade()
+                .map_or_else(hypervisor::host_wall_clock_ns, |vm| vm.wall_clock_ns())
+        });
+        insert(
+            Arc::new(Mutex::new(Rtc::new(wall_clock))),
+            RTC_INDEX_PORT,
+            RTC_PORT_LEN,
         )?;
         insert(
             Arc::new(Mutex::new(AcpiPm::new(sink))),

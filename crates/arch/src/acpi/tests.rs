@@ -284,7 +284,7 @@ fn count(haystack: &[u8], needle: &[u8]) -> usize {
 }
 
 #[test]
-fn dsdt_has_s5_com1_and_processors() {
+fn dsdt_has_s5_com1_rtc_and_processors() {
     for vcpus in [1u8, 4, MAX_VCPUS] {
         let (_mem, t) = build(vcpus);
         let d = &t.dsdt.bytes;
@@ -319,6 +319,21 @@ fn dsdt_has_s5_com1_and_processors() {
             0x79, 0x00, // EndTag
         ];
         assert!(find(aml, &io_irq).is_some(), "COM1 _CRS");
+
+        // RTC: Device (RTC_) { _HID EISAID ("PNP0B00"), _CRS { IO, IRQNoFlags } }
+        let rtc = find(aml, b"RTC_").expect("no RTC_");
+        assert_eq!(&aml[rtc - 3..rtc - 1], &[0x5b, 0x82], "DeviceOp");
+        let (len, _) = pkg_length(&aml[rtc - 1..]);
+        let rtc_body = &aml[rtc..rtc - 1 + len];
+        let hid = find(rtc_body, b"_HID\x0c").expect("no RTC _HID");
+        // EISAID("PNP0B00") = 0x000bd041.
+        assert_eq!(u32_at(rtc_body, hid + 5), 0x000b_d041);
+        let io_irq = [
+            0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02, // IO (Decode16, 0x70, 0x70, 1, 2)
+            0x22, 0x00, 0x01, // IRQNoFlags () { 8 }
+            0x79, 0x00, // EndTag
+        ];
+        assert!(find(rtc_body, &io_irq).is_some(), "RTC _CRS");
 
         // One Device (Cxxx) { Name (_HID, "ACPI0007"), Name (_UID, i) } per vCPU.
         assert_eq!(count(aml, b"ACPI0007\0"), vcpus as usize);
@@ -356,8 +371,30 @@ fn rejects_bad_configs() {
     };
     assert!(matches!(
         create_acpi_tables(&mem, &cfg),
-        Err(AcpiError::InvalidIrq(16))
+        Err(AcpiError::InvalidIrq {
+            device: "COM1",
+            irq: 16
+        })
     ));
+    let cfg = AcpiConfig {
+        rtc_irq: 255,
+        ..AcpiConfig::default()
+    };
+    let err = create_acpi_tables(&mem, &cfg).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            AcpiError::InvalidIrq {
+                device: "RTC",
+                irq: 255
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(
+        err.to_string(),
+        "invalid RTC IRQ 255: must be an ISA IRQ (0..=15)"
+    );
     // Nothing was written.
     assert!(read(&mem, 0xe0000, 0x20000).iter().all(|b| *b == 0));
 }
@@ -410,4 +447,5 @@ fn default_config_matches_the_platform() {
     );
     assert_eq!((cfg.reset_value, cfg.s5_sleep_type), (1, 5));
     assert_eq!((cfg.com1_port, cfg.com1_irq), (0x3f8, 4));
+    assert_eq!((cfg.rtc_port, cfg.rtc_irq), (0x70, 8));
 }
