@@ -177,3 +177,23 @@ fn a_fault_after_dropped_flag_computations_shows_the_exact_flags() {
         );
     }
 }
+
+#[test]
+fn a_store_into_the_running_block_takes_effect_at_once() {
+    // mov byte [0x100009], 5   ; the immediate of the next instruction
+    // mov eax, 1               ; so this loads 5, as on a CPU
+    // hlt
+    let code = [
+        0xc6, 0x04, 0x25, 0x09, 0x00, 0x10, 0x00, 0x05, 0xb8, 0x01, 0x00, 0x00, 0x00, 0xf4,
+    ];
+    assert_eq!(CODE + 9, 0x10_0009);
+    let mut regs = Regs {
+        rip: CODE,
+        rflags: 0x2,
+        ..Regs::default()
+    };
+    regs.gpr[4] = STACK_TOP;
+    let [(blocks, _), (single, _)] = both_ways(&code, &regs, 3);
+    assert_eq!(single.gpr[0], 5, "single-stepping sees the new immediate");
+    assert_eq!(blocks.gpr[0], 5, "block execution must see it too");
+}

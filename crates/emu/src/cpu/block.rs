@@ -33,6 +33,11 @@ pub(crate) struct Block {
 }
 
 impl Block {
+    /// Bytes of code the block was compiled from.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
     /// Whether the code at `host` (the host address of `lin`) is still what was compiled.
     #[inline(always)]
     pub fn matches(&self, rip: u64, lin: u64, bitness: u32, host: *const u8) -> bool {

@@ -73,6 +73,7 @@ impl Cpu {
                     // SAFETY: translate_host returned a mapped RAM page and the access does
                     // not cross it.
                     let old = unsafe { memory::atomic_rmw(p, size, |old| f(self, old)) };
+                    self.note_store(p, size);
                     return Ok(old);
                 }
             }

@@ -155,6 +155,7 @@ fn write<const S: usize>(cpu: &mut Cpu, l: u64, v: u64) -> Result<(), StepEnd> {
     if let Some(p) = cpu.tlb_hit(l, S, Access::Write) {
         // SAFETY: tlb_hit returned a RAM pointer with S bytes left in its page.
         unsafe { memory::store(p, S, v) };
+        cpu.note_store(p, S);
         return Ok(());
     }
     cpu.write_lin(l, S, v)?;
@@ -209,6 +210,7 @@ fn modify<const D: u8, const S: usize>(
         let r = f(cpu, a);
         // SAFETY: as above.
         unsafe { memory::store(p, S, r) };
+        cpu.note_store(p, S);
         return Ok(());
     }
     let a = cpu.read_lin(l, S, Access::Read)?;

@@ -451,7 +451,10 @@ impl Cpu {
         let e = self.tlb.entries[i];
         if !e.host.is_null() {
             // SAFETY: mapped RAM page, access within it.
-            unsafe { memory::store(e.host.add((lin & 0xfff) as usize), size, v) };
+            let p = unsafe { e.host.add((lin & 0xfff) as usize) };
+            // SAFETY: as above.
+            unsafe { memory::store(p, size, v) };
+            self.note_store(p, size);
             return Ok(());
         }
         self.mmio_write(e.gpa | (lin & 0xfff), size, v);

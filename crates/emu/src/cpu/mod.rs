@@ -154,6 +154,11 @@ pub enum RunExit {
 /// An emulated x86-64 CPU.
 pub struct Cpu {
     blocks: block::BlockCache,
+    /// Host address range of the code of the block running now, and whether a store of this
+    /// CPU hit it: self-modifying code, after which the block must not run on.
+    code_lo: usize,
+    code_len: usize,
+    code_written: bool,
     /// The machine's interrupt hint (`Machine::interrupt_hint`).
     irq_hint: Option<Arc<std::sync::atomic::AtomicBool>>,
     pub s: CpuState,
@@ -188,6 +193,9 @@ pub struct Cpu {
 impl Cpu {
     pub fn new(mem: Arc<PhysMem>, m: Box<dyn Machine + Send>) -> Self {
         Cpu {
+            code_lo: 0,
+            code_len: 0,
+            code_written: false,
             irq_hint: m.interrupt_hint(),
             blocks: block::BlockCache::new(),
             s: CpuState::default(),
@@ -304,11 +312,27 @@ impl Cpu {
         self.blocks_run += 1;
         let ipmask = if bitness == 64 { u64::MAX } else { 0xffff_ffff };
         let n = block.ops.len().min((end - self.icount) as usize);
-        if n == block.ops.len() {
+        self.code_lo = host as usize;
+        self.code_len = block.len();
+        let flow = if n == block.ops.len() {
             self.run_ops::<false>(&block.ops, ipmask)
         } else {
             // Cut short by the budget: a dropped flag computation might be visible after it.
             self.run_ops::<true>(&block.ops[..n], ipmask)
+        };
+        self.code_len = 0;
+        self.code_written = false;
+        flow
+    }
+
+    /// Records a store of `size` bytes at host address `p`: if it overwrites the running
+    /// block's code, the block stops after this instruction (the next one is compiled from
+    /// the new bytes, as a CPU fetches them).
+    #[inline(always)]
+    pub(crate) fn note_store(&mut self, p: *const u8, size: usize) {
+        let a = p as usize;
+        if a < self.code_lo + self.code_len && a + size > self.code_lo {
+            self.code_written = true;
         }
     }
 
@@ -325,8 +349,9 @@ impl Cpu {
             match run(self, op) {
                 Ok(()) => {
                     self.icount += 1;
-                    // A taken branch or a restarted REP iteration leaves the block.
-                    if self.s.rip != next {
+                    // A taken branch, a restarted REP iteration or a store into the block's
+                    // own code leaves the block.
+                    if self.s.rip != next || self.code_written {
                         break;
                     }
                 }

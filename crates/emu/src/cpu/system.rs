@@ -566,10 +566,13 @@ pub(crate) fn cmpxchg_wide(cpu: &mut Cpu, insn: &Instruction) -> Exec {
         let new = (cpu.s.gpr[super::state::RBX] & 0xffff_ffff) | (cpu.s.gpr[RCX] << 32);
         let old = if (lin & 0xfff) <= 0xff8 {
             match cpu.translate_host(lin, Access::Write) {
-                // SAFETY: mapped RAM page, 8 bytes within it.
-                Ok(p) => unsafe {
-                    memory::atomic_rmw(p, 8, |old| (old == expected).then_some(new))
-                },
+                Ok(p) => {
+                    // SAFETY: mapped RAM page, 8 bytes within it.
+                    let old =
+                        unsafe { memory::atomic_rmw(p, 8, |old| (old == expected).then_some(new)) };
+                    cpu.note_store(p, 8);
+                    old
+                }
                 Err(e) => return Err(e),
             }
         } else {
