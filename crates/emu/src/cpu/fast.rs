@@ -17,7 +17,11 @@ use super::state::{FS, RCX, RSP};
 use super::{exec, Cpu, StepEnd};
 use crate::memory;
 
-pub(crate) type Handler = fn(&mut Cpu, &Op) -> Result<(), StepEnd>;
+/// What a handler returns: pointer-sized, so it comes back in a register; the rare ways an
+/// instruction does not simply complete are boxed.
+pub(crate) type Step = Result<(), Box<StepEnd>>;
+
+pub(crate) type Handler = fn(&mut Cpu, &Op) -> Step;
 
 /// "No register" in a [`Mem`] recipe.
 const NONE: u8 = 0xff;
@@ -141,7 +145,7 @@ fn linear(cpu: &Cpu, m: &Mem) -> u64 {
 
 /// Reads `S` bytes at linear `l`: straight from the page on a TLB hit.
 #[inline(always)]
-fn read<const S: usize>(cpu: &mut Cpu, l: u64) -> Result<u64, StepEnd> {
+fn read<const S: usize>(cpu: &mut Cpu, l: u64) -> Result<u64, Box<StepEnd>> {
     if let Some(p) = cpu.tlb_hit(l, S, Access::Read) {
         // SAFETY: tlb_hit returned a RAM pointer with S bytes left in its page.
         return Ok(unsafe { memory::load(p, S) });
@@ -151,7 +155,7 @@ fn read<const S: usize>(cpu: &mut Cpu, l: u64) -> Result<u64, StepEnd> {
 
 /// Writes `S` bytes at linear `l`: straight into the page on a TLB hit.
 #[inline(always)]
-fn write<const S: usize>(cpu: &mut Cpu, l: u64, v: u64) -> Result<(), StepEnd> {
+fn write<const S: usize>(cpu: &mut Cpu, l: u64, v: u64) -> Step {
     if let Some(p) = cpu.tlb_hit(l, S, Access::Write) {
         // SAFETY: tlb_hit returned a RAM pointer with S bytes left in its page.
         unsafe { memory::store(p, S, v) };
@@ -164,22 +168,26 @@ fn write<const S: usize>(cpu: &mut Cpu, l: u64, v: u64) -> Result<(), StepEnd> {
 
 /// After a write through the general path: a device write left for the VMM ends the run.
 #[inline(always)]
-fn posted(cpu: &Cpu) -> Result<(), StepEnd> {
+fn posted(cpu: &Cpu) -> Step {
     if cpu.io.exit.is_some() {
-        return Err(StepEnd::Posted);
+        return Err(Box::new(StepEnd::Posted));
     }
     Ok(())
 }
 
 #[inline(always)]
-fn load<const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<u64, StepEnd> {
+fn load<const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<u64, Box<StepEnd>> {
     let l = linear(cpu, &op.mem);
     read::<S>(cpu, l)
 }
 
 /// Operand of kind `K` (register `r`, memory or immediate).
 #[inline(always)]
-fn operand<const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op, r: u8) -> Result<u64, StepEnd> {
+fn operand<const K: u8, const S: usize>(
+    cpu: &mut Cpu,
+    op: &Op,
+    r: u8,
+) -> Result<u64, Box<StepEnd>> {
     match K {
         R => Ok(get::<S>(cpu, r)),
         M => load::<S>(cpu, op),
@@ -195,7 +203,7 @@ fn modify<const D: u8, const S: usize>(
     cpu: &mut Cpu,
     op: &Op,
     f: impl FnOnce(&mut Cpu, u64) -> u64,
-) -> Result<(), StepEnd> {
+) -> Step {
     if D == R {
         let a = get::<S>(cpu, op.dst);
         let r = f(cpu, a);
@@ -224,7 +232,7 @@ fn modify<const D: u8, const S: usize>(
 }
 
 /// Runs the instruction through the general interpreter.
-fn general(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+fn general(cpu: &mut Cpu, op: &Op) -> Step {
     cpu.start_rip = op.rip;
     let insn = op
         .insn
@@ -249,10 +257,7 @@ const fn alu_op(n: u8) -> AluOp {
 }
 
 /// ADD ADC SUB SBB AND OR XOR (0..6), CMP (7), TEST (8).
-fn alu<const OP: u8, const D: u8, const K: u8, const S: usize>(
-    cpu: &mut Cpu,
-    op: &Op,
-) -> Result<(), StepEnd> {
+fn alu<const OP: u8, const D: u8, const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Step {
     let b = operand::<K, S>(cpu, op, op.src)?;
     if OP >= 7 {
         let a = match D {
@@ -265,7 +270,7 @@ fn alu<const OP: u8, const D: u8, const K: u8, const S: usize>(
     modify::<D, S>(cpu, op, |c, a| c.alu(alu_op(OP), a, b, S))
 }
 
-fn mov<const D: u8, const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+fn mov<const D: u8, const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Step {
     let v = operand::<K, S>(cpu, op, op.src)?;
     if D == R {
         set::<S>(cpu, op.dst, v);
@@ -280,24 +285,21 @@ fn mov<const D: u8, const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Resu
 fn movx<const SIGNED: bool, const K: u8, const SS: usize, const S: usize>(
     cpu: &mut Cpu,
     op: &Op,
-) -> Result<(), StepEnd> {
+) -> Step {
     let v = operand::<K, SS>(cpu, op, op.src)?;
     let v = if SIGNED { sext(v, SS) } else { v };
     set::<S>(cpu, op.dst, v);
     Ok(())
 }
 
-fn lea<const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+fn lea<const S: usize>(cpu: &mut Cpu, op: &Op) -> Step {
     let a = ea(cpu, &op.mem);
     set::<S>(cpu, op.dst, a);
     Ok(())
 }
 
 /// Shifts and rotates; `KIND` is as in `Cpu::shift`, the count an immediate (`K` = I) or CL.
-fn shift<const KIND: u8, const D: u8, const K: u8, const S: usize>(
-    cpu: &mut Cpu,
-    op: &Op,
-) -> Result<(), StepEnd> {
+fn shift<const KIND: u8, const D: u8, const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Step {
     let count = if K == I {
         op.imm
     } else {
@@ -307,10 +309,7 @@ fn shift<const KIND: u8, const D: u8, const K: u8, const S: usize>(
 }
 
 /// INC (0), DEC (1), NEG (2), NOT (3).
-fn unary<const KIND: u8, const D: u8, const S: usize>(
-    cpu: &mut Cpu,
-    op: &Op,
-) -> Result<(), StepEnd> {
+fn unary<const KIND: u8, const D: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Step {
     modify::<D, S>(cpu, op, |c, a| match KIND {
         0 => c.incdec(a, S, true),
         1 => c.incdec(a, S, false),
@@ -320,10 +319,7 @@ fn unary<const KIND: u8, const D: u8, const S: usize>(
 }
 
 /// IMUL r, r/m (THREE = false) and IMUL r, r/m, imm (THREE = true).
-fn imul<const THREE: bool, const K: u8, const S: usize>(
-    cpu: &mut Cpu,
-    op: &Op,
-) -> Result<(), StepEnd> {
+fn imul<const THREE: bool, const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Step {
     use super::state::flags::{AF, CF, OF, PF, SF, ZF};
     let v = operand::<K, S>(cpu, op, op.src)?;
     let (a, b) = if THREE {
@@ -343,7 +339,7 @@ fn imul<const THREE: bool, const K: u8, const S: usize>(
     Ok(())
 }
 
-fn setcc<const D: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+fn setcc<const D: u8>(cpu: &mut Cpu, op: &Op) -> Step {
     let v = cpu.condition(op.cc) as u64;
     if D == R {
         set::<1>(cpu, op.dst, v);
@@ -354,7 +350,7 @@ fn setcc<const D: u8>(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
     Ok(())
 }
 
-fn cmovcc<const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+fn cmovcc<const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Step {
     let v = operand::<K, S>(cpu, op, op.src)?;
     if cpu.condition(op.cc) {
         set::<S>(cpu, op.dst, v);
@@ -366,20 +362,20 @@ fn cmovcc<const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), Ste
     Ok(())
 }
 
-fn jcc(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+fn jcc(cpu: &mut Cpu, op: &Op) -> Step {
     if cpu.condition(op.cc) {
         cpu.s.rip = op.imm;
     }
     Ok(())
 }
 
-fn jmp(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+fn jmp(cpu: &mut Cpu, op: &Op) -> Step {
     cpu.s.rip = op.imm;
     Ok(())
 }
 
 /// CALL rel32 in 64-bit mode.
-fn call64(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+fn call64(cpu: &mut Cpu, op: &Op) -> Step {
     let sp = cpu.s.gpr[RSP].wrapping_sub(8);
     write::<8>(cpu, sp, cpu.s.rip)?;
     cpu.s.gpr[RSP] = sp;
@@ -388,7 +384,7 @@ fn call64(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
 }
 
 /// RET in 64-bit mode.
-fn ret64(cpu: &mut Cpu, _op: &Op) -> Result<(), StepEnd> {
+fn ret64(cpu: &mut Cpu, _op: &Op) -> Step {
     let sp = cpu.s.gpr[RSP];
     let target = read::<8>(cpu, sp)?;
     cpu.s.gpr[RSP] = sp.wrapping_add(8);
@@ -397,7 +393,7 @@ fn ret64(cpu: &mut Cpu, _op: &Op) -> Result<(), StepEnd> {
 }
 
 /// PUSH r64 in 64-bit mode (PUSH RSP pushes the value before the decrement).
-fn push64(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+fn push64(cpu: &mut Cpu, op: &Op) -> Step {
     let v = cpu.s.gpr[op.src as usize];
     let sp = cpu.s.gpr[RSP].wrapping_sub(8);
     write::<8>(cpu, sp, v)?;
@@ -406,7 +402,7 @@ fn push64(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
 }
 
 /// POP r64 in 64-bit mode (POP RSP loads the popped value).
-fn pop64(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+fn pop64(cpu: &mut Cpu, op: &Op) -> Step {
     let sp = cpu.s.gpr[RSP];
     let v = read::<8>(cpu, sp)?;
     cpu.s.gpr[RSP] = sp.wrapping_add(8);
@@ -414,7 +410,7 @@ fn pop64(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
     Ok(())
 }
 
-fn nop(_cpu: &mut Cpu, _op: &Op) -> Result<(), StepEnd> {
+fn nop(_cpu: &mut Cpu, _op: &Op) -> Step {
     Ok(())
 }
 
@@ -447,10 +443,7 @@ macro_rules! kinds {
 // ---- flagless variants, for instructions whose flags nothing can observe -----------------
 
 /// ADD SUB AND OR XOR (and CMP, TEST: nothing) on a register, without flags.
-fn alu_nf<const OP: u8, const K: u8, const S: usize>(
-    cpu: &mut Cpu,
-    op: &Op,
-) -> Result<(), StepEnd> {
+fn alu_nf<const OP: u8, const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Step {
     if OP >= 7 {
         return Ok(());
     }
@@ -467,7 +460,7 @@ fn alu_nf<const OP: u8, const K: u8, const S: usize>(
     Ok(())
 }
 
-fn imul_nf<const THREE: bool, const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+fn imul_nf<const THREE: bool, const S: usize>(cpu: &mut Cpu, op: &Op) -> Step {
     let v = get::<S>(cpu, op.src);
     let (a, b) = if THREE {
         (v, op.imm)
@@ -479,10 +472,7 @@ fn imul_nf<const THREE: bool, const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<
 }
 
 /// SHL/SAL, SHR, SAR (KIND 4/6, 5, 7) of a register by an immediate or CL, without flags.
-fn shift_nf<const KIND: u8, const K: u8, const S: usize>(
-    cpu: &mut Cpu,
-    op: &Op,
-) -> Result<(), StepEnd> {
+fn shift_nf<const KIND: u8, const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Step {
     let count = if K == I {
         op.imm
     } else {
@@ -512,7 +502,7 @@ fn shift_nf<const KIND: u8, const K: u8, const S: usize>(
 }
 
 /// INC, DEC, NEG (KIND 0, 1, 2) of a register, without flags.
-fn unary_nf<const KIND: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<(), StepEnd> {
+fn unary_nf<const KIND: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Step {
     let a = get::<S>(cpu, op.dst);
     let r = match KIND {
         0 => a.wrapping_add(1),

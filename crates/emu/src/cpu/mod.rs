@@ -357,7 +357,7 @@ impl Cpu {
                 }
                 Err(e) => {
                     self.start_rip = op.rip;
-                    return self.retire_slow(e);
+                    return self.retire_slow(*e);
                 }
             }
         }
@@ -539,5 +539,11 @@ pub(crate) enum StepEnd {
 impl From<Fault> for StepEnd {
     fn from(f: Fault) -> Self {
         StepEnd::Fault(f)
+    }
+}
+
+impl From<Fault> for Box<StepEnd> {
+    fn from(f: Fault) -> Self {
+        Box::new(StepEnd::Fault(f))
     }
 }
