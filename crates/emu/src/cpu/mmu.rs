@@ -218,6 +218,8 @@ impl Cpu {
                     unsafe {
                         memory::atomic_rmw(p, 8, |old| Some(old | (want & (PTE_A | PTE_D))));
                     }
+                    // Code sharing a page with page tables is rare, but a CPU would see it.
+                    self.note_store(p, 8);
                 }
             }
         }

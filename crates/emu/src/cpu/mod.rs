@@ -340,6 +340,10 @@ impl Cpu {
     /// with all its flags.
     #[inline(always)]
     fn run_ops<const EXACT: bool>(&mut self, ops: &[fast::Op], ipmask: u64) -> Flow {
+        // Retired instructions are counted here and added once on the way out: nothing the
+        // handlers do reads the count.
+        let mut done = 0;
+        let mut flow = Flow::Next;
         for op in ops {
             // `start_rip` is set only where it is read: by the general interpreter (`general`
             // sets it) and on the way out of a failed instruction.
@@ -348,7 +352,7 @@ impl Cpu {
             let run = if EXACT { op.exact } else { op.run };
             match run(self, op) {
                 Ok(()) => {
-                    self.icount += 1;
+                    done += 1;
                     // A taken branch, a restarted REP iteration or a store into the block's
                     // own code leaves the block.
                     if self.s.rip != next || self.code_written {
@@ -356,12 +360,16 @@ impl Cpu {
                     }
                 }
                 Err(e) => {
+                    self.icount += done;
+                    done = 0;
                     self.start_rip = op.rip;
-                    return self.retire_slow(*e);
+                    flow = self.retire_slow(*e);
+                    break;
                 }
             }
         }
-        Flow::Next
+        self.icount += done;
+        flow
     }
 
     /// Fetches, decodes and runs one instruction on its own (tracing, or an instruction that
