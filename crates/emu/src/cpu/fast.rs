@@ -564,6 +564,10 @@ pub(crate) fn cannot_fault(insn: &Instruction) -> bool {
 }
 
 fn is_setcc_or_cmov(m: Mnemonic) -> bool {
+    is_setcc(m) || is_cmov(m)
+}
+
+fn is_setcc(m: Mnemonic) -> bool {
     use Mnemonic as Mn;
     matches!(
         m,
@@ -583,7 +587,14 @@ fn is_setcc_or_cmov(m: Mnemonic) -> bool {
             | Mn::Seto
             | Mn::Setp
             | Mn::Sets
-            | Mn::Cmova
+    )
+}
+
+fn is_cmov(m: Mnemonic) -> bool {
+    use Mnemonic as Mn;
+    matches!(
+        m,
+        Mn::Cmova
             | Mn::Cmovae
             | Mn::Cmovb
             | Mn::Cmovbe
@@ -984,48 +995,14 @@ fn select(insn: &Instruction, bitness: u32, op: &mut Op) -> Option<Handler> {
                 op.imm = insn.near_branch_target();
                 jcc as Handler
             }
-            Mn::Seta
-            | Mn::Setae
-            | Mn::Setb
-            | Mn::Setbe
-            | Mn::Sete
-            | Mn::Setg
-            | Mn::Setge
-            | Mn::Setl
-            | Mn::Setle
-            | Mn::Setne
-            | Mn::Setno
-            | Mn::Setnp
-            | Mn::Setns
-            | Mn::Seto
-            | Mn::Setp
-            | Mn::Sets
-                if size == 1 =>
-            {
+            _ if is_setcc(m) && size == 1 => {
                 if k0? == R {
                     setcc::<R> as Handler
                 } else {
                     setcc::<M> as Handler
                 }
             }
-            Mn::Cmova
-            | Mn::Cmovae
-            | Mn::Cmovb
-            | Mn::Cmovbe
-            | Mn::Cmove
-            | Mn::Cmovg
-            | Mn::Cmovge
-            | Mn::Cmovl
-            | Mn::Cmovle
-            | Mn::Cmovne
-            | Mn::Cmovno
-            | Mn::Cmovnp
-            | Mn::Cmovns
-            | Mn::Cmovo
-            | Mn::Cmovp
-            | Mn::Cmovs
-                if matches!(size, 2 | 4 | 8) =>
-            {
+            _ if is_cmov(m) && matches!(size, 2 | 4 | 8) => {
                 if k1? == M {
                     sized!(cmovcc, size, M)
                 } else {
