@@ -764,14 +764,7 @@ fn kind(insn: &Instruction, n: u32) -> Option<u8> {
     match insn.op_kind(n) {
         OpKind::Register => gpr(insn.op_register(n)).map(|_| R),
         OpKind::Memory => Some(M),
-        OpKind::Immediate8
-        | OpKind::Immediate16
-        | OpKind::Immediate32
-        | OpKind::Immediate64
-        | OpKind::Immediate8to16
-        | OpKind::Immediate8to32
-        | OpKind::Immediate8to64
-        | OpKind::Immediate32to64 => Some(I),
+        k if kind_is_immediate(k) => Some(I),
         _ => None,
     }
 }
