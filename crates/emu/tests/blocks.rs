@@ -197,3 +197,77 @@ fn a_store_into_the_running_block_takes_effect_at_once() {
     assert_eq!(single.gpr[0], 5, "single-stepping sees the new immediate");
     assert_eq!(blocks.gpr[0], 5, "block execution must see it too");
 }
+
+#[test]
+fn a_loop_that_rewrites_its_own_body_runs_the_new_code() {
+    // A block that jumps back to its own start goes round without re-checking its bytes;
+    // a store into them must still end that, as a CPU refetches.
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.add(edx, 1)?; // 83 c2 01: the immediate is at CODE + 2
+        a.mov(byte_ptr(CODE + 2), 2)?;
+        a.dec(ecx)?;
+        a.jnz(top)?;
+        a.hlt()
+    });
+    assert_eq!(&code[..3], &[0x83, 0xc2, 0x01]);
+    let mut regs = Regs {
+        rip: CODE,
+        rflags: 0x2,
+        ..Regs::default()
+    };
+    regs.gpr[1] = 4;
+    regs.gpr[4] = STACK_TOP;
+    let [(blocks, _), (single, _)] = both_ways(&code, &regs, 4 * 4 + 1);
+    assert_eq!(
+        single.gpr[2],
+        1 + 2 + 2 + 2,
+        "single-stepping adds the new immediate"
+    );
+    assert_eq!(blocks.gpr[2], single.gpr[2], "the looping block must too");
+}
+
+#[test]
+fn loops_end_in_the_state_single_stepping_reaches() {
+    // Random bodies that go round a counted loop: the block runs itself again without a
+    // lookup, and must still stop exactly at the budget and agree with single-stepping.
+    let mut r = Rng(0x0bad_cafe_1234_5679);
+    for case in 0..500 {
+        let n = 1 + r.below(12);
+        let rounds = 1 + r.below(6);
+        let mut seed = Rng(r.next() | 1);
+        let code = assemble(|a| {
+            let mut top = a.create_label();
+            a.set_label(&mut top)?;
+            for _ in 0..n {
+                random_insn(a, &mut seed)?;
+            }
+            a.dec(r15)?;
+            a.jnz(top)?;
+            a.hlt()
+        });
+        let mut regs = random_regs(&mut r);
+        regs.gpr[15] = rounds;
+        let steps = (n + 2) * rounds + 1;
+        let [(blocks, _), (single, _)] = both_ways(&code, &regs, steps);
+        assert_eq!(
+            single.rip,
+            CODE + code.len() as u64,
+            "case {case}: did not reach the end"
+        );
+        assert_eq!(
+            (blocks.gpr, blocks.rflags & FLAGS),
+            (single.gpr, single.rflags & FLAGS),
+            "case {case}: looping blocks diverge from single-stepping for {code:02x?} from {regs:x?}"
+        );
+        // Stopping mid-loop at the budget lands where single-stepping does.
+        let cut = 1 + r.below(steps - 1);
+        let [(blocks, _), (single, _)] = both_ways(&code, &regs, cut);
+        assert_eq!(
+            (blocks.rip, blocks.gpr),
+            (single.rip, single.gpr),
+            "case {case}: a budget of {cut} stops elsewhere"
+        );
+    }
+}

@@ -13,9 +13,9 @@ use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKi
 use super::fast::{self, Op};
 
 /// Instructions per block at most: bounds interrupt latency and the cost of a rebuild.
-const MAX_OPS: usize = 32;
+const MAX_OPS: usize = 64;
 /// Bytes decoded for a block at most.
-const MAX_BYTES: usize = 192;
+const MAX_BYTES: usize = 256;
 /// Cache slots (a power of two); direct-mapped by address.
 const SLOTS: usize = 1 << SLOT_BITS;
 const SLOT_BITS: u32 = 15;

@@ -236,14 +236,7 @@ impl Cpu {
     pub fn run(&mut self, budget: u64) -> RunExit {
         let end = self.icount + budget;
         while self.icount < end {
-            if self.s.rflags & flags::IF != 0
-                && !self.interrupt_shadow
-                && self
-                    .irq_hint
-                    .as_ref()
-                    .is_none_or(|h| h.load(std::sync::atomic::Ordering::Acquire))
-                && self.m.interrupt_pending()
-            {
+            if self.may_take_interrupt() && self.m.interrupt_pending() {
                 if let Some(v) = self.m.take_interrupt() {
                     self.halted = false;
                     if self.deliver_external(v).is_err() {
@@ -311,18 +304,45 @@ impl Cpu {
         let block: &block::Block = unsafe { &*block };
         self.blocks_run += 1;
         let ipmask = if bitness == 64 { u64::MAX } else { 0xffff_ffff };
-        let n = block.ops.len().min((end - self.icount) as usize);
         self.code_lo = host as usize;
         self.code_len = block.len();
-        let flow = if n == block.ops.len() {
-            self.run_ops::<false>(&block.ops, ipmask)
-        } else {
-            // Cut short by the budget: a dropped flag computation might be visible after it.
-            self.run_ops::<true>(&block.ops[..n], ipmask)
+        let flow = loop {
+            let n = block.ops.len().min((end - self.icount) as usize);
+            if n < block.ops.len() {
+                // Cut short by the budget: a dropped flag computation might be visible after it.
+                break self.run_ops::<true>(&block.ops[..n], ipmask);
+            }
+            let flow = self.run_ops::<false>(&block.ops, ipmask);
+            // A loop whose body is this block goes round again without the lookup and the
+            // byte check: nothing this vCPU ran wrote the block's code (`code_written`), and
+            // code written by another vCPU or a device need not be seen before the next
+            // serializing event (Intel SDM vol. 3, 9.1.3, cross-modifying code) — an interrupt,
+            // which the run loop checks for, or the end of the budget.
+            if !matches!(flow, Flow::Next)
+                || self.s.rip != rip
+                || self.code_written
+                || self.may_take_interrupt()
+                || self.io.exit.is_some()
+            {
+                break flow;
+            }
+            self.blocks_run += 1;
         };
         self.code_len = 0;
         self.code_written = false;
         flow
+    }
+
+    /// Whether the run loop must look for a pending interrupt before the next block: the
+    /// cheap half of its check (interrupts enabled, no shadow, and the machine's hint set).
+    #[inline(always)]
+    fn may_take_interrupt(&self) -> bool {
+        self.s.rflags & flags::IF != 0
+            && !self.interrupt_shadow
+            && self
+                .irq_hint
+                .as_ref()
+                .is_none_or(|h| h.load(std::sync::atomic::Ordering::Acquire))
     }
 
     /// Records a store of `size` bytes at host address `p`: if it overwrites the running
