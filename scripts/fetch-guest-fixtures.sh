@@ -8,7 +8,9 @@
 #   vmlinuz            the cloud kernel's bzImage (/boot/vmlinuz-*)
 #   vmlinux            the uncompressed ELF kernel (has the Xen PVH entry note)
 #   initramfs.cpio.gz  newc cpio: busybox-static + applet symlinks, /init, virtio modules
-#   VERSION            KEY=VALUE: kernel package, version, release; busybox version
+#   rootfs.ext4        64 MiB ext4 image (label ferrovisor-root, fixed UUID, reproducible):
+#                      busybox-static + applet symlinks and its own /sbin/init, no modules
+#   VERSION            KEY=VALUE: fixture format, kernel package, version, release; busybox
 #   fixtures.sha256    sha256sum of the above
 #
 # The initramfs /init mounts proc, sys, devtmpfs and tmpfs, prints FERROVISOR-GUEST-READY
@@ -17,6 +19,15 @@
 #                          before the marker
 #   ferrovisor.shell=1     after the marker, an interactive shell on the console instead
 #                          of powering off (poweroff -f when the shell exits)
+#   ferrovisor.root=DEV    instead of the marker: load the modules, wait up to 10 s for DEV
+#                          (e.g. /dev/vda), mount it as ext4 on /newroot (read-write unless
+#                          ferrovisor.rootro=1), move /dev /proc /sys there and switch_root
+#                          to its /sbin/init. Any failure prints one line "init: <what>" and
+#                          powers off.
+# rootfs.ext4's /sbin/init mounts what is not mounted yet, prints FERROVISOR-ROOT-READY and
+# "root: <its /proc/mounts line for />", then honours ferrovisor.shell=1 the same way and
+# powers off (after remounting / read-only). Boot a copy of rootfs.ext4: a read-write mount
+# changes the image, and a changed image fails fixtures.sha256 (the next run rebuilds it).
 #
 # Fast when nothing changed: if the outputs exist, verify against fixtures.sha256 and VERSION
 # names the kernel package apt currently resolves, it exits at once. --force rebuilds;
@@ -25,14 +36,22 @@
 set -euo pipefail
 
 # Bump when the content of the outputs changes for the same packages (init script, layout).
-FIXTURE_FORMAT=1
+FIXTURE_FORMAT=2
 META_PKG=linux-image-cloud-amd64
 BUSYBOX_PKG=busybox-static
 MODULES=(virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev
          virtio_blk virtio_net net_failover failover virtio_mmio virtio_console virtio_rng
          vmw_vsock_virtio_transport vmw_vsock_virtio_transport_common vsock virtio_balloon
          ext4 jbd2 mbcache crc16 crc32c_generic)
-OUTPUTS=(vmlinuz vmlinux initramfs.cpio.gz VERSION)
+OUTPUTS=(vmlinuz vmlinux initramfs.cpio.gz rootfs.ext4 VERSION)
+# rootfs.ext4: fixed identity and timestamps so that the same packages give the same bytes.
+ROOTFS_SIZE=64M
+ROOTFS_LABEL=ferrovisor-root
+ROOTFS_UUID=6f2d1c9e-7b3a-4e51-9a0d-3c8e5f1b2a47
+ROOTFS_HASH_SEED=0b7e1d5a-2c94-4f36-8e1b-9d2a6c3f5e80
+# Every timestamp in the image (mke2fs treats an E2FSPROGS_FAKE_TIME of 0 as unset).
+ROOTFS_TIME=${SOURCE_DATE_EPOCH:-0}
+[ "$ROOTFS_TIME" != 0 ] || ROOTFS_TIME=1704067200   # 2024-01-01T00:00:00Z
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(cd "$here/.." && pwd)
@@ -43,7 +62,7 @@ for arg in "$@"; do
     case "$arg" in
         --force) force=1 ;;
         --update) update=1 ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "fetch-guest-fixtures: unknown option: $arg" >&2; exit 2 ;;
         *) [ -z "$dir" ] || { echo "fetch-guest-fixtures: more than one DIR" >&2; exit 2; }
            dir=$arg ;;
@@ -54,7 +73,9 @@ dir=${dir:-$repo/fixtures}
 log() { echo "fetch-guest-fixtures: $*" >&2; }
 die() { echo "fetch-guest-fixtures: ERROR: $*" >&2; exit 1; }
 
-for cmd in apt-get apt-cache dpkg-deb python3 sha256sum lz4; do
+# mke2fs and debugfs live in /usr/sbin, which a normal user's PATH may lack.
+PATH=$PATH:/usr/sbin:/sbin
+for cmd in apt-get apt-cache dpkg-deb python3 sha256sum lz4 mkfs.ext4 debugfs truncate; do
     command -v "$cmd" >/dev/null 2>&1 ||
         die "'$cmd' not found; run scripts/install-deps.sh (Debian 12 with apt is required)"
 done
@@ -180,38 +201,49 @@ mkdir -p "$out"
 cp "$bzimage" "$out/vmlinuz"
 python3 "$tool" extract-vmlinux "$out/vmlinuz" "$out/vmlinux"
 
-# ---------------------------------------------------------------- initramfs
-st="$work/stage"
-mkdir -p "$st"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,root,etc,lib/modules}
-chmod 1777 "$st/tmp"
-chmod 0700 "$st/root"
-cp "$busybox" "$st/bin/busybox"
-chmod 0755 "$st/bin/busybox"
-# Every applet, where busybox itself would install it (bin/sh, sbin/poweroff, ...).
-"$busybox" --list-full | while read -r path; do
-    [ "$path" != bin/busybox ] || continue
-    case "$path" in
-        bin/*) target=busybox ;;
-        sbin/*) target=../bin/busybox ;;
-        usr/bin/*|usr/sbin/*) target=../../bin/busybox ;;
-        *) continue ;;
-    esac
-    [ -e "$st/$path" ] || ln -s "$target" "$st/$path"
-done
-for need in sh mount mkdir cat echo poweroff setsid cttyhack insmod modprobe; do
-    [ -e "$st/bin/$need" ] || [ -e "$st/sbin/$need" ] || [ -e "$st/usr/bin/$need" ] ||
-        [ -e "$st/usr/sbin/$need" ] ||
-        die "busybox $bbver lacks the '$need' applet"
-done
-
-python3 "$tool" modules "$modroot" "$st/lib/modules/$krel" "${MODULES[@]}"
-
-cat >"$st/etc/passwd" <<'EOF'
+# ---------------------------------------------------------------- busybox trees
+# stage_busybox_tree DIR: a minimal root tree in DIR: the usual directories, busybox-static with
+# a symlink for every applet where busybox itself would install it (bin/sh, sbin/poweroff,
+# ...), /etc/passwd and /etc/group. Shared by the initramfs and rootfs.ext4.
+stage_busybox_tree() {
+    local t=$1 path target need
+    mkdir -p "$t"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,root,etc,mnt}
+    chmod 1777 "$t/tmp"
+    chmod 0700 "$t/root"
+    cp "$busybox" "$t/bin/busybox"
+    chmod 0755 "$t/bin/busybox"
+    "$busybox" --list-full | while read -r path; do
+        [ "$path" != bin/busybox ] || continue
+        case "$path" in
+            bin/*) target=busybox ;;
+            sbin/*) target=../bin/busybox ;;
+            usr/bin/*|usr/sbin/*) target=../../bin/busybox ;;
+            *) continue ;;
+        esac
+        [ -e "$t/$path" ] || ln -s "$target" "$t/$path"
+    done
+    for need in sh mount umount mkdir cat echo grep tail sleep sync poweroff setsid \
+        cttyhack insmod modprobe switch_root; do
+        [ -e "$t/bin/$need" ] || [ -e "$t/sbin/$need" ] || [ -e "$t/usr/bin/$need" ] ||
+            [ -e "$t/usr/sbin/$need" ] ||
+            die "busybox $bbver lacks the '$need' applet"
+    done
+    cat >"$t/etc/passwd" <<'EOF'
 root:x:0:0:root:/root:/bin/sh
 EOF
-cat >"$st/etc/group" <<'EOF'
+    cat >"$t/etc/group" <<'EOF'
 root:x:0:
 EOF
+}
+# The initramfs waits for the root device with `sleep 0.1`; busybox must take fractions.
+"$busybox" sleep 0.01 2>/dev/null || die "busybox $bbver's sleep does not take fractional seconds"
+
+# ---------------------------------------------------------------- initramfs
+st="$work/stage"
+stage_busybox_tree "$st"
+mkdir -p "$st/lib/modules" "$st/newroot"
+
+python3 "$tool" modules "$modroot" "$st/lib/modules/$krel" "${MODULES[@]}"
 
 cat >"$st/init" <<'EOF'
 #!/bin/sh
@@ -223,14 +255,68 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 cmdline=" $(cat /proc/cmdline) "
 
-case "$cmdline" in
-*" ferrovisor.modules=1 "*)
+# ferrovisor.root=DEV: switch_root into the ext4 file system on DEV instead of staying here.
+root=
+set -f
+for arg in $cmdline; do
+    case "$arg" in
+    ferrovisor.root=*) root=${arg#ferrovisor.root=} ;;
+    esac
+done
+set +f
+
+# On the way to the root file system: one line saying what failed, then power off, so that a
+# test fails at once instead of hanging.
+fail() {
+    echo "init: $*"
+    poweroff -f
+    exit 1
+}
+
+load_modules() {
     moddir=/lib/modules/$(uname -r)
     while read -r m; do
         insmod "$moddir/$m" || echo "init: insmod $m failed"
     done <"$moddir/modules.load"
-    ;;
+}
+
+case "$cmdline" in
+*" ferrovisor.modules=1 "*) load_modules ;;
+*) [ -z "$root" ] || load_modules ;;
 esac
+
+if [ -n "$root" ]; then
+    # The disk appears when virtio_blk has probed it; give it up to 10 s of uptime.
+    uptime_cs() {  # /proc/uptime in hundredths of a second ("12.34 ..." -> 1234)
+        read -r up _ </proc/uptime
+        frac=${up#*.}
+        echo $((${up%.*} * 100 + ${frac#0}))
+    }
+    deadline=$(($(uptime_cs) + 1000))
+    while [ ! -b "$root" ]; do
+        [ "$(uptime_cs)" -lt "$deadline" ] || fail "$root did not appear in 10 s"
+        sleep 0.1
+    done
+    mode=rw
+    case "$cmdline" in
+    *" ferrovisor.rootro=1 "*) mode=ro ;;
+    esac
+    mkdir -p /newroot
+    mount -t ext4 -o "$mode" "$root" /newroot ||
+        fail "cannot mount $root (ext4, $mode) on /newroot"
+    for p in sbin/init dev proc sys; do
+        [ -e "/newroot/$p" ] || { umount /newroot; fail "$root has no /$p"; }
+    done
+    [ -x /newroot/sbin/init ] || { umount /newroot; fail "$root: /sbin/init is not executable"; }
+    echo "initramfs: switch_root to $root (ext4, $mode)"
+    umount /tmp
+    mount --move /dev /newroot/dev || fail "cannot move /dev to $root"
+    mount --move /proc /newroot/proc || fail "cannot move /proc to $root"
+    mount --move /sys /newroot/sys || fail "cannot move /sys to $root"
+    # switch_root must be PID 1: exec it. It empties the initramfs, makes /newroot the root
+    # and execs /sbin/init there.
+    exec switch_root /newroot /sbin/init
+fi
 
 echo FERROVISOR-GUEST-READY
 
@@ -244,6 +330,39 @@ EOF
 chmod 0755 "$st/init"
 
 python3 "$tool" cpio "$st" "$out/initramfs.cpio.gz"
+
+# ---------------------------------------------------------------- rootfs.ext4
+rs="$work/rootfs"
+stage_busybox_tree "$rs"
+rm -f "$rs/sbin/init"   # busybox's init applet; ours is a script
+cat >"$rs/sbin/init" <<'EOF'
+#!/bin/sh
+# Ferrovisor test root file system (scripts/fetch-guest-fixtures.sh). The initramfs switches
+# here with ferrovisor.root=DEV, after moving its /dev, /proc and /sys mounts in.
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
+[ -e /proc/self ] || mount -t proc proc /proc
+mounted() { grep -q "^[^ ]* $1 " /proc/mounts; }
+mounted /sys || mount -t sysfs sysfs /sys
+mounted /dev || mount -t devtmpfs devtmpfs /dev
+mounted /tmp || mount -t tmpfs tmpfs /tmp
+cmdline=" $(cat /proc/cmdline) "
+
+echo FERROVISOR-ROOT-READY
+echo "root: $(grep ' / ' /proc/mounts | tail -n1)"
+
+case "$cmdline" in
+*" ferrovisor.shell=1 "*)
+    setsid cttyhack sh || sh </dev/console >/dev/console 2>&1
+    ;;
+esac
+# Leave the file system clean when nothing holds it busy.
+sync
+mount -o remount,ro / 2>/dev/null
+poweroff -f
+EOF
+chmod 0755 "$rs/sbin/init"
+python3 "$tool" ext4 "$rs" "$out/rootfs.ext4" "$ROOTFS_SIZE" "$ROOTFS_LABEL" "$ROOTFS_UUID" \
+    "$ROOTFS_HASH_SEED" "$ROOTFS_TIME"
 
 printf '%s\n' "$want_version" >"$out/VERSION"
 (cd "$out" && sha256sum "${OUTPUTS[@]}" >fixtures.sha256)

@@ -9,25 +9,26 @@
 #
 # Required:
 #   gcc binutils make      freestanding test guests (crates/test-guests)
-#   cpio gzip xz-utils zstd lz4
-#                          scripts/fetch-guest-fixtures.sh (initramfs, kernel payload)
+#   cpio gzip xz-utils zstd lz4 e2fsprogs
+#                          scripts/fetch-guest-fixtures.sh (initramfs, kernel payload,
+#                          rootfs.ext4: mkfs.ext4, debugfs, e2fsck)
 #   python3                fixture and benchmark helpers
 #   qemu-system-x86        benchmark peer, fixture smoke tests
 #   time                   /usr/bin/time for ad-hoc RSS measurements
 # Optional (a failure to install them is reported but not fatal):
 #   hyperfine
 # Not installed: busybox-static (scripts/fetch-guest-fixtures.sh downloads it with
-# `apt-get download` and only unpacks it into the initramfs).
+# `apt-get download` and only unpacks it into the initramfs and rootfs.ext4).
 set -euo pipefail
 
-REQUIRED=(gcc binutils make cpio gzip xz-utils zstd lz4 python3 qemu-system-x86 time)
+REQUIRED=(gcc binutils make cpio gzip xz-utils zstd lz4 e2fsprogs python3 qemu-system-x86 time)
 OPTIONAL=(hyperfine)
 
 want_optional=1
 for arg in "$@"; do
     case "$arg" in
         --no-optional) want_optional=0 ;;
-        -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "install-deps.sh: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done

@@ -11,6 +11,10 @@
   fixture_tool.py cpio STAGEDIR OUT.cpio.gz
       Pack STAGEDIR as a newc cpio (owner root, fixed mtime, sorted, with /dev/console and
       /dev/null device nodes added) and gzip it reproducibly.
+  fixture_tool.py ext4 STAGEDIR OUT SIZE LABEL UUID HASH_SEED EPOCH
+      Make OUT an ext4 image of SIZE (bytes, or with a K/M/G suffix) holding STAGEDIR
+      (mkfs.ext4 -d), every inode owned by root and stamped EPOCH, with the given label, UUID
+      and directory hash seed: the same tree gives the same bytes. Checked with e2fsck -fn.
 """
 
 import gzip
@@ -281,6 +285,78 @@ def pack_cpio(stagedir, dst):
     os.replace(dst + ".tmp", dst)
 
 
+# ---------------------------------------------------------------- ext4 image
+
+def _parse_size(text):
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    num, unit = text.rstrip("KMGkmg"), text[len(text.rstrip("KMGkmg")):].upper()
+    if not num.isdigit() or unit not in units:
+        die(f"bad size {text!r} (bytes, or a number with K, M or G)")
+    return int(num) * units[unit]
+
+
+def _run(argv, what, **kw):
+    if shutil.which(argv[0]) is None:
+        die(f"{argv[0]} not found (e2fsprogs; scripts/install-deps.sh)")
+    p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    if p.returncode != 0:
+        die(f"{what} failed (exit {p.returncode}):\n{p.stdout}{p.stderr}")
+    return p
+
+
+def make_ext4(stagedir, dst, size, label, uuid, hash_seed, epoch):
+    epoch = int(epoch)
+    if epoch <= 0:
+        die("ext4: EPOCH must be positive (mke2fs ignores E2FSPROGS_FAKE_TIME=0)")
+    # mke2fs -d copies atime and mtime from the tree, so fix them there. It copies ctime too,
+    # which user space cannot set, and the owner of the files: debugfs rewrites both below.
+    # E2FSPROGS_FAKE_TIME is the time mke2fs and debugfs use for everything else (superblock
+    # times, crtime, the root and lost+found directories).
+    paths = ["/", "/lost+found"]
+    ns = epoch * 1_000_000_000
+    for dirpath, dirs, files in os.walk(stagedir):
+        dirs.sort()
+        for n in sorted(dirs + files):
+            p = os.path.join(dirpath, n)
+            rel = "/" + os.path.relpath(p, stagedir)
+            if any(c in rel for c in ' "\\\t\n'):
+                die(f"ext4: file name needs quoting in debugfs, not supported: {rel!r}")
+            if rel == "/lost+found":
+                die("ext4: the staging tree must not have /lost+found (mke2fs makes it)")
+            paths.append(rel)
+    # Directories last so that their times are not disturbed by stamping their entries.
+    for dirpath, dirs, files in os.walk(stagedir, topdown=False):
+        for n in dirs + files:
+            os.utime(os.path.join(dirpath, n), ns=(ns, ns), follow_symlinks=False)
+    os.utime(stagedir, ns=(ns, ns))
+
+    env = dict(os.environ, E2FSPROGS_FAKE_TIME=str(epoch))
+    tmp = dst + ".tmp"
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    with open(tmp, "wb") as f:
+        f.truncate(_parse_size(size))
+    # Block and inode size pinned: mke2fs.conf would pick 1 KiB blocks for a "small" image.
+    _run(["mkfs.ext4", "-F", "-q", "-t", "ext4", "-b", "4096", "-I", "256", "-L", label,
+          "-U", uuid, "-E", f"root_owner=0:0,hash_seed={hash_seed}", "-d", stagedir, tmp],
+         "mkfs.ext4", env=env)
+
+    cmds = tmp + ".debugfs"
+    with open(cmds, "w") as f:
+        for p in paths:
+            f.write(f'sif "{p}" ctime @{epoch}\nsif "{p}" uid 0\nsif "{p}" gid 0\n')
+    p = _run(["debugfs", "-w", "-f", cmds, tmp], "debugfs", env=env)
+    os.unlink(cmds)
+    # debugfs exits 0 whatever its commands did; anything on stderr but its banner is an error.
+    errors = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith("debugfs ")]
+    if errors:
+        die("debugfs: " + "\n".join(errors[:10]))
+    _run(["e2fsck", "-fn", tmp], "e2fsck -fn on the new image", env=env)
+    os.replace(tmp, dst)
+    print(f"fixture_tool: ext4: {dst}: {size}, {len(paths)} inodes stamped {epoch}, "
+          f"UUID {uuid}", file=sys.stderr)
+
+
 def main(argv):
     if len(argv) >= 3 and argv[0] == "extract-vmlinux":
         extract_vmlinux(argv[1], argv[2])
@@ -288,6 +364,8 @@ def main(argv):
         modules(argv[1], argv[2], argv[3:])
     elif len(argv) == 3 and argv[0] == "cpio":
         pack_cpio(argv[1], argv[2])
+    elif len(argv) == 8 and argv[0] == "ext4":
+        make_ext4(*argv[1:])
     else:
         print(__doc__, file=sys.stderr)
         sys.exit(2)

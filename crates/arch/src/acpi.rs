@@ -5,7 +5,8 @@
 //! 16-byte aligned:
 //!
 //! 1. the RSDP (revision 2) at [`layout::RSDP_START`], pointing at the XSDT;
-//! 2. the DSDT: `\_S5_`, the COM1 and CMOS RTC devices and one processor device per vCPU;
+//! 2. the DSDT: `\_S5_`, the COM1 and CMOS RTC devices, the PCI root bridge (when there is a
+//!    PCI MMIO window) and one processor device per vCPU;
 //! 3. the FADT: hardware-reduced, with the sleep control/status and reset registers as 8-bit
 //!    System I/O generic addresses, `X_DSDT` pointing at the DSDT;
 //! 4. the MADT: local APIC address, one Processor Local APIC per vCPU, one I/O APIC and the
@@ -16,6 +17,12 @@
 //! ACPI rather than guessing; its `_CRS` names ISA IRQ 8 as real PCs and QEMU do, although the
 //! VMM's RTC raises no interrupts (no alarms or periodic ticks; reading and setting the time need
 //! none).
+//!
+//! The PCI root bridge `\_SB_.PCI0` (`PNP0A08`, compatible with `PNP0A03`) is bus 0 of segment
+//! 0, reached through configuration mechanism #1 at ports `0xCF8`–`0xCFF` (there is no MCFG
+//! table, so no ECAM). Its `_CRS` gives Linux the bus range, the configuration ports it consumes,
+//! the rest of the 16-bit I/O space and the 32-bit MMIO window as windows it may assign BARs
+//! from. There is no `_PRT`: devices on the bus interrupt through MSI/MSI-X, not INTx.
 //!
 //! The tables are assembled with the `acpi_tables` crate; the few structures it does not model
 //! (the MADT interrupt source override, the AML `IRQNoFlags` resource descriptor) are encoded
@@ -74,7 +81,28 @@ const MADT_TYPE_INTERRUPT_SOURCE_OVERRIDE: u8 = 2;
 /// DSDT revision 2: AML integers are 64 bits wide.
 const DSDT_REVISION: u8 = 2;
 
-/// The platform's ACPI-visible configuration: vCPU count, fixed-hardware ports, COM1 and the RTC.
+/// A range of guest physical addresses that the PCI root bridge forwards to its devices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciMmioWindow {
+    /// First address of the window.
+    pub start: GuestAddress,
+    /// Length of the window; the window must end at or below 4 GiB.
+    pub len_bytes: u64,
+}
+
+impl PciMmioWindow {
+    /// The 32-bit window of `docs/platform.md`: [`layout::PCI_MMIO_START`] to
+    /// [`layout::PCI_MMIO_END`].
+    pub fn platform() -> Self {
+        PciMmioWindow {
+            start: layout::PCI_MMIO_START,
+            len_bytes: layout::PCI_MMIO_END.0 - layout::PCI_MMIO_START.0,
+        }
+    }
+}
+
+/// The platform's ACPI-visible configuration: vCPU count, fixed-hardware ports, COM1, the RTC
+/// and the PCI root bridge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AcpiConfig {
     /// Number of vCPUs, `1..=`[`MAX_VCPUS`]. vCPU `i` has APIC ID and ACPI processor UID `i`.
@@ -97,6 +125,9 @@ pub struct AcpiConfig {
     pub rtc_port: u16,
     /// ISA IRQ the RTC is described with, `0..=15`.
     pub rtc_irq: u8,
+    /// The MMIO window of the PCI root bridge `\_SB_.PCI0`; `None`: no PCI bus, and no
+    /// `PCI0` device in the DSDT.
+    pub pci_mmio: Option<PciMmioWindow>,
 }
 
 impl AcpiConfig {
@@ -113,6 +144,7 @@ impl AcpiConfig {
             com1_irq: 4,
             rtc_port: 0x70,
             rtc_irq: 8,
+            pci_mmio: Some(PciMmioWindow::platform()),
         }
     }
 }
@@ -140,6 +172,14 @@ pub enum AcpiError {
         device: &'static str,
         /// The configured IRQ.
         irq: u8,
+    },
+    /// The PCI MMIO window is empty or does not end at or below 4 GiB.
+    #[error("invalid PCI MMIO window at {start:#x} of length {len_bytes:#x}: must be non-empty and below 4 GiB")]
+    InvalidPciWindow {
+        /// First address of the window.
+        start: u64,
+        /// Length of the window.
+        len_bytes: u64,
     },
     /// The tables do not fit in the ACPI area.
     #[error("ACPI tables end at {end:#x}, past the end of the ACPI area at {limit:#x}")]
@@ -210,6 +250,19 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
     for (device, irq) in [("COM1", cfg.com1_irq), ("RTC", cfg.rtc_irq)] {
         if irq > 15 {
             return Err(AcpiError::InvalidIrq { device, irq });
+        }
+    }
+    if let Some(window) = cfg.pci_mmio {
+        let start = window.start.0;
+        let fits = window.len_bytes > 0
+            && start
+                .checked_add(window.len_bytes)
+                .is_some_and(|end| end <= 1 << 32);
+        if !fits {
+            return Err(AcpiError::InvalidPciWindow {
+                start,
+                len_bytes: window.len_bytes,
+            });
         }
     }
     Ok(())
@@ -328,7 +381,8 @@ impl Aml for IrqNoFlags {
     }
 }
 
-/// The DSDT: `\_S5_`, `\_SB_.COM1`, `\_SB_.RTC_` and one ACPI 6 processor device per vCPU.
+/// The DSDT: `\_S5_`, `\_SB_.COM1`, `\_SB_.RTC_`, `\_SB_.PCI0` if there is a PCI window, and
+/// one ACPI 6 processor device per vCPU.
 fn build_dsdt(cfg: &AcpiConfig) -> Sdt {
     let mut dsdt = Sdt::new(
         *b"DSDT",
@@ -348,6 +402,9 @@ fn build_dsdt(cfg: &AcpiConfig) -> Sdt {
 
     let mut sb = com1_device(cfg);
     sb.extend_from_slice(&rtc_device(cfg));
+    if let Some(window) = cfg.pci_mmio {
+        sb.extend_from_slice(&pci_root_device(window));
+    }
     for index in 0..cfg.vcpus {
         sb.extend_from_slice(&processor_device(index));
     }
@@ -380,6 +437,43 @@ fn rtc_device(cfg: &AcpiConfig) -> Vec<u8> {
         vec![
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
             &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io, &irq])),
+        ],
+    )
+    .to_bytes()
+}
+
+/// Configuration mechanism #1 ports, consumed by the root bridge itself.
+const PCI_CONFIG_PORT: u16 = 0xcf8;
+const PCI_CONFIG_PORT_LEN: u8 = 8;
+
+/// `Device (PCI0)`: the PCI root bridge, bus 0 of segment 0, with MMIO window `window` (which
+/// [`validate`] checked lies below 4 GiB).
+fn pci_root_device(window: PciMmioWindow) -> Vec<u8> {
+    let bus = aml::AddressSpace::<u16>::new_bus_number(0, 0);
+    let config_ports = aml::IO::new(PCI_CONFIG_PORT, PCI_CONFIG_PORT, 1, PCI_CONFIG_PORT_LEN);
+    // Every other I/O port is forwarded to the bus: those below the configuration ports and
+    // those above them. Legacy devices inside these windows are not PCI's business; Linux only
+    // assigns I/O BARs from what is free.
+    let io_low = aml::AddressSpace::<u16>::new_io(0, PCI_CONFIG_PORT - 1, None);
+    let io_high = aml::AddressSpace::<u16>::new_io(0x0d00, 0xffff, None);
+    let mmio = aml::AddressSpace::<u32>::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        window.start.0 as u32,
+        (window.start.0 + window.len_bytes - 1) as u32,
+        None,
+    );
+    let crs = aml::ResourceTemplate::new(vec![&bus, &config_ports, &io_low, &io_high, &mmio]);
+    aml::Device::new(
+        "PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new("_CRS".into(), &crs),
         ],
     )
     .to_bytes()

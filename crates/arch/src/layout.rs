@@ -37,6 +37,12 @@ pub const HIMEM_START: GuestAddress = GuestAddress(0x100000);
 /// The 32-bit MMIO hole: no RAM between these addresses.
 pub const MMIO_HOLE_START: GuestAddress = GuestAddress(0xc000_0000);
 pub const MMIO_HOLE_END: GuestAddress = GuestAddress(0x1_0000_0000);
+/// The PCI root bridge's MMIO window, inside the 32-bit hole and below the I/O APIC: BARs are
+/// placed here, and the DSDT declares it in `\_SB_.PCI0._CRS`.
+pub const PCI_MMIO_START: GuestAddress = MMIO_HOLE_START;
+/// End (exclusive) of the PCI MMIO window; the 44 MiB above it, up to the I/O APIC, stay free
+/// for platform devices.
+pub const PCI_MMIO_END: GuestAddress = GuestAddress(0xfc00_0000);
 /// I/O APIC and local APIC MMIO bases.
 pub const IOAPIC_START: GuestAddress = GuestAddress(0xfec0_0000);
 pub const APIC_START: GuestAddress = GuestAddress(0xfee0_0000);

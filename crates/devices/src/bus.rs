@@ -40,6 +40,12 @@ pub enum BusError {
         /// Length of the device already mapped there.
         other_len: u64,
     },
+    /// [`Bus::remove`] was given an address where no range starts.
+    #[error("No range starts at {base:#x}")]
+    NotMapped {
+        /// The address given.
+        base: u64,
+    },
     /// No device is mapped at the address accessed.
     #[error("No device at {addr:#x}")]
     NoDevice {
@@ -89,8 +95,9 @@ impl BusRange {
 /// - the bus lock and a device lock are never held together, and a device's `read`/`write` may
 ///   itself insert into a bus without deadlocking;
 /// - vCPUs accessing different devices contend only on the (read-mostly) bus lock;
-/// - [`insert`](Bus::insert) takes the bus lock for writing and never touches a device lock. Do
-///   not call it while holding an allocator lock that a device access may need.
+/// - [`insert`](Bus::insert) and [`remove`](Bus::remove) take the bus lock for writing and never
+///   touch a device lock. Do not call them while holding an allocator lock that a device access
+///   may need.
 ///
 /// Lookups are a binary search in a sorted `Vec`: no allocation per access.
 ///
@@ -168,6 +175,19 @@ impl Bus {
         Ok(())
     }
 
+    /// Unmaps the range that starts at `base` and returns its device.
+    ///
+    /// `base` must be the exact base the range was inserted at; an address inside a range does
+    /// not remove it. Like [`insert`](Bus::insert), this takes only the bus lock: an access
+    /// already past the lookup may still reach the device once after `remove` returns.
+    pub fn remove(&self, base: u64) -> Result<Arc<Mutex<dyn BusDevice>>, BusError> {
+        let mut ranges = self.write_ranges();
+        let pos = ranges
+            .binary_search_by_key(&base, |r| r.base)
+            .map_err(|_| BusError::NotMapped { base })?;
+        Ok(ranges.remove(pos).device)
+    }
+
     /// The guest reads `data.len()` bytes at `addr`.
     ///
     /// `data` is zeroed, then filled by the device mapped at `addr`; on error it is left as it
@@ -221,8 +241,8 @@ impl Bus {
         Ok((offset, Arc::clone(&range.device)))
     }
 
-    // The vector is valid after every step of `insert` (the only writer), so a panic while the
-    // lock was held cannot leave it inconsistent: recover from poisoning instead of failing
+    // The vector is valid after every step of `insert` and `remove` (the only writers), so a
+    // panic while the lock was held cannot leave it inconsistent: recover from poisoning instead of failing
     // every later access.
     fn read_ranges(&self) -> std::sync::RwLockReadGuard<'_, Vec<BusRange>> {
         self.ranges.read().unwrap_or_else(PoisonError::into_inner)
@@ -457,6 +477,51 @@ mod tests {
             Err(BusError::NoDevice { addr: 0x110 })
         );
         assert_eq!(format!("{bus:?}"), "[(256, 16)]");
+    }
+
+    #[test]
+    fn remove_unmaps_and_returns_the_device() {
+        let bus = Bus::new();
+        let dev = probe(5);
+        bus.insert(probe(1), 0x100, 0x10).unwrap();
+        bus.insert(dev.clone(), 0x200, 0x10).unwrap();
+        bus.insert(probe(3), 0x300, 0x10).unwrap();
+
+        let removed = bus.remove(0x200).unwrap();
+        let dev_dyn: Arc<Mutex<dyn BusDevice>> = dev;
+        assert!(Arc::ptr_eq(&removed, &dev_dyn));
+        assert_eq!(
+            bus.read(0x205, &mut [0]),
+            Err(BusError::NoDevice { addr: 0x205 })
+        );
+        // The neighbours are untouched and the range is free again.
+        let mut data = [0u8; 1];
+        bus.read(0x10f, &mut data).unwrap();
+        assert_eq!(data, [1]);
+        bus.read(0x300, &mut data).unwrap();
+        assert_eq!(data, [3]);
+        bus.insert(probe(9), 0x1f8, 0x10).unwrap();
+        bus.read(0x200, &mut data).unwrap();
+        assert_eq!(data, [9]);
+        assert_eq!(format!("{bus:?}"), "[(256, 16), (504, 16), (768, 16)]");
+    }
+
+    #[test]
+    fn remove_needs_the_exact_base() {
+        let bus = Bus::new();
+        bus.insert(probe(1), 0x100, 0x10).unwrap();
+        for base in [0x0, 0xff, 0x101, 0x10f, 0x110, u64::MAX] {
+            assert!(
+                matches!(bus.remove(base), Err(BusError::NotMapped { base: b }) if b == base),
+                "{base:#x}"
+            );
+        }
+        bus.remove(0x100).unwrap();
+        assert_eq!(
+            bus.remove(0x100).err(),
+            Some(BusError::NotMapped { base: 0x100 })
+        );
+        assert_eq!(format!("{bus:?}"), "[]");
     }
 
     /// A device that maps another device while handling an access: proves the bus lock is not

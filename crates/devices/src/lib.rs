@@ -1,4 +1,5 @@
-//! Devices the guest reaches through port I/O or MMIO, and the bus that routes accesses to them.
+//! Devices the guest reaches through port I/O or MMIO, and the bus that routes accesses to them;
+//! the PCI root bus that PCI devices plug into.
 //!
 //! Nothing here knows which vCPU back end runs the guest: devices raise interrupts through
 //! [`InterruptLine`] and report machine-level events (power off, reset) through
@@ -9,6 +10,7 @@ use std::io;
 pub mod acpi;
 pub mod bus;
 pub mod legacy;
+pub mod pci;
 
 /// A device on a [`bus::Bus`]. `offset` is relative to the base the device was inserted at.
 ///

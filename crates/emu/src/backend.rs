@@ -12,9 +12,10 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use hypervisor::{
-    BackendKind, CpuidEntry, Fpu, Hypervisor, HypervisorError, IrqLine, MemoryRegion, MsrEntry,
-    Regs, Result, Segment, Sregs, Vcpu, VcpuExit, Vm,
+    BackendKind, CpuidEntry, Fpu, Hypervisor, HypervisorError, IrqLine, MemoryRegion, MsiVector,
+    MsrEntry, Regs, Result, Segment, Sregs, Vcpu, VcpuExit, Vm,
 };
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::cpu::state::{CpuState, Dtr, Seg};
 use crate::cpu::{Cpu, IoReq, Machine, RunExit};
@@ -95,18 +96,12 @@ impl Hypervisor for EmuHypervisor {
                 wall_clock_epoch_ns: if self.deterministic {
                     DETERMINISTIC_EPOCH_NS
                 } else {
-                    wall_clock_ns()
+                    hypervisor::host_wall_clock_ns()
                 },
+                ioevents: RwLock::new(Vec::new()),
             }),
         }))
     }
-}
-
-fn wall_clock_ns() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
 }
 
 /// State every vCPU thread and device thread of one VM can reach.
@@ -127,6 +122,9 @@ struct Shared {
     turns: Option<Turns>,
     /// Host wall-clock time at VM creation, for the kvm-clock wall clock.
     wall_clock_epoch_ns: u64,
+    /// MMIO addresses whose writes signal an event instead of exiting to the VMM (virtio
+    /// queue notifications), as KVM's ioeventfds do.
+    ioevents: RwLock<Vec<(u64, EventFd)>>,
 }
 
 /// How a vCPU is waiting to start.
@@ -244,6 +242,46 @@ impl IrqLine for EmuIrq {
     }
 }
 
+/// An MSI vector: the programmed message, delivered straight to the local APICs.
+struct EmuMsiVector {
+    shared: Arc<Shared>,
+    msg: Mutex<Option<MsiMessage>>,
+}
+
+impl MsiVector for EmuMsiVector {
+    fn set_message(&self, msg: hypervisor::MsiMessage) -> io::Result<()> {
+        // A message outside the interrupt window is a memory write on real hardware; it
+        // interrupts nothing, so it is dropped here.
+        *self.msg.lock().expect("MSI message lock poisoned") =
+            MsiMessage::from_address_data(msg.addr, msg.data);
+        Ok(())
+    }
+
+    fn trigger(&self) -> io::Result<()> {
+        let msg = *self.msg.lock().expect("MSI message lock poisoned");
+        if let Some(m) = msg {
+            self.shared.deliver(&m);
+        }
+        Ok(())
+    }
+}
+
+impl Shared {
+    /// Signals the I/O event registered at `gpa`, if any; whether one was.
+    fn signal_ioevent(&self, gpa: u64) -> bool {
+        let events = self.ioevents.read().expect("ioevent list lock poisoned");
+        match events.iter().find(|(a, _)| *a == gpa) {
+            Some((_, evt)) => {
+                if let Err(e) = evt.write(1) {
+                    tracing::warn!("emu: cannot signal the I/O event at {gpa:#x}: {e}");
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 impl Vm for EmuVm {
     unsafe fn map_memory(&self, region: MemoryRegion) -> Result<()> {
         if self.shared.mem.get().is_some() {
@@ -269,6 +307,49 @@ impl Vm for EmuVm {
             shared: self.shared.clone(),
             gsi,
         }))
+    }
+
+    fn msi_vector(&self) -> Result<Arc<dyn MsiVector>> {
+        Ok(Arc::new(EmuMsiVector {
+            shared: self.shared.clone(),
+            msg: Mutex::new(None),
+        }))
+    }
+
+    fn register_ioevent(&self, evt: &EventFd, addr: u64) -> Result<()> {
+        let mut events = self
+            .shared
+            .ioevents
+            .write()
+            .expect("ioevent list lock poisoned");
+        if events.iter().any(|(a, _)| *a == addr) {
+            return Err(HypervisorError::IoEvent(
+                addr,
+                io::Error::from_raw_os_error(libc::EEXIST),
+            ));
+        }
+        let evt = evt
+            .try_clone()
+            .map_err(|e| HypervisorError::IoEvent(addr, e))?;
+        events.push((addr, evt));
+        Ok(())
+    }
+
+    fn unregister_ioevent(&self, _evt: &EventFd, addr: u64) -> Result<()> {
+        let mut events = self
+            .shared
+            .ioevents
+            .write()
+            .expect("ioevent list lock poisoned");
+        let before = events.len();
+        events.retain(|(a, _)| *a != addr);
+        if events.len() == before {
+            return Err(HypervisorError::IoEvent(
+                addr,
+                io::Error::from_raw_os_error(libc::ENOENT),
+            ));
+        }
+        Ok(())
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
@@ -340,7 +421,7 @@ impl Vm for EmuVm {
                 .wall_clock_epoch_ns
                 .saturating_add(self.shared.now_ns())
         } else {
-            wall_clock_ns()
+            hypervisor::host_wall_clock_ns()
         }
     }
 }
@@ -862,6 +943,10 @@ impl Vcpu for EmuVcpu {
                                 addr: gpa,
                                 data: &mut self.io_buf[..size as usize],
                             }
+                        }
+                        IoReq::MmioWrite { gpa, .. } if self.shared.signal_ioevent(gpa) => {
+                            self.cpu.io.exit = None;
+                            continue;
                         }
                         IoReq::MmioWrite { gpa, size, value } => {
                             self.io_buf.copy_from_slice(&value.to_le_bytes());

@@ -46,9 +46,13 @@ struct RunArgs {
     #[arg(long, value_name = "BACKEND")]
     backend: Option<Backend>,
     /// Emulator only: guest time follows the instruction count, so the same guest with the same
-    /// input produces the same output on every run (1 vCPU).
+    /// input produces the same output on every run.
     #[arg(long)]
     deterministic: bool,
+    /// Add a virtio-blk disk: path=IMAGE[,ro=on][,serial=S] (a raw image file; repeat for
+    /// more disks: /dev/vda, /dev/vdb, ...). Disks given here come after a config file's.
+    #[arg(long, value_name = "DISK")]
+    disk: Vec<vmm::config::DiskConfig>,
     /// Read settings from a TOML or JSON file; flags given as well override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -79,6 +83,9 @@ impl RunArgs {
                 let base = path.parent().unwrap_or(Path::new("."));
                 c.kernel = base.join(&c.kernel);
                 c.initrd = c.initrd.map(|p| base.join(p));
+                for d in &mut c.disks {
+                    d.path = base.join(&d.path);
+                }
                 c
             }
             (None, Some(kernel)) => VmConfig::new(kernel.clone()),
@@ -112,6 +119,7 @@ impl RunArgs {
         if self.deterministic {
             config.deterministic = true;
         }
+        config.disks.extend(self.disk);
         Ok(config)
     }
 }

@@ -120,6 +120,7 @@ fn commands_typed_on_the_serial_console_run_on_emu() {
          echo RTC-EPOCH=$(cat /sys/class/rtc/rtc0/since_epoch)\n\
          date -u -s '2030-01-02 03:04:05' >/dev/null; hwclock -u -w\n\
          echo RTC-SET=$(cat /sys/class/rtc/rtc0/since_epoch)\n\
+         cd /sys/bus/pci/devices/0000:00:00.0; echo PCI-HOST=$(cat vendor device class); cd /\n\
          poweroff -f\n",
     );
     let host_after = unix_now();
@@ -179,6 +180,16 @@ fn commands_typed_on_the_serial_console_run_on_emu() {
         (1_893_553_445..=1_893_553_447).contains(&set),
         "RTC set by hwclock reads {set}: {r}"
     );
+
+    // The PCI root bridge: found through ACPI, with the MMIO window of docs/platform.md and the
+    // host bridge at 00:00.0.
+    for line in [
+        "ACPI: PCI Root Bridge [PCI0] (domain 0000 [bus 00])",
+        "pci_bus 0000:00: root bus resource [mem 0xc0000000-0xfbffffff window]",
+    ] {
+        assert!(r.stdout.contains(line), "no {line:?}: {r}");
+    }
+    assert_eq!(value("PCI-HOST="), "0x8086 0x0d57 0x060000", "{r}");
 }
 
 /// The host's Unix time in seconds.

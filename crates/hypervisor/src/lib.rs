@@ -13,6 +13,7 @@ use std::io;
 use std::sync::Arc;
 
 use vm_memory::GuestAddress;
+use vmm_sys_util::eventfd::EventFd;
 
 pub use x86_64::{CpuidEntry, DescriptorTable, Fpu, MsrEntry, Regs, Segment, Sregs};
 
@@ -58,6 +59,10 @@ pub enum HypervisorError {
     },
     #[error("cannot set up interrupt line for GSI {0}")]
     IrqLine(u32, #[source] io::Error),
+    #[error("cannot set up an MSI vector")]
+    MsiVector(#[source] io::Error),
+    #[error("cannot register an I/O event at {0:#x}")]
+    IoEvent(u64, #[source] io::Error),
     #[error("running the vCPU failed")]
     Run(#[source] io::Error),
 }
@@ -90,6 +95,24 @@ pub trait IrqLine: Send + Sync {
     fn trigger(&self) -> io::Result<()>;
 }
 
+/// A message-signalled interrupt as a PCI device sends it: a write of `data` to `addr`
+/// (`0xfeeX_XXXX` on x86: destination APIC in the address, vector and delivery mode in the data).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MsiMessage {
+    pub addr: u64,
+    pub data: u32,
+}
+
+/// One MSI vector of a device (an MSI-X table entry): the VMM programs the message the guest
+/// wrote into it, and device back ends trigger it from any thread. KVM routes a GSI to the
+/// message and raises it through an irqfd; the emulator delivers it to its local APICs.
+pub trait MsiVector: Send + Sync {
+    /// Sets the message the next [`trigger`](MsiVector::trigger)s send.
+    fn set_message(&self, msg: MsiMessage) -> io::Result<()>;
+    /// Sends the message once.
+    fn trigger(&self) -> io::Result<()>;
+}
+
 /// A virtual machine: memory, interrupt controllers, vCPUs.
 pub trait Vm: Send + Sync {
     /// Makes `region` guest RAM.
@@ -100,6 +123,15 @@ pub trait Vm: Send + Sync {
     unsafe fn map_memory(&self, region: MemoryRegion) -> Result<()>;
     /// An interrupt line wired to `gsi` of the VM's interrupt controllers.
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>>;
+    /// A new MSI vector, not yet programmed (triggering it before `set_message` is harmless).
+    fn msi_vector(&self) -> Result<Arc<dyn MsiVector>>;
+    /// Signals `evt` on every guest write to the MMIO address `addr` (any size), instead of
+    /// a vCPU exit: how virtio queue notifications reach the device back ends without going
+    /// through the vCPU threads' exit path.
+    fn register_ioevent(&self, evt: &EventFd, addr: u64) -> Result<()>;
+    /// Undoes [`register_ioevent`](Vm::register_ioevent) (the address moved, or the device
+    /// went away).
+    fn unregister_ioevent(&self, evt: &EventFd, addr: u64) -> Result<()>;
     /// Creates vCPU `id` (also its initial APIC ID).
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
     /// The guest's wall-clock time now, in nanoseconds since the Unix epoch: what devices that

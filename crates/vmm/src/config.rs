@@ -148,6 +148,70 @@ impl FromStr for Backend {
     }
 }
 
+/// A virtio-blk disk: a raw image file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    /// The guest cannot write it; the image is opened read-only and shared-locked.
+    #[serde(default)]
+    pub read_only: bool,
+    /// What the guest reads as the disk's serial (/dev/disk/by-id/virtio-SERIAL), at most
+    /// 20 bytes; the image's file name by default.
+    #[serde(default)]
+    pub serial: Option<String>,
+}
+
+/// Most disks one VM takes: the PCI root bus has 31 slots for devices, and other devices
+/// need some.
+pub const MAX_DISKS: usize = 24;
+/// Longest disk serial virtio-blk can report.
+pub const MAX_DISK_SERIAL: usize = 20;
+
+/// Parses a `true`/`false` style switch of a `key=value` list.
+fn parse_switch(key: &str, v: &str) -> Result<bool, String> {
+    match v {
+        "on" | "true" | "yes" | "1" => Ok(true),
+        "off" | "false" | "no" | "0" => Ok(false),
+        _ => Err(format!("'{key}={v}': use {key}=on or {key}=off")),
+    }
+}
+
+impl FromStr for DiskConfig {
+    type Err = String;
+
+    /// `path=IMAGE[,ro=on|off][,serial=S]`, or just `IMAGE`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut disk = DiskConfig {
+            path: PathBuf::new(),
+            read_only: false,
+            serial: None,
+        };
+        for item in s.split(',') {
+            match item.split_once('=') {
+                Some(("path", v)) => disk.path = PathBuf::from(v),
+                Some(("ro" | "readonly" | "read_only", v)) => {
+                    disk.read_only = parse_switch("ro", v)?
+                }
+                Some(("serial", v)) => disk.serial = Some(v.to_string()),
+                Some((k, _)) => {
+                    return Err(format!(
+                        "unknown disk option '{k}' in '{s}'; use path=, ro= and serial="
+                    ))
+                }
+                None if disk.path.as_os_str().is_empty() && !item.is_empty() => {
+                    disk.path = PathBuf::from(item)
+                }
+                None => return Err(format!("'{item}' in '{s}' is not key=value")),
+            }
+        }
+        if disk.path.as_os_str().is_empty() {
+            return Err(format!("disk '{s}' has no image; write path=IMAGE"));
+        }
+        Ok(disk)
+    }
+}
+
 fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
 }
@@ -178,6 +242,9 @@ pub struct VmConfig {
     /// same input gives the same output on every run.
     #[serde(default)]
     pub deterministic: bool,
+    /// virtio-blk disks, /dev/vda first.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
 }
 
 /// A setting the user got wrong. The message says which and what to do.
@@ -200,6 +267,12 @@ pub enum ConfigError {
     CmdlineNul,
     #[error("--deterministic needs the emulator; use --backend emu (or auto)")]
     DeterministicNeedsEmu,
+    #[error("disk image {0} is given twice; a VM opens each image once")]
+    DuplicateDisk(PathBuf),
+    #[error("disk serial '{0}' is longer than {MAX_DISK_SERIAL} bytes")]
+    DiskSerialTooLong(String),
+    #[error("too many disks ({0}); the PCI bus has room for at most {MAX_DISKS}")]
+    TooManyDisks(usize),
 }
 
 impl VmConfig {
@@ -214,6 +287,7 @@ impl VmConfig {
             on_reboot: OnReboot::default(),
             backend: Backend::default(),
             deterministic: false,
+            disks: Vec::new(),
         }
     }
 
@@ -241,6 +315,17 @@ impl VmConfig {
         }
         if self.deterministic && self.backend == Backend::Kvm {
             return Err(ConfigError::DeterministicNeedsEmu);
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks(self.disks.len()));
+        }
+        for (i, d) in self.disks.iter().enumerate() {
+            if self.disks[..i].iter().any(|e| e.path == d.path) {
+                return Err(ConfigError::DuplicateDisk(d.path.clone()));
+            }
+            if let Some(s) = d.serial.as_ref().filter(|s| s.len() > MAX_DISK_SERIAL) {
+                return Err(ConfigError::DiskSerialTooLong(s.clone()));
+            }
         }
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);

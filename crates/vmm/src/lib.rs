@@ -6,7 +6,9 @@
 
 pub mod config;
 mod console;
+mod event_loop;
 mod vcpu;
+mod virtio_devices;
 mod vm;
 
 use std::path::PathBuf;
@@ -100,6 +102,14 @@ pub enum VmmError {
     SpawnThread(#[source] std::io::Error),
     #[error("cannot set up signal handling")]
     Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Disk(virtio::block::DiskError),
+    #[error("cannot set up a virtio device")]
+    Virtio(#[source] virtio::pci::TransportError),
+    #[error("cannot plug a device into the PCI bus")]
+    Pci(#[source] devices::pci::PciError),
+    #[error("cannot set up the device event loop")]
+    EventLoop(#[source] std::io::Error),
 }
 
 impl VmmError {
@@ -107,7 +117,7 @@ impl VmmError {
     pub fn is_usage_error(&self) -> bool {
         use arch::linux::LinuxBootError as B;
         match self {
-            VmmError::Config(_) | VmmError::OpenFile { .. } => true,
+            VmmError::Config(_) | VmmError::OpenFile { .. } | VmmError::Disk(_) => true,
             VmmError::Hypervisor(e) => matches!(
                 e,
                 HypervisorError::OpenKvm(_)

@@ -16,6 +16,7 @@ use devices::legacy::i8042::{I8042_DATA_PORT, I8042_PORT_LEN};
 use devices::legacy::rtc::{RTC_INDEX_PORT, RTC_PORT_LEN};
 use devices::legacy::serial::{COM1_BASE, COM1_IRQ, SERIAL_PORT_LEN};
 use devices::legacy::{Rtc, Serial, I8042};
+use devices::pci::{PciRoot, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN};
 use devices::{GuestEvent, GuestEventSink, InterruptLine};
 use hypervisor::{Fpu, Hypervisor, IrqLine, MemoryRegion, Vcpu};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -23,6 +24,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::config::VmConfig;
 use crate::console::ConsoleTarget;
+use crate::event_loop::{EventLoop, RunningLoop};
 use crate::vcpu::{self, VcpuContext};
 use crate::{ResetCause, VmEvent, VmmError};
 
@@ -57,11 +59,16 @@ impl GuestEventSink for EventSink {
 /// A built VM, ready to run. Field order is drop order: vCPUs and the VM go before the
 /// memory they map.
 pub struct Vm {
+    /// The device event loop: stopped first, so no device touches guest memory after.
+    _device_loop: RunningLoop,
     vcpus: Vec<Box<dyn Vcpu>>,
     _vm: Arc<dyn hypervisor::Vm>,
     _mem: GuestMemoryMmap,
     pio_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
+    /// PCI bus 0; devices plugged in here get their BARs mapped on `mmio_bus`. The pio bus
+    /// holds it too, for the configuration ports.
+    _pci: Arc<Mutex<PciRoot>>,
     events: Sender<VmEvent>,
     stop: Arc<AtomicBool>,
 }
@@ -163,7 +170,14 @@ impl Vm {
             .map_err(|_| VmmError::Config(crate::config::ConfigError::CmdlineNul))?;
         arch::linux::write_cmdline(&mem, &cmdline).map_err(VmmError::Boot)?;
         arch::boot::write_boot_tables(&mem).map_err(VmmError::BootTables)?;
-        let acpi = arch::acpi::AcpiConfig::new(config.cpus as u8);
+        let pci_window = arch::layout::PCI_MMIO_START.0..arch::layout::PCI_MMIO_END.0;
+        let acpi = arch::acpi::AcpiConfig {
+            pci_mmio: Some(arch::acpi::PciMmioWindow {
+                start: vm_memory::GuestAddress(pci_window.start),
+                len_bytes: pci_window.end - pci_window.start,
+            }),
+            ..arch::acpi::AcpiConfig::new(config.cpus as u8)
+        };
         let rsdp = arch::acpi::create_acpi_tables(&mem, &acpi).map_err(VmmError::Acpi)?;
         let e820 = arch::e820::e820_map(mem_bytes);
         let info = match kernel.protocol {
@@ -181,6 +195,7 @@ impl Vm {
         let boot_state = arch::boot::entry_state(kernel.protocol, kernel.entry, info);
 
         let pio_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
         let stop = Arc::new(AtomicBool::new(false));
         let sink: Arc<dyn GuestEventSink> = Arc::new(EventSink {
             events: events.clone(),
@@ -220,6 +235,10 @@ impl Vm {
             ACPI_SLEEP_CONTROL_PORT,
             ACPI_PM_PORT_LEN,
         )?;
+        let pci = Arc::new(Mutex::new(PciRoot::new(mmio_bus.clone(), pci_window)));
+        insert(pci.clone(), PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN)?;
+        let mut device_loop = EventLoop::new().map_err(VmmError::EventLoop)?;
+        crate::virtio_devices::attach_disks(config, &vm, &mem, &pci, &mut device_loop)?;
         let input = serial.lock().expect("serial lock poisoned").input();
         *console.lock().expect("console target lock poisoned") = Some((serial, input));
 
@@ -243,11 +262,13 @@ impl Vm {
         }
 
         Ok(Vm {
+            _device_loop: device_loop.start().map_err(VmmError::EventLoop)?,
             vcpus,
             _vm: vm,
             _mem: mem,
             pio_bus,
-            mmio_bus: Arc::new(Bus::new()),
+            mmio_bus,
+            _pci: pci,
             events,
             stop,
         })

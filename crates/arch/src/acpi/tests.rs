@@ -347,6 +347,112 @@ fn dsdt_has_s5_com1_rtc_and_processors() {
     }
 }
 
+/// The body of `Device (name)` in `aml`: from its name to the end of its package.
+fn device_body<'a>(aml: &'a [u8], name: &[u8; 4]) -> Option<&'a [u8]> {
+    let at = find(aml, name)?;
+    // DeviceOp, then a PkgLength of 1 to 4 bytes (which counts itself), then the name.
+    let (len, used) = (1..=4)
+        .filter(|&n| at >= n + 2 && aml[at - n - 2..at - n] == [0x5b, 0x82])
+        .map(|n| (n, pkg_length(&aml[at - n..])))
+        .find(|&(n, (_, used))| n == used)
+        .map(|(_, decoded)| decoded)
+        .unwrap_or_else(|| panic!("no DeviceOp before {}", String::from_utf8_lossy(name)));
+    Some(&aml[at..at - used + len])
+}
+
+/// The integer named `name` in `body` (`Name (name, integer)`).
+fn named_integer(body: &[u8], name: &[u8; 4]) -> u64 {
+    let at = find(body, name).unwrap_or_else(|| panic!("no {}", String::from_utf8_lossy(name)));
+    assert_eq!(body[at - 1], 0x08, "NameOp");
+    aml_integer(&body[at + 4..])
+}
+
+#[test]
+fn dsdt_has_the_pci_root_bridge() {
+    let (_mem, t) = build(2);
+    let aml = &t.dsdt.bytes[36..];
+    let pci = device_body(aml, b"PCI0").expect("no PCI0");
+    // EISAID ("PNP0A08") = 0x080ad041, EISAID ("PNP0A03") = 0x030ad041.
+    assert_eq!(named_integer(pci, b"_HID"), 0x080a_d041);
+    assert_eq!(named_integer(pci, b"_CID"), 0x030a_d041);
+    for name in [b"_ADR", b"_SEG", b"_UID", b"_BBN"] {
+        assert_eq!(
+            named_integer(pci, name),
+            0,
+            "{}",
+            String::from_utf8_lossy(name)
+        );
+    }
+    #[rustfmt::skip]
+    let crs: &[u8] = &[
+        // WordBusNumber (ResourceProducer, MinFixed, MaxFixed, PosDecode, 0, 0, 0, 0, 1)
+        0x88, 0x0d, 0x00, 0x02, 0x0c, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x01, 0x00,
+        // IO (Decode16, 0xcf8, 0xcf8, 1, 8)
+        0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08,
+        // WordIO (ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange,
+        //         0, 0x0000, 0x0cf7, 0, 0x0cf8)
+        0x88, 0x0d, 0x00, 0x01, 0x0c, 0x03,
+        0x00, 0x00, 0x00, 0x00, 0xf7, 0x0c, 0x00, 0x00, 0xf8, 0x0c,
+        // WordIO (..., 0, 0x0d00, 0xffff, 0, 0xf300)
+        0x88, 0x0d, 0x00, 0x01, 0x0c, 0x03,
+        0x00, 0x00, 0x00, 0x0d, 0xff, 0xff, 0x00, 0x00, 0x00, 0xf3,
+        // DWordMemory (ResourceProducer, PosDecode, MinFixed, MaxFixed, NonCacheable,
+        //              ReadWrite, 0, 0xc0000000, 0xfbffffff, 0, 0x3c000000)
+        0x87, 0x17, 0x00, 0x00, 0x0c, 0x01,
+        0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0xc0,
+        0xff, 0xff, 0xff, 0xfb,
+        0x00, 0x00, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x3c,
+        // EndTag
+        0x79, 0x00,
+    ];
+    let at = find(pci, b"_CRS").expect("no _CRS");
+    // Name (_CRS, Buffer (PkgLength) { BufferSize, bytes })
+    assert_eq!(pci[at + 4], 0x11, "BufferOp");
+    let (_, used) = pkg_length(&pci[at + 5..]);
+    let size_at = at + 5 + used;
+    assert_eq!(
+        aml_integer(&pci[size_at..]),
+        crs.len() as u64,
+        "buffer size"
+    );
+    assert!(pci.ends_with(crs), "PCI0 _CRS {:02x?}", &pci[size_at..]);
+}
+
+#[test]
+fn dsdt_has_no_pci_root_bridge_without_a_window() {
+    let mem = guest_memory();
+    let cfg = AcpiConfig {
+        pci_mmio: None,
+        ..AcpiConfig::new(2)
+    };
+    let t = parse(&mem, create_acpi_tables(&mem, &cfg).unwrap());
+    let aml = &t.dsdt.bytes[36..];
+    assert!(find(aml, b"PCI0").is_none());
+    assert!(find(aml, b"COM1").is_some() && find(aml, b"C001").is_some());
+}
+
+#[test]
+fn pci_window_may_end_at_4_gib() {
+    let mem = guest_memory();
+    let cfg = AcpiConfig {
+        pci_mmio: Some(PciMmioWindow {
+            start: GuestAddress(0xe000_0000),
+            len_bytes: 0x2000_0000,
+        }),
+        ..AcpiConfig::default()
+    };
+    let t = parse(&mem, create_acpi_tables(&mem, &cfg).unwrap());
+    let pci = device_body(&t.dsdt.bytes[36..], b"PCI0").unwrap();
+    // Min 0xe0000000, max 0xffffffff, translation 0, length 0x20000000.
+    let window = [
+        0x00, 0x00, 0x00, 0xe0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0x00, 0x00, 0x00, 0x20,
+    ];
+    assert!(find(pci, &window).is_some());
+}
+
 #[test]
 fn rejects_bad_configs() {
     let mem = guest_memory();
@@ -395,6 +501,20 @@ fn rejects_bad_configs() {
         err.to_string(),
         "invalid RTC IRQ 255: must be an ISA IRQ (0..=15)"
     );
+    for (start, len_bytes) in [(0xc000_0000, 0), (0xc000_0000, 0x4000_0001), (u64::MAX, 2)] {
+        let cfg = AcpiConfig {
+            pci_mmio: Some(PciMmioWindow {
+                start: GuestAddress(start),
+                len_bytes,
+            }),
+            ..AcpiConfig::default()
+        };
+        let err = create_acpi_tables(&mem, &cfg).unwrap_err();
+        assert!(
+            matches!(err, AcpiError::InvalidPciWindow { start: s, len_bytes: l } if s == start && l == len_bytes),
+            "{err}"
+        );
+    }
     // Nothing was written.
     assert!(read(&mem, 0xe0000, 0x20000).iter().all(|b| *b == 0));
 }
@@ -448,4 +568,11 @@ fn default_config_matches_the_platform() {
     assert_eq!((cfg.reset_value, cfg.s5_sleep_type), (1, 5));
     assert_eq!((cfg.com1_port, cfg.com1_irq), (0x3f8, 4));
     assert_eq!((cfg.rtc_port, cfg.rtc_irq), (0x70, 8));
+    assert_eq!(
+        cfg.pci_mmio,
+        Some(PciMmioWindow {
+            start: GuestAddress(0xc000_0000),
+            len_bytes: 0x3c00_0000
+        })
+    );
 }

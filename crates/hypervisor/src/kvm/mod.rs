@@ -6,22 +6,24 @@
 mod convert;
 
 use std::cell::Cell;
+use std::collections::BTreeMap;
 use std::io;
 use std::ptr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    kvm_mp_state, kvm_pit_config, kvm_run, kvm_userspace_memory_region, CpuId, Msrs,
-    KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED,
-    KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET,
-    KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_irq_routing_entry, kvm_mp_state, kvm_pit_config, kvm_run, kvm_userspace_memory_region,
+    CpuId, KvmIrqRouting, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_ioctls::{Cap, Kvm, VcpuExit as KvmExit, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
-    BackendKind, CpuidEntry, Fpu, Hypervisor, HypervisorError, IrqLine, MemoryRegion, MsrEntry,
-    Regs, Result, Sregs, SystemEvent, Vcpu, VcpuExit, Vm,
+    BackendKind, CpuidEntry, Fpu, Hypervisor, HypervisorError, IrqLine, MemoryRegion, MsiMessage,
+    MsiVector, MsrEntry, Regs, Result, Sregs, SystemEvent, Vcpu, VcpuExit, Vm,
 };
 
 /// Where KVM keeps the (unused by Linux, but required on Intel) TSS and identity-map pages:
@@ -30,7 +32,9 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
 
 /// Capabilities the back end cannot work without.
-const REQUIRED_CAPS: [(Cap, &str); 6] = [
+const REQUIRED_CAPS: [(Cap, &str); 8] = [
+    (Cap::IrqRouting, "KVM_CAP_IRQ_ROUTING"),
+    (Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
     (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
     (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
     (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
@@ -110,13 +114,102 @@ impl Hypervisor for KvmHypervisor {
         };
         fd.create_pit2(pit)
             .map_err(|e| HypervisorError::VmSetup("PIT", os_error(e)))?;
-        Ok(Arc::new(KvmVm { fd }))
+        Ok(Arc::new(KvmVm {
+            fd: Arc::new(fd),
+            routes: Arc::new(Mutex::new(MsiRoutes {
+                next_gsi: FIRST_MSI_GSI,
+                msi: BTreeMap::new(),
+            })),
+        }))
     }
 }
 
 /// A KVM virtual machine.
 pub struct KvmVm {
-    fd: VmFd,
+    fd: Arc<VmFd>,
+    routes: Arc<Mutex<MsiRoutes>>,
+}
+
+/// GSIs 0–23 are the I/O APIC's pins (0–15 also the PICs'); MSI vectors get GSIs above.
+const IOAPIC_PINS: u32 = 24;
+const FIRST_MSI_GSI: u32 = IOAPIC_PINS;
+
+/// The MSI part of the VM's GSI routing table. KVM_SET_GSI_ROUTING replaces the whole table,
+/// so every change writes the default irqchip routes again together with all MSI routes.
+struct MsiRoutes {
+    next_gsi: u32,
+    msi: BTreeMap<u32, MsiMessage>,
+}
+
+impl MsiRoutes {
+    fn table(&self) -> Vec<kvm_irq_routing_entry> {
+        let irqchip = |gsi: u32, chip: u32, pin: u32| {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_IRQCHIP,
+                ..Default::default()
+            };
+            e.u.irqchip.irqchip = chip;
+            e.u.irqchip.pin = pin;
+            e
+        };
+        let mut t = Vec::new();
+        // What KVM_CREATE_IRQCHIP sets up: PIC pins for the ISA IRQs (2 is the cascade), and
+        // the I/O APIC's pins.
+        for gsi in 0..16 {
+            if gsi != 2 {
+                let chip = if gsi < 8 {
+                    KVM_IRQCHIP_PIC_MASTER
+                } else {
+                    KVM_IRQCHIP_PIC_SLAVE
+                };
+                t.push(irqchip(gsi, chip, gsi % 8));
+            }
+        }
+        for gsi in 0..IOAPIC_PINS {
+            t.push(irqchip(gsi, KVM_IRQCHIP_IOAPIC, gsi));
+        }
+        for (&gsi, m) in &self.msi {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            e.u.msi.address_lo = m.addr as u32;
+            e.u.msi.address_hi = (m.addr >> 32) as u32;
+            e.u.msi.data = m.data;
+            t.push(e);
+        }
+        t
+    }
+
+    fn apply(&self, fd: &VmFd) -> io::Result<()> {
+        let table = KvmIrqRouting::from_entries(&self.table())
+            .map_err(|_| io::Error::other("too many GSI routes"))?;
+        fd.set_gsi_routing(&table).map_err(os_error)
+    }
+}
+
+/// An MSI vector: a GSI routed to the programmed message, raised through an irqfd.
+struct KvmMsiVector {
+    fd: Arc<VmFd>,
+    routes: Arc<Mutex<MsiRoutes>>,
+    gsi: u32,
+    evt: EventFd,
+}
+
+impl MsiVector for KvmMsiVector {
+    fn set_message(&self, msg: MsiMessage) -> io::Result<()> {
+        let mut routes = self.routes.lock().expect("GSI routes lock poisoned");
+        if routes.msi.insert(self.gsi, msg) != Some(msg) {
+            routes.apply(&self.fd)?;
+        }
+        Ok(())
+    }
+
+    fn trigger(&self) -> io::Result<()> {
+        self.evt.write(1)
+    }
 }
 
 struct KvmIrqLine {
@@ -152,6 +245,37 @@ impl Vm for KvmVm {
             .register_irqfd(&evt, gsi)
             .map_err(|e| HypervisorError::IrqLine(gsi, os_error(e)))?;
         Ok(Arc::new(KvmIrqLine { evt }))
+    }
+
+    fn msi_vector(&self) -> Result<Arc<dyn MsiVector>> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(HypervisorError::MsiVector)?;
+        let gsi = {
+            let mut routes = self.routes.lock().expect("GSI routes lock poisoned");
+            let gsi = routes.next_gsi;
+            routes.next_gsi += 1;
+            gsi
+        };
+        self.fd
+            .register_irqfd(&evt, gsi)
+            .map_err(|e| HypervisorError::MsiVector(os_error(e)))?;
+        Ok(Arc::new(KvmMsiVector {
+            fd: self.fd.clone(),
+            routes: self.routes.clone(),
+            gsi,
+            evt,
+        }))
+    }
+
+    fn register_ioevent(&self, evt: &EventFd, addr: u64) -> Result<()> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| HypervisorError::IoEvent(addr, os_error(e)))
+    }
+
+    fn unregister_ioevent(&self, evt: &EventFd, addr: u64) -> Result<()> {
+        self.fd
+            .unregister_ioevent(evt, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(|e| HypervisorError::IoEvent(addr, os_error(e)))
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {

@@ -1,0 +1,295 @@
+//! virtio-blk (virtio 1.2, 5.2) on a raw image file: reads, writes, flush (fdatasync),
+//! discard and write-zeroes (hole punching), a serial string (GET_ID), read-only disks.
+//!
+//! Requests are served synchronously on the VMM's event loop, in the order the driver made
+//! them available; each completes before the next starts, so a flush covers every write
+//! completed before it. Malformed requests are counted and answered (or, without a status
+//! byte, returned untouched); nothing the guest writes reaches outside guest memory or the
+//! image.
+
+pub mod disk;
+pub mod request;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::*;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+use crate::{device_type, features, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
+pub use disk::{Disk, DiskError};
+use request::{Request, RequestType, SECTOR_SIZE};
+
+/// Descriptors per queue.
+const QUEUE_SIZE: u16 = 256;
+/// Largest discard / write-zeroes request, in sectors, and ranges per request.
+const MAX_DISCARD_SECTORS: u32 = u32::MAX >> 9;
+const MAX_DISCARD_RANGES: u32 = 1;
+/// Length of the configuration space served (through `write_zeroes_may_unmap` and padding).
+const CONFIG_LEN: usize = 60;
+
+/// What happened to the requests of one disk.
+#[derive(Debug, Default)]
+pub struct BlockCounters {
+    pub requests: AtomicU64,
+    /// Chains that are not valid requests (bad layout, addresses outside guest memory).
+    pub invalid: AtomicU64,
+    /// Requests that failed: out of range, a write to a read-only disk, host I/O errors.
+    pub failed: AtomicU64,
+}
+
+pub struct Block {
+    disk: Disk,
+    id: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    config: [u8; CONFIG_LEN],
+    offered: u64,
+    active: Option<Active>,
+    counters: Arc<BlockCounters>,
+}
+
+/// The device while the driver runs it.
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+impl Block {
+    /// A disk backed by the image at `path`; `serial` is what GET_ID returns (at most 20
+    /// bytes are used; the default is the image's file name).
+    pub fn new(path: &Path, read_only: bool, serial: Option<&str>) -> Result<Block, DiskError> {
+        let disk = Disk::open(path, read_only)?;
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let name = serial.map(str::to_owned).unwrap_or_else(|| {
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        let n = name.len().min(id.len());
+        id[..n].copy_from_slice(&name.as_bytes()[..n]);
+
+        let mut offered = features::VERSION_1
+            | features::RING_EVENT_IDX
+            | features::RING_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH;
+        if read_only {
+            offered |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            offered |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        let mut config = [0u8; CONFIG_LEN];
+        let mut put = |at: usize, bytes: &[u8]| config[at..at + bytes.len()].copy_from_slice(bytes);
+        put(0, &disk.sectors().to_le_bytes()); // capacity
+        put(12, &u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
+        put(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        put(34, &1u16.to_le_bytes()); // num_queues
+        put(36, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_discard_sectors
+        put(40, &MAX_DISCARD_RANGES.to_le_bytes()); // max_discard_seg
+        put(44, &1u32.to_le_bytes()); // discard_sector_alignment
+        put(48, &MAX_DISCARD_SECTORS.to_le_bytes()); // max_write_zeroes_sectors
+        put(52, &MAX_DISCARD_RANGES.to_le_bytes()); // max_write_zeroes_seg
+        put(56, &[1]); // write_zeroes_may_unmap
+        Ok(Block {
+            disk,
+            id,
+            config,
+            offered,
+            active: None,
+            counters: Arc::default(),
+        })
+    }
+
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
+    }
+
+    /// Serves every available request, then tells the driver if it wants to know.
+    fn process(&mut self) {
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let mut served = false;
+        loop {
+            // With EVENT_IDX, this asks for a notification when more arrives; re-check after,
+            // or a request made in between would wait for the next one.
+            if a.queue.disable_notification(&a.mem).is_err() {
+                break;
+            }
+            while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
+                let head = chain.head_index();
+                let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
+                let len = serve(&self.disk, &self.id, &a.mem, descs, &self.counters);
+                if let Err(e) = a.queue.add_used(&a.mem, head, len) {
+                    tracing::warn!("virtio-blk: cannot return request {head}: {e:?}");
+                    self.counters.invalid.fetch_add(1, Ordering::Relaxed);
+                }
+                served = true;
+            }
+            match a.queue.enable_notification(&a.mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        if served && a.queue.needs_notification(&a.mem).unwrap_or(true) {
+            a.interrupt.notify_queue(0);
+        }
+    }
+}
+
+/// Serves one request; returns the number of bytes written into the chain (data + status).
+fn serve(
+    disk: &Disk,
+    id: &[u8],
+    mem: &GuestMemoryMmap,
+    descs: impl Iterator<Item = (vm_memory::GuestAddress, u32, bool)>,
+    counters: &BlockCounters,
+) -> u32 {
+    counters.requests.fetch_add(1, Ordering::Relaxed);
+    let req = match request::parse(mem, descs) {
+        Ok(r) => r,
+        Err(e) => {
+            counters.invalid.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("virtio-blk: invalid request: {e}");
+            return 0;
+        }
+    };
+    let (status, written) = execute(disk, id, mem, &req);
+    if status != VIRTIO_BLK_S_OK {
+        counters.failed.fetch_add(1, Ordering::Relaxed);
+    }
+    if mem.write_obj(status as u8, req.status).is_err() {
+        counters.invalid.fetch_add(1, Ordering::Relaxed);
+        return 0;
+    }
+    written.saturating_add(1)
+}
+
+/// Carries out `req`; returns the status and the data bytes written to the guest.
+fn execute(disk: &Disk, id: &[u8], mem: &GuestMemoryMmap, req: &Request) -> (u32, u32) {
+    let len = req.data_len();
+    let offset = req.sector.wrapping_mul(SECTOR_SIZE);
+    let io = |r: std::io::Result<()>| match r {
+        Ok(()) => VIRTIO_BLK_S_OK,
+        Err(e) => {
+            tracing::warn!("virtio-blk: I/O error: {e}");
+            VIRTIO_BLK_S_IOERR
+        }
+    };
+    match req.kind {
+        RequestType::In | RequestType::Out => {
+            if !len.is_multiple_of(SECTOR_SIZE) || !disk.in_range(req.sector, len) {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            if req.kind == RequestType::In {
+                let s = io(disk.read(mem, offset, &req.data));
+                (s, if s == VIRTIO_BLK_S_OK { len as u32 } else { 0 })
+            } else if disk.read_only() {
+                (VIRTIO_BLK_S_IOERR, 0)
+            } else {
+                (io(disk.write(mem, offset, &req.data)), 0)
+            }
+        }
+        RequestType::Flush => (io(disk.flush()), 0),
+        RequestType::GetId => {
+            let mut left = id;
+            let mut written = 0u32;
+            for seg in &req.data {
+                let n = left.len().min(seg.len as usize);
+                if mem.write_slice(&left[..n], seg.addr).is_err() {
+                    return (VIRTIO_BLK_S_IOERR, written);
+                }
+                written += n as u32;
+                left = &left[n..];
+            }
+            (VIRTIO_BLK_S_OK, written)
+        }
+        RequestType::Discard | RequestType::WriteZeroes => {
+            if disk.read_only() {
+                return (VIRTIO_BLK_S_IOERR, 0);
+            }
+            let Some(ranges) = request::ranges(mem, &req.data, MAX_DISCARD_RANGES as usize) else {
+                return (VIRTIO_BLK_S_UNSUPP, 0);
+            };
+            for r in ranges {
+                let bytes = u64::from(r.sectors) * SECTOR_SIZE;
+                if r.sectors > MAX_DISCARD_SECTORS || !disk.in_range(r.sector, bytes) {
+                    return (VIRTIO_BLK_S_IOERR, 0);
+                }
+                let at = r.sector * SECTOR_SIZE;
+                let s = if req.kind == RequestType::Discard {
+                    // Advisory: a file system that cannot punch holes just keeps the data.
+                    match disk.discard(at, bytes) {
+                        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => VIRTIO_BLK_S_OK,
+                        r => io(r),
+                    }
+                } else {
+                    io(disk.write_zeroes(at, bytes, r.unmap))
+                };
+                if s != VIRTIO_BLK_S_OK {
+                    return (s, 0);
+                }
+            }
+            (VIRTIO_BLK_S_OK, 0)
+        }
+        RequestType::Unsupported(_) => (VIRTIO_BLK_S_UNSUPP, 0),
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.offered
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset)
+                .ok()
+                .and_then(|o| o.checked_add(i))
+                .and_then(|at| self.config.get(at).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let got = a.queues.len();
+        let queue = a
+            .queues
+            .into_iter()
+            .next()
+            .filter(|q| q.ready())
+            .ok_or(ActivateError::QueueCount { want: 1, got })?;
+        self.active = Some(Active {
+            mem: a.mem,
+            queue,
+            interrupt: a.interrupt,
+        });
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        if index == 0 {
+            self.process();
+        }
+    }
+
+    fn pci_class(&self) -> (u8, u8, u8) {
+        // Mass storage controller, "other".
+        (0x01, 0x80, 0x00)
+    }
+}

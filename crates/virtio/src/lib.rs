@@ -1,0 +1,104 @@
+//! Virtio devices and the virtio-pci transport.
+//!
+//! A device back end implements [`VirtioDevice`]: what it offers (type, features, queue sizes,
+//! configuration space) and what it does once the driver has set it up (`activate`, then
+//! `process_queue` whenever the driver notifies a queue). The transport ([`pci::VirtioPci`])
+//! owns everything the driver programs — feature negotiation, device status, queue addresses,
+//! MSI-X — and hands the device its queues at `DRIVER_OK`. Nothing here knows which vCPU back
+//! end runs the guest: notifications arrive as `EventFd`s, interrupts leave through
+//! [`hypervisor::MsiVector`]s.
+
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+pub mod block;
+pub mod pci;
+
+/// Feature bits every device offers (virtio 1.2, section 6).
+pub mod features {
+    /// Descriptors may point to tables of descriptors.
+    pub const RING_INDIRECT_DESC: u64 = 1 << 28;
+    /// The used/available event fields suppress notifications and interrupts.
+    pub const RING_EVENT_IDX: u64 = 1 << 29;
+    /// A virtio 1.x ("modern") device; drivers that do not accept it are refused.
+    pub const VERSION_1: u64 = 1 << 32;
+}
+
+/// Device status bits (virtio 1.2, 2.1).
+pub mod status {
+    pub const ACKNOWLEDGE: u8 = 1;
+    pub const DRIVER: u8 = 2;
+    pub const DRIVER_OK: u8 = 4;
+    pub const FEATURES_OK: u8 = 8;
+    pub const DEVICE_NEEDS_RESET: u8 = 0x40;
+    pub const FAILED: u8 = 0x80;
+}
+
+/// Device types (virtio 1.2, 5).
+pub mod device_type {
+    pub const NET: u32 = 1;
+    pub const BLOCK: u32 = 2;
+    pub const CONSOLE: u32 = 3;
+    pub const RNG: u32 = 4;
+    pub const BALLOON: u32 = 5;
+    pub const VSOCK: u32 = 19;
+}
+
+/// How a device raises interrupts: implemented by the transport.
+pub trait VirtioInterrupt: Send + Sync {
+    /// The device put buffers in the used ring of `queue`.
+    fn notify_queue(&self, queue: u16);
+    /// The device changed its configuration space.
+    fn notify_config(&self);
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("the driver set up {got} queues, the device needs {want}")]
+    QueueCount { want: usize, got: usize },
+    #[error("{0}")]
+    Device(String),
+}
+
+/// What the driver set up, handed to the device at `DRIVER_OK`.
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    /// The queues, in index order; each valid and enabled by the driver (or not, if the driver
+    /// left it unused: check `ready()`).
+    pub queues: Vec<Queue>,
+    /// The features both sides agreed on.
+    pub features: u64,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// A virtio device back end.
+///
+/// Calls come from vCPU threads (configuration space, activation, reset) and from the VMM's
+/// event loop (`process_queue`), each under the lock the device lives behind. Nothing the
+/// guest writes may panic it.
+pub trait VirtioDevice: Send {
+    /// One of [`device_type`].
+    fn device_type(&self) -> u32;
+    /// Largest size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered (including [`features::VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space (most of it is read-only).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// The driver finished set-up: start serving the queues.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// The driver reset the device: drop the queues and forget the negotiated features.
+    fn reset(&mut self);
+    /// The driver notified queue `index` (the event loop calls this when the queue's event
+    /// fires). Ignored until the device is active.
+    fn process_queue(&mut self, index: usize);
+    /// PCI class code (class, subclass, programming interface) the device is listed under.
+    fn pci_class(&self) -> (u8, u8, u8) {
+        (0xff, 0, 0)
+    }
+}

@@ -1,0 +1,66 @@
+//! Plugging the configured virtio devices into a VM: each becomes a virtio-pci function on the
+//! PCI root bus, with its queue notifications served by the event loop.
+
+use std::os::unix::io::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use devices::pci::{PciDevice, PciRoot};
+use virtio::block::Block;
+use virtio::pci::VirtioPci;
+use virtio::VirtioDevice;
+use vm_memory::GuestMemoryMmap;
+
+use crate::config::VmConfig;
+use crate::event_loop::EventLoop;
+use crate::VmmError;
+
+/// Opens every disk of `config` (failing before the guest starts if one cannot be used) and
+/// plugs it into `pci`.
+pub(crate) fn attach_disks(
+    config: &VmConfig,
+    vm: &Arc<dyn hypervisor::Vm>,
+    mem: &GuestMemoryMmap,
+    pci: &Mutex<PciRoot>,
+    events: &mut EventLoop,
+) -> Result<(), VmmError> {
+    for disk in &config.disks {
+        let block = Block::new(&disk.path, disk.read_only, disk.serial.as_deref())
+            .map_err(VmmError::Disk)?;
+        attach(Arc::new(Mutex::new(block)), vm, mem, pci, events)?;
+    }
+    Ok(())
+}
+
+/// Plugs one virtio device into `pci` and its queues into `events`.
+fn attach(
+    device: Arc<Mutex<dyn VirtioDevice>>,
+    vm: &Arc<dyn hypervisor::Vm>,
+    mem: &GuestMemoryMmap,
+    pci: &Mutex<PciRoot>,
+    events: &mut EventLoop,
+) -> Result<(), VmmError> {
+    let transport = VirtioPci::new(device.clone(), mem.clone(), vm).map_err(VmmError::Virtio)?;
+    let queue_events = transport.queue_events();
+    for (index, evt) in queue_events.iter().enumerate() {
+        let (evts, dev) = (queue_events.clone(), device.clone());
+        events
+            .add(
+                evt.as_raw_fd(),
+                Box::new(move || {
+                    // Several notifications since the last run are served by one pass.
+                    if evts[index].read().is_ok() {
+                        dev.lock()
+                            .expect("virtio device lock poisoned")
+                            .process_queue(index);
+                    }
+                }),
+            )
+            .map_err(VmmError::EventLoop)?;
+    }
+    let transport: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(transport));
+    pci.lock()
+        .expect("PCI root lock poisoned")
+        .add_device(transport)
+        .map_err(VmmError::Pci)?;
+    Ok(())
+}
