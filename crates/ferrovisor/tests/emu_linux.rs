@@ -6,7 +6,6 @@
 mod common;
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::*;
@@ -14,19 +13,6 @@ use common::*;
 const MARKER: &str = "FERROVISOR-GUEST-READY";
 /// Generous: an interpreted boot takes about a minute on the development machines.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-
-fn fixture(name: &str) -> PathBuf {
-    let dir = std::env::var_os("FERROVISOR_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
-    let p = dir.join(name);
-    // The emulator runs everywhere, so a missing fixture is a broken setup, not a skip.
-    assert!(
-        p.is_file(),
-        "{p:?} missing: run scripts/fetch-guest-fixtures.sh"
-    );
-    p
-}
 
 fn args<'a>(kernel: &'a str, initrd: &'a str, cpus: &'a str, cmdline: &'a str) -> Vec<&'a str> {
     vec![

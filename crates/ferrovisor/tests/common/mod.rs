@@ -241,6 +241,20 @@ pub fn fnv1a64(data: &[u8]) -> u64 {
     h
 }
 
+/// A Linux guest fixture from `scripts/fetch-guest-fixtures.sh` (or `$FERROVISOR_FIXTURES`).
+pub fn fixture(name: &str) -> PathBuf {
+    let dir = std::env::var_os("FERROVISOR_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
+    let p = dir.join(name);
+    // The emulator runs everywhere, so a missing fixture is a broken setup, not a skip.
+    assert!(
+        p.is_file(),
+        "{p:?} missing: run scripts/fetch-guest-fixtures.sh"
+    );
+    p
+}
+
 /// A scratch directory removed at drop.
 pub struct TempDir(pub PathBuf);
 
