@@ -124,14 +124,6 @@ pub enum PciError {
     /// The device has an I/O BAR, which the root does not place.
     #[error("I/O BAR {0} is not supported")]
     IoBar(usize),
-    /// Mapping a BAR on the MMIO bus failed.
-    #[error("cannot map BAR {index} on the MMIO bus")]
-    MapBar {
-        /// The BAR index.
-        index: usize,
-        #[source]
-        source: crate::bus::BusError,
-    },
 }
 
 /// A PCI function on a [`PciRoot`].

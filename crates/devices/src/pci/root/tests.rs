@@ -276,10 +276,14 @@ fn add_device_fails_cleanly() {
     assert_eq!(root.add_device(plain()), Err(PciError::NoFreeSlot));
 
     // A window above 4 GiB takes 64-bit BARs only.
-    let mut root = PciRoot::new(Arc::new(Bus::new()), 0xffff_0000..0x1_0001_0000);
+    let mut root = PciRoot::new(Arc::new(Bus::new()), 0xffff_8000..0x1_0001_0000);
     let dev = TestDevice::new(0);
-    dev.lock().unwrap().config.add_bar(4, 0x1000, BarKind::Mem32).unwrap();
-    // BAR 0 fits at 0xffff0000, BAR 2 at 0xffff4000; BAR 4 (32-bit) would start at 4 GiB.
+    dev.lock()
+        .unwrap()
+        .config
+        .add_bar(4, 0x1000, BarKind::Mem32)
+        .unwrap();
+    // BAR 0 fits at 0xffff8000, BAR 2 at 0xffffc000; BAR 4 (32-bit) would start at 4 GiB.
     assert_eq!(
         root.add_device(dev.clone()),
         Err(PciError::WindowFull {
