@@ -53,6 +53,9 @@ struct RunArgs {
     /// more disks: /dev/vda, /dev/vdb, ...). Disks given here come after a config file's.
     #[arg(long, value_name = "DISK")]
     disk: Vec<vmm::config::DiskConfig>,
+    /// Add a virtio-rng device (the guest's /dev/hwrng), fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
     /// Read settings from a TOML or JSON file; flags given as well override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -120,6 +123,9 @@ impl RunArgs {
             config.deterministic = true;
         }
         config.disks.extend(self.disk);
+        if self.rng {
+            config.rng = true;
+        }
         Ok(config)
     }
 }

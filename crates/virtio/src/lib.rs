@@ -10,11 +10,12 @@
 
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 pub mod block;
 pub mod pci;
+pub mod rng;
 
 /// Feature bits every device offers (virtio 1.2, section 6).
 pub mod features {
@@ -72,6 +73,70 @@ pub struct Activation {
     /// The features both sides agreed on.
     pub features: u64,
     pub interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+impl Activation {
+    /// For devices with one queue: that queue, which the driver must have enabled.
+    pub fn into_single_queue(self) -> Result<ActiveQueue, ActivateError> {
+        let got = self.queues.len();
+        let queue = self
+            .queues
+            .into_iter()
+            .next()
+            .filter(|q| q.ready())
+            .ok_or(ActivateError::QueueCount { want: 1, got })?;
+        Ok(ActiveQueue {
+            mem: self.mem,
+            queue,
+            index: 0,
+            interrupt: self.interrupt,
+        })
+    }
+}
+
+/// A queue the driver set up, with what serving it needs.
+pub struct ActiveQueue {
+    pub mem: GuestMemoryMmap,
+    pub queue: Queue,
+    /// The queue's index, for its interrupt.
+    pub index: u16,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+impl ActiveQueue {
+    /// Hands every available descriptor chain to `serve`, which returns how many bytes it
+    /// wrote into the chain, returns each to the driver, and interrupts it if it asked to be.
+    /// Returns the number of chains served.
+    pub fn serve(
+        &mut self,
+        mut serve: impl FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> u32,
+    ) -> usize {
+        let mut served = 0;
+        loop {
+            // With EVENT_IDX this asks for a notification when more arrives; the queue is
+            // checked again after re-enabling, or a chain made available in between would wait
+            // for the next notification.
+            if self.queue.disable_notification(&self.mem).is_err() {
+                break;
+            }
+            while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
+                let head = chain.head_index();
+                let len = serve(&self.mem, chain);
+                if let Err(e) = self.queue.add_used(&self.mem, head, len) {
+                    tracing::warn!("virtio: cannot return descriptor chain {head}: {e:?}");
+                }
+                served += 1;
+            }
+            match self.queue.enable_notification(&self.mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        if served > 0 && self.queue.needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt.notify_queue(self.index);
+        }
+        served
+    }
 }
 
 /// A virtio device back end.

@@ -245,6 +245,9 @@ pub struct VmConfig {
     /// virtio-blk disks, /dev/vda first.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// A virtio-rng device fed from the host's getrandom.
+    #[serde(default)]
+    pub rng: bool,
 }
 
 /// A setting the user got wrong. The message says which and what to do.
@@ -288,6 +291,7 @@ impl VmConfig {
             backend: Backend::default(),
             deterministic: false,
             disks: Vec::new(),
+            rng: false,
         }
     }
 

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use devices::pci::{PciDevice, PciRoot};
 use virtio::block::Block;
 use virtio::pci::VirtioPci;
+use virtio::rng::Rng;
 use virtio::VirtioDevice;
 use vm_memory::GuestMemoryMmap;
 
@@ -14,9 +15,9 @@ use crate::config::VmConfig;
 use crate::event_loop::EventLoop;
 use crate::VmmError;
 
-/// Opens every disk of `config` (failing before the guest starts if one cannot be used) and
-/// plugs it into `pci`.
-pub(crate) fn attach_disks(
+/// Plugs the virtio devices of `config` into `pci`: the disks (each opened first, so one
+/// that cannot be used fails before the guest starts), then the entropy source.
+pub(crate) fn attach_devices(
     config: &VmConfig,
     vm: &Arc<dyn hypervisor::Vm>,
     mem: &GuestMemoryMmap,
@@ -27,6 +28,9 @@ pub(crate) fn attach_disks(
         let block = Block::new(&disk.path, disk.read_only, disk.serial.as_deref())
             .map_err(VmmError::Disk)?;
         attach(Arc::new(Mutex::new(block)), vm, mem, pci, events)?;
+    }
+    if config.rng {
+        attach(Arc::new(Mutex::new(Rng::new())), vm, mem, pci, events)?;
     }
     Ok(())
 }

@@ -15,10 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::*;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use crate::{device_type, features, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
+use crate::{device_type, features, ActivateError, Activation, ActiveQueue, VirtioDevice};
 pub use disk::{Disk, DiskError};
 use request::{Request, RequestType, SECTOR_SIZE};
 
@@ -45,15 +44,8 @@ pub struct Block {
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     config: [u8; CONFIG_LEN],
     offered: u64,
-    active: Option<Active>,
+    active: Option<ActiveQueue>,
     counters: Arc<BlockCounters>,
-}
-
-/// The device while the driver runs it.
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Arc<dyn VirtioInterrupt>,
 }
 
 impl Block {
@@ -107,35 +99,20 @@ impl Block {
         self.counters.clone()
     }
 
-    /// Serves every available request, then tells the driver if it wants to know.
+    /// Serves every available request.
     fn process(&mut self) {
-        let Some(a) = self.active.as_mut() else {
-            return;
-        };
-        let mut served = false;
-        loop {
-            // With EVENT_IDX, this asks for a notification when more arrives; re-check after,
-            // or a request made in between would wait for the next one.
-            if a.queue.disable_notification(&a.mem).is_err() {
-                break;
-            }
-            while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
-                let head = chain.head_index();
+        let Block {
+            disk,
+            id,
+            active,
+            counters,
+            ..
+        } = self;
+        if let Some(a) = active.as_mut() {
+            a.serve(|mem, chain| {
                 let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
-                let len = serve(&self.disk, &self.id, &a.mem, descs, &self.counters);
-                if let Err(e) = a.queue.add_used(&a.mem, head, len) {
-                    tracing::warn!("virtio-blk: cannot return request {head}: {e:?}");
-                    self.counters.invalid.fetch_add(1, Ordering::Relaxed);
-                }
-                served = true;
-            }
-            match a.queue.enable_notification(&a.mem) {
-                Ok(true) => continue,
-                _ => break,
-            }
-        }
-        if served && a.queue.needs_notification(&a.mem).unwrap_or(true) {
-            a.interrupt.notify_queue(0);
+                serve(disk, id, mem, descs, counters)
+            });
         }
     }
 }
@@ -263,18 +240,7 @@ impl VirtioDevice for Block {
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let got = a.queues.len();
-        let queue = a
-            .queues
-            .into_iter()
-            .next()
-            .filter(|q| q.ready())
-            .ok_or(ActivateError::QueueCount { want: 1, got })?;
-        self.active = Some(Active {
-            mem: a.mem,
-            queue,
-            interrupt: a.interrupt,
-        });
+        self.active = Some(a.into_single_queue()?);
         Ok(())
     }
 

@@ -1,7 +1,8 @@
-//! virtio-blk with Debian's cloud kernel on the emulator back end: the initramfs loads the
-//! virtio modules and switches root into an ext4 image on /dev/vda; data the guest writes to
-//! a disk is in the image file after power-off, and after a SIGKILL that follows the guest's
-//! fsync; read-only disks refuse writes; bad disk arguments fail before the guest starts.
+//! Virtio devices with Debian's cloud kernel on the emulator back end. virtio-blk: the
+//! initramfs loads the virtio modules and switches root into an ext4 image on /dev/vda; data
+//! the guest writes to a disk is in the image file after power-off, and after a SIGKILL that
+//! follows the guest's fsync; read-only disks refuse writes; bad disk arguments fail before
+//! the guest starts. virtio-rng: the guest's hwrng is the virtio device and yields entropy.
 
 mod common;
 
@@ -56,6 +57,7 @@ fn boot_on_root(
     for d in disks {
         a.extend_from_slice(&["--disk", d]);
     }
+    a.push("--rng");
     let mut child = spawn(&a);
     let rx = stream_stdout(&mut child);
     let mut seen = String::new();
@@ -77,7 +79,7 @@ fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
 }
 
 #[test]
-fn the_guest_roots_on_virtio_blk_and_its_writes_reach_the_images() {
+fn the_guest_roots_on_virtio_blk_its_writes_reach_the_images_and_hwrng_is_virtio() {
     let dir = TempDir::new("blk");
     let root = root_copy(&dir);
     let data = dir.file("data.img", &vec![0u8; 8 << 20]);
@@ -100,6 +102,9 @@ fn the_guest_roots_on_virtio_blk_and_its_writes_reach_the_images() {
          echo VDB-MD5=$(head -c 1000000 /dev/vdb | md5sum | cut -d' ' -f1)\n\
          dd if=/dev/zero of=/dev/vdc bs=512 count=1 2>/dev/null; echo RO-WRITE=$?\n\
          echo persisted-on-root >/root/note; sync\n\
+         echo RNG=$(cat /sys/class/misc/hw_random/rng_current)\n\
+         echo RNG-A=$(head -c 4096 /dev/hwrng | md5sum | cut -d' ' -f1)\n\
+         echo RNG-B=$(head -c 4096 /dev/hwrng | md5sum | cut -d' ' -f1)\n\
          poweroff -f\n";
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(script.as_bytes()).unwrap();
@@ -127,6 +132,13 @@ fn the_guest_roots_on_virtio_blk_and_its_writes_reach_the_images() {
         std::fs::read(&ro).unwrap(),
         ro_content,
         "the read-only image changed"
+    );
+
+    assert_eq!(value(out, "RNG"), Some("virtio_rng.0"), "{r}");
+    let (a, b) = (value(out, "RNG-A"), value(out, "RNG-B"));
+    assert!(
+        a.is_some_and(|a| a.len() == 32) && a != b,
+        "two reads of /dev/hwrng must give different data: {r}"
     );
 
     let written = std::fs::read(&data).unwrap();
