@@ -6,7 +6,9 @@
 //! the address space or interrupt delivery, at the end of the page, or after [`MAX_OPS`]
 //! instructions. Interrupts are taken between blocks. A block is used only if the bytes it was
 //! compiled from are still in memory, compared on entry, so code written by this vCPU, another
-//! vCPU or the VMM (DMA) never runs stale, with no invalidation protocol to get wrong.
+//! vCPU or the VMM (DMA) never runs stale, with no invalidation protocol to get wrong. (A block
+//! that loops to its own start runs again without the check until the next interrupt check,
+//! unless this vCPU wrote its bytes: see `Cpu::run_block`.)
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, RflagsBits};
 
