@@ -162,6 +162,17 @@ pub trait VirtioDevice: Send {
     /// The driver notified queue `index` (the event loop calls this when the queue's event
     /// fires). Ignored until the device is active.
     fn process_queue(&mut self, index: usize);
+    /// Host-side file descriptors of the device's back end (a tap, a listening socket, an
+    /// epoll descriptor of its own for a changing set of connections) that the event loop
+    /// watches for input; when the `i`-th becomes readable the loop calls
+    /// [`process_backend`](VirtioDevice::process_backend)`(i)`. Asked once, before the guest
+    /// starts; the descriptors must stay open while the device lives.
+    fn backend_fds(&self) -> Vec<std::os::unix::io::RawFd> {
+        Vec::new()
+    }
+    /// Back-end descriptor `index` is readable (level-triggered: consume what is there, or the
+    /// loop calls again).
+    fn process_backend(&mut self, _index: usize) {}
     /// PCI class code (class, subclass, programming interface) the device is listed under.
     fn pci_class(&self) -> (u8, u8, u8) {
         (0xff, 0, 0)

@@ -61,6 +61,23 @@ fn attach(
             )
             .map_err(VmmError::EventLoop)?;
     }
+    let backend_fds = device
+        .lock()
+        .expect("virtio device lock poisoned")
+        .backend_fds();
+    for (index, fd) in backend_fds.into_iter().enumerate() {
+        let dev = device.clone();
+        events
+            .add(
+                fd,
+                Box::new(move || {
+                    dev.lock()
+                        .expect("virtio device lock poisoned")
+                        .process_backend(index)
+                }),
+            )
+            .map_err(VmmError::EventLoop)?;
+    }
     let transport: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(transport));
     pci.lock()
         .expect("PCI root lock poisoned")
