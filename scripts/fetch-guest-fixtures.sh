@@ -9,8 +9,11 @@
 #   vmlinux            the uncompressed ELF kernel (has the Xen PVH entry note)
 #   initramfs.cpio.gz  newc cpio: busybox-static + applet symlinks, /init, virtio modules
 #   rootfs.ext4        64 MiB ext4 image (label ferrovisor-root, fixed UUID, reproducible):
-#                      busybox-static + applet symlinks and its own /sbin/init, no modules
-#   VERSION            KEY=VALUE: fixture format, kernel package, version, release; busybox
+#                      busybox-static + applet symlinks and its own /sbin/init, no modules;
+#                      /usr/bin/vsock-test (scripts/lib/vsock-test.c, gcc -O2 -static -s: an
+#                      AF_VSOCK peer for the virtio-vsock tests, which busybox cannot be)
+#   VERSION            KEY=VALUE: fixture format, kernel package, version, release; busybox;
+#                      vsock-test's source hash and compiler
 #   fixtures.sha256    sha256sum of the above
 #
 # The initramfs /init mounts proc, sys, devtmpfs and tmpfs, prints FERROVISOR-GUEST-READY
@@ -36,7 +39,7 @@
 set -euo pipefail
 
 # Bump when the content of the outputs changes for the same packages (init script, layout).
-FIXTURE_FORMAT=2
+FIXTURE_FORMAT=3
 META_PKG=linux-image-cloud-amd64
 BUSYBOX_PKG=busybox-static
 MODULES=(virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev
@@ -62,7 +65,7 @@ for arg in "$@"; do
     case "$arg" in
         --force) force=1 ;;
         --update) update=1 ;;
-        -h|--help) sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "fetch-guest-fixtures: unknown option: $arg" >&2; exit 2 ;;
         *) [ -z "$dir" ] || { echo "fetch-guest-fixtures: more than one DIR" >&2; exit 2; }
            dir=$arg ;;
@@ -75,7 +78,7 @@ die() { echo "fetch-guest-fixtures: ERROR: $*" >&2; exit 1; }
 
 # mke2fs and debugfs live in /usr/sbin, which a normal user's PATH may lack.
 PATH=$PATH:/usr/sbin:/sbin
-for cmd in apt-get apt-cache dpkg-deb python3 sha256sum lz4 mkfs.ext4 debugfs truncate; do
+for cmd in apt-get apt-cache dpkg-deb python3 sha256sum lz4 mkfs.ext4 debugfs truncate gcc; do
     command -v "$cmd" >/dev/null 2>&1 ||
         die "'$cmd' not found; run scripts/install-deps.sh (Debian 12 with apt is required)"
 done
@@ -142,11 +145,15 @@ set_version() {
         *) log "warning: $META_PKG resolves to $kpkg, not a 6.1 cloud kernel" ;;
     esac
     krel=${kpkg#linux-image-}
+    # The same source, compiler and C library give the same vsock-test bytes.
+    vsock_test="$(sha256sum <"$here/lib/vsock-test.c" | cut -c1-16) gcc-$(gcc -dumpfullversion)"
+    vsock_test+=" libc6-dev-$(dpkg-query -W -f='${Version}' libc6-dev 2>/dev/null || echo none)"
     want_version="FIXTURE_FORMAT=$FIXTURE_FORMAT
 KERNEL_PACKAGE=$kpkg
 KERNEL_VERSION=$kver
 KERNEL_RELEASE=$krel
-BUSYBOX_VERSION=$bbver"
+BUSYBOX_VERSION=$bbver
+VSOCK_TEST=$vsock_test"
 }
 resolve
 set_version
@@ -335,6 +342,10 @@ python3 "$tool" cpio "$st" "$out/initramfs.cpio.gz"
 rs="$work/rootfs"
 stage_busybox_tree "$rs"
 rm -f "$rs/sbin/init"   # busybox's init applet; ours is a script
+# Stripped and static: no file names, build paths or time stamps end up in the binary.
+gcc -O2 -static -s -o "$rs/usr/bin/vsock-test" "$here/lib/vsock-test.c" ||
+    die "cannot build vsock-test (static linking needs libc6-dev: scripts/install-deps.sh)"
+chmod 0755 "$rs/usr/bin/vsock-test"
 cat >"$rs/sbin/init" <<'EOF'
 #!/bin/sh
 # Ferrovisor test root file system (scripts/fetch-guest-fixtures.sh). The initramfs switches

@@ -9,6 +9,7 @@
 #
 # Required:
 #   gcc binutils make      freestanding test guests (crates/test-guests)
+#   libc6-dev              static C programs for the guest fixtures (vsock-test in rootfs.ext4)
 #   cpio gzip xz-utils zstd lz4 e2fsprogs
 #                          scripts/fetch-guest-fixtures.sh (initramfs, kernel payload,
 #                          rootfs.ext4: mkfs.ext4, debugfs, e2fsck)
@@ -21,14 +22,14 @@
 # `apt-get download` and only unpacks it into the initramfs and rootfs.ext4).
 set -euo pipefail
 
-REQUIRED=(gcc binutils make cpio gzip xz-utils zstd lz4 e2fsprogs python3 qemu-system-x86 time)
+REQUIRED=(gcc binutils make libc6-dev cpio gzip xz-utils zstd lz4 e2fsprogs python3 qemu-system-x86 time)
 OPTIONAL=(hyperfine)
 
 want_optional=1
 for arg in "$@"; do
     case "$arg" in
         --no-optional) want_optional=0 ;;
-        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "install-deps.sh: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done

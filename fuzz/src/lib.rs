@@ -3,8 +3,11 @@
 //! `emu_exec` compares.
 //!
 //! Everything here is test scaffolding; it never changes how the emulator runs code.
+//! [`virtio_kit`] holds the same kind of scaffolding for the virtio targets.
 
 use std::fmt::Write as _;
+
+pub mod virtio_kit;
 
 use emu::cpu::state::flags;
 use emu::cpu::RunExit;

@@ -53,9 +53,18 @@ struct RunArgs {
     /// more disks: /dev/vda, /dev/vdb, ...). Disks given here come after a config file's.
     #[arg(long, value_name = "DISK")]
     disk: Vec<vmm::config::DiskConfig>,
+    /// Add a virtio-net interface on a tap: tap=NAME[,mac=52:54:00:12:34:56] (the tap is
+    /// opened, or created if the VMM may; repeat for more interfaces: eth0, eth1, ...).
+    #[arg(long, value_name = "NET")]
+    net: Vec<vmm::config::NetConfig>,
     /// Add a virtio-rng device (the guest's /dev/hwrng), fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// Add a virtio-vsock device: cid=N,uds=PATH (the guest's CID, 3 or more; host programs
+    /// connect to the unix socket PATH and send "CONNECT <port>\n", guest connections to host
+    /// port P go to the socket PATH_P).
+    #[arg(long, value_name = "VSOCK")]
+    vsock: Option<vmm::config::VsockConfig>,
     /// Read settings from a TOML or JSON file; flags given as well override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -88,6 +97,9 @@ impl RunArgs {
                 c.initrd = c.initrd.map(|p| base.join(p));
                 for d in &mut c.disks {
                     d.path = base.join(&d.path);
+                }
+                if let Some(v) = &mut c.vsock {
+                    v.uds = base.join(&v.uds);
                 }
                 c
             }
@@ -126,6 +138,10 @@ impl RunArgs {
         if self.rng {
             config.rng = true;
         }
+        if let Some(v) = self.vsock {
+            config.vsock = Some(v);
+        }
+        config.nets.extend(self.net);
         Ok(config)
     }
 }

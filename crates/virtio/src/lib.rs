@@ -14,8 +14,10 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 pub mod block;
+pub mod net;
 pub mod pci;
 pub mod rng;
+pub mod vsock;
 
 /// Feature bits every device offers (virtio 1.2, section 6).
 pub mod features {
@@ -76,22 +78,55 @@ pub struct Activation {
 }
 
 impl Activation {
-    /// For devices with one queue: that queue, which the driver must have enabled.
-    pub fn into_single_queue(self) -> Result<ActiveQueue, ActivateError> {
-        let got = self.queues.len();
-        let queue = self
+    /// The first `want` queues, each of which the driver must have enabled.
+    pub fn into_queues(self, want: usize) -> Result<Vec<ActiveQueue>, ActivateError> {
+        let got = self.queues.iter().take(want).filter(|q| q.ready()).count();
+        if got < want {
+            return Err(ActivateError::QueueCount { want, got });
+        }
+        let (mem, interrupt) = (self.mem, self.interrupt);
+        Ok(self
             .queues
             .into_iter()
-            .next()
-            .filter(|q| q.ready())
-            .ok_or(ActivateError::QueueCount { want: 1, got })?;
-        Ok(ActiveQueue {
-            mem: self.mem,
-            queue,
-            index: 0,
-            interrupt: self.interrupt,
-        })
+            .take(want)
+            .enumerate()
+            .map(|(i, queue)| ActiveQueue {
+                mem: mem.clone(),
+                queue,
+                index: i as u16,
+                interrupt: interrupt.clone(),
+            })
+            .collect())
     }
+
+    /// For devices with one queue: that queue, which the driver must have enabled.
+    pub fn into_single_queue(self) -> Result<ActiveQueue, ActivateError> {
+        let mut q = self.into_queues(1)?;
+        Ok(q.remove(0))
+    }
+}
+
+/// Host iovecs for guest buffers `(address, length)`, appended to `out`; `access` is what the
+/// host will do to guest memory (`Write` when reading into the buffers). Fails if any byte is
+/// outside guest memory. The iovecs stay valid while `mem` lives.
+pub(crate) fn guest_iovecs(
+    mem: &GuestMemoryMmap,
+    bufs: impl IntoIterator<Item = (vm_memory::GuestAddress, usize)>,
+    access: vm_memory::Permissions,
+    out: &mut Vec<libc::iovec>,
+) -> std::io::Result<()> {
+    use vm_memory::GuestMemory;
+    let bad = |e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
+    for (addr, len) in bufs {
+        for slice in mem.get_slices(addr, len, access).map_err(bad)? {
+            let slice = slice.map_err(bad)?;
+            out.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// A queue the driver set up, with what serving it needs.
@@ -119,23 +154,33 @@ impl ActiveQueue {
             if self.queue.disable_notification(&self.mem).is_err() {
                 break;
             }
+            let mut popped = 0;
             while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
                 let head = chain.head_index();
                 let len = serve(&self.mem, chain);
                 if let Err(e) = self.queue.add_used(&self.mem, head, len) {
                     tracing::warn!("virtio: cannot return descriptor chain {head}: {e:?}");
                 }
-                served += 1;
+                popped += 1;
             }
-            match self.queue.enable_notification(&self.mem) {
-                Ok(true) => continue,
-                _ => break,
+            served += popped;
+            if !self.more_after_enable(popped) {
+                break;
             }
         }
         if served > 0 && self.queue.needs_notification(&self.mem).unwrap_or(true) {
             self.interrupt.notify_queue(self.index);
         }
         served
+    }
+
+    /// After popping `popped` chains until none was left: re-enables notifications and says
+    /// whether to look again (the driver made more available meanwhile). A hostile driver can
+    /// make the available index claim chains the queue refuses to hand out (an index more than
+    /// a queue size ahead, a ring at address 0): then nothing was popped and looking again
+    /// would spin forever, so the queue stays as it is until the driver notifies again.
+    pub fn more_after_enable(&mut self, popped: usize) -> bool {
+        matches!(self.queue.enable_notification(&self.mem), Ok(true)) && popped > 0
     }
 }
 

@@ -162,9 +162,115 @@ pub struct DiskConfig {
     pub serial: Option<String>,
 }
 
+/// A MAC address, written `52:54:00:12:34:56`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl FromStr for MacAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("'{s}' is not a MAC address; write e.g. 52:54:00:12:34:56");
+        let mut m = [0u8; 6];
+        let mut parts = s.split(':');
+        for b in &mut m {
+            let p = parts.next().filter(|p| p.len() == 2).ok_or_else(bad)?;
+            *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+        }
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        if m[0] & 1 != 0 {
+            return Err(format!(
+                "MAC address {s} is a multicast address; the first byte must be even"
+            ));
+        }
+        Ok(MacAddr(m))
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A virtio-net interface on a tap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The tap's name; opened if it exists, created (for the life of the VM) if it does not and
+    /// the VMM may.
+    pub tap: String,
+    /// The guest's MAC address; by default 52:54:00 and three bytes derived from the tap's
+    /// name, so it is stable across runs and differs between taps.
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+}
+
+impl NetConfig {
+    /// The MAC address the guest gets.
+    pub fn mac(&self) -> MacAddr {
+        self.mac.unwrap_or_else(|| {
+            let h = self.tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            let b = h.to_le_bytes();
+            MacAddr([0x52, 0x54, 0x00, b[0], b[1], b[2]])
+        })
+    }
+}
+
+impl FromStr for NetConfig {
+    type Err = String;
+
+    /// `tap=NAME[,mac=MAC]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut tap = None;
+        let mut mac = None;
+        for item in s.split(',') {
+            match item.split_once('=') {
+                Some(("tap", v)) => tap = Some(v.to_string()),
+                Some(("mac", v)) => mac = Some(v.parse()?),
+                Some((k, _)) => {
+                    return Err(format!(
+                        "unknown network option '{k}' in '{s}'; use tap= and mac="
+                    ))
+                }
+                None => return Err(format!("'{item}' in '{s}' is not key=value")),
+            }
+        }
+        let tap = tap
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| format!("network '{s}' has no tap; write tap=NAME"))?;
+        Ok(NetConfig { tap, mac })
+    }
+}
+
 /// Most disks one VM takes: the PCI root bus has 31 slots for devices, and other devices
 /// need some.
 pub const MAX_DISKS: usize = 24;
+/// Most network interfaces one VM takes.
+pub const MAX_NETS: usize = 4;
 /// Longest disk serial virtio-blk can report.
 pub const MAX_DISK_SERIAL: usize = 20;
 
@@ -212,6 +318,66 @@ impl FromStr for DiskConfig {
     }
 }
 
+/// A virtio-vsock device whose host side is a unix socket (Firecracker's scheme): host programs
+/// connect to `uds` and write `CONNECT <port>\n` to reach a guest port; guest connections to
+/// host port P go to the socket `<uds>_P`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context ID (its vsock address): 3 to 4294967294.
+    pub cid: u64,
+    /// The unix socket the VMM listens on while the VM runs.
+    pub uds: PathBuf,
+}
+
+/// Longest `uds` path: a socket address holds 107 bytes, and `_<port>` takes up to 11.
+pub const MAX_VSOCK_PATH: usize = 96;
+
+impl VsockConfig {
+    /// Checks the CID and the socket path's length.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(3..=u64::from(u32::MAX) - 1).contains(&self.cid) {
+            return Err(ConfigError::VsockCid(self.cid));
+        }
+        let len = self.uds.as_os_str().len();
+        if len == 0 || len > MAX_VSOCK_PATH {
+            return Err(ConfigError::VsockPathLength(len));
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for VsockConfig {
+    type Err = String;
+
+    /// `cid=N,uds=PATH`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut cid, mut uds) = (None, None);
+        for item in s.split(',') {
+            match item.split_once('=') {
+                Some(("cid", v)) => {
+                    cid = Some(v.parse::<u64>().map_err(|_| {
+                        format!("vsock cid '{v}' is not a number; write e.g. cid=3")
+                    })?)
+                }
+                Some(("uds" | "path", v)) => uds = Some(PathBuf::from(v)),
+                Some((k, _)) => {
+                    return Err(format!(
+                        "unknown vsock option '{k}' in '{s}'; use cid= and uds="
+                    ))
+                }
+                None => return Err(format!("'{item}' in '{s}' is not key=value")),
+            }
+        }
+        match (cid, uds) {
+            (Some(cid), Some(uds)) => Ok(VsockConfig { cid, uds }),
+            _ => Err(format!(
+                "vsock '{s}' needs both settings; write cid=N,uds=PATH"
+            )),
+        }
+    }
+}
+
 fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
 }
@@ -248,6 +414,12 @@ pub struct VmConfig {
     /// A virtio-rng device fed from the host's getrandom.
     #[serde(default)]
     pub rng: bool,
+    /// virtio-net interfaces, eth0 first.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device (one per VM).
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
 }
 
 /// A setting the user got wrong. The message says which and what to do.
@@ -276,6 +448,16 @@ pub enum ConfigError {
     DiskSerialTooLong(String),
     #[error("too many disks ({0}); the PCI bus has room for at most {MAX_DISKS}")]
     TooManyDisks(usize),
+    #[error("too many network interfaces ({0}); at most {MAX_NETS}")]
+    TooManyNets(usize),
+    #[error("tap '{0}' is given twice; give each interface its own tap")]
+    DuplicateTap(String),
+    #[error("MAC address {0} is given to two interfaces; give each its own")]
+    DuplicateMac(MacAddr),
+    #[error("vsock cid {0} is not a guest address; use a number from 3 to 4294967294")]
+    VsockCid(u64),
+    #[error("the vsock socket path is {0} bytes; it must be 1 to {MAX_VSOCK_PATH} bytes")]
+    VsockPathLength(usize),
 }
 
 impl VmConfig {
@@ -292,6 +474,8 @@ impl VmConfig {
             deterministic: false,
             disks: Vec::new(),
             rng: false,
+            nets: Vec::new(),
+            vsock: None,
         }
     }
 
@@ -330,6 +514,20 @@ impl VmConfig {
             if let Some(s) = d.serial.as_ref().filter(|s| s.len() > MAX_DISK_SERIAL) {
                 return Err(ConfigError::DiskSerialTooLong(s.clone()));
             }
+        }
+        if self.nets.len() > MAX_NETS {
+            return Err(ConfigError::TooManyNets(self.nets.len()));
+        }
+        for (i, n) in self.nets.iter().enumerate() {
+            if self.nets[..i].iter().any(|e| e.tap == n.tap) {
+                return Err(ConfigError::DuplicateTap(n.tap.clone()));
+            }
+            if self.nets[..i].iter().any(|e| e.mac() == n.mac()) {
+                return Err(ConfigError::DuplicateMac(n.mac()));
+            }
+        }
+        if let Some(v) = &self.vsock {
+            v.validate()?;
         }
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
@@ -451,6 +649,41 @@ mod tests {
             with(&|c| c.cmdline = "a\0b".into()),
             ConfigError::CmdlineNul
         );
+    }
+
+    #[test]
+    fn vsock_settings_parse_and_validate() {
+        let v: VsockConfig = "cid=3,uds=/tmp/v.sock".parse().unwrap();
+        assert_eq!((v.cid, v.uds.to_str()), (3, Some("/tmp/v.sock")));
+        for bad in [
+            "cid=3",
+            "uds=/x",
+            "cid=x,uds=/x",
+            "cid=3,uds=/x,port=1",
+            "3",
+        ] {
+            assert!(bad.parse::<VsockConfig>().is_err(), "{bad} accepted");
+        }
+        let mut c = VmConfig::new("/k".into());
+        for cid in [0, 2, u64::from(u32::MAX), 1 << 40] {
+            c.vsock = Some(VsockConfig {
+                cid,
+                uds: "/tmp/v.sock".into(),
+            });
+            assert_eq!(c.validate(8, HOST), Err(ConfigError::VsockCid(cid)));
+        }
+        c.vsock = Some(VsockConfig {
+            cid: 3,
+            uds: "/".repeat(MAX_VSOCK_PATH + 1).into(),
+        });
+        assert_eq!(
+            c.validate(8, HOST),
+            Err(ConfigError::VsockPathLength(MAX_VSOCK_PATH + 1))
+        );
+        let c: VmConfig =
+            serde_json::from_str(r#"{"kernel": "/k", "vsock": {"cid": 7, "uds": "v.sock"}}"#)
+                .unwrap();
+        assert_eq!(c.vsock.map(|v| v.cid), Some(7));
     }
 
     #[test]

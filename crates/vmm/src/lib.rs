@@ -104,6 +104,10 @@ pub enum VmmError {
     Signals(#[source] std::io::Error),
     #[error(transparent)]
     Disk(virtio::block::DiskError),
+    #[error(transparent)]
+    Tap(virtio::net::TapError),
+    #[error(transparent)]
+    Vsock(virtio::vsock::VsockError),
     #[error("cannot set up a virtio device")]
     Virtio(#[source] virtio::pci::TransportError),
     #[error("cannot plug a device into the PCI bus")]
@@ -117,7 +121,10 @@ impl VmmError {
     pub fn is_usage_error(&self) -> bool {
         use arch::linux::LinuxBootError as B;
         match self {
-            VmmError::Config(_) | VmmError::OpenFile { .. } | VmmError::Disk(_) => true,
+            VmmError::Config(_)
+            | VmmError::OpenFile { .. }
+            | VmmError::Disk(_)
+            | VmmError::Tap(_) => true,
             VmmError::Hypervisor(e) => matches!(
                 e,
                 HypervisorError::OpenKvm(_)
@@ -133,6 +140,7 @@ impl VmmError {
                     | B::ReadKernel(_)
             ),
             VmmError::AllocateMemory(_) => true,
+            VmmError::Vsock(e) => e.is_usage_error(),
             _ => false,
         }
     }

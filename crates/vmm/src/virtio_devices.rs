@@ -6,8 +6,10 @@ use std::sync::{Arc, Mutex};
 
 use devices::pci::{PciDevice, PciRoot};
 use virtio::block::Block;
+use virtio::net::{Net, Tap};
 use virtio::pci::VirtioPci;
 use virtio::rng::Rng;
+use virtio::vsock::Vsock;
 use virtio::VirtioDevice;
 use vm_memory::GuestMemoryMmap;
 
@@ -15,8 +17,9 @@ use crate::config::VmConfig;
 use crate::event_loop::EventLoop;
 use crate::VmmError;
 
-/// Plugs the virtio devices of `config` into `pci`: the disks (each opened first, so one
-/// that cannot be used fails before the guest starts), then the entropy source.
+/// Plugs the virtio devices of `config` into `pci`: the disks, then the network interfaces
+/// (each image and tap opened first, so one that cannot be used fails before the guest
+/// starts), then the entropy source.
 pub(crate) fn attach_devices(
     config: &VmConfig,
     vm: &Arc<dyn hypervisor::Vm>,
@@ -29,8 +32,18 @@ pub(crate) fn attach_devices(
             .map_err(VmmError::Disk)?;
         attach(Arc::new(Mutex::new(block)), vm, mem, pci, events)?;
     }
+    for net in &config.nets {
+        let tap = Tap::open(&net.tap).map_err(VmmError::Tap)?;
+        let dev = Net::new(tap, net.mac().0).map_err(VmmError::EventLoop)?;
+        attach(Arc::new(Mutex::new(dev)), vm, mem, pci, events)?;
+    }
     if config.rng {
         attach(Arc::new(Mutex::new(Rng::new())), vm, mem, pci, events)?;
+    }
+    // The socket is listened on from here until the device is dropped with the VM.
+    if let Some(v) = &config.vsock {
+        let vsock = Vsock::new(v.cid, &v.uds).map_err(VmmError::Vsock)?;
+        attach(Arc::new(Mutex::new(vsock)), vm, mem, pci, events)?;
     }
     Ok(())
 }

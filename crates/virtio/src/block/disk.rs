@@ -7,7 +7,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use vm_memory::{GuestMemory, GuestMemoryMmap, Permissions};
+use vm_memory::{GuestMemoryMmap, Permissions};
 
 use super::request::{Segment, SECTOR_SIZE};
 
@@ -143,26 +143,19 @@ impl Disk {
         data: &[Segment],
         write: bool,
     ) -> io::Result<()> {
+        // Reading the disk writes guest memory, and the other way round.
+        let access = if write {
+            Permissions::Read
+        } else {
+            Permissions::Write
+        };
         let mut iovs = Vec::with_capacity(data.len());
-        for seg in data {
-            // Reading the disk writes guest memory, and the other way round.
-            let access = if write {
-                Permissions::Read
-            } else {
-                Permissions::Write
-            };
-            let bad = |e| io::Error::new(io::ErrorKind::InvalidInput, e);
-            for slice in mem
-                .get_slices(seg.addr, seg.len as usize, access)
-                .map_err(bad)?
-            {
-                let slice = slice.map_err(bad)?;
-                iovs.push(libc::iovec {
-                    iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                    iov_len: slice.len(),
-                });
-            }
-        }
+        crate::guest_iovecs(
+            mem,
+            data.iter().map(|s| (s.addr, s.len as usize)),
+            access,
+            &mut iovs,
+        )?;
         let mut iovs = &mut iovs[..];
         while !iovs.is_empty() {
             let n = iovs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;

@@ -192,6 +192,16 @@ fn execute(disk: &Disk, id: &[u8], mem: &GuestMemoryMmap, req: &Request) -> (u32
                 return (VIRTIO_BLK_S_UNSUPP, 0);
             };
             for r in ranges {
+                // Unknown flags, and "unmap" on a discard, are not for this device to guess
+                // (virtio 1.2, 5.2.6.2).
+                let allowed = if req.kind == RequestType::Discard {
+                    0
+                } else {
+                    request::RANGE_UNMAP
+                };
+                if r.flags & !allowed != 0 {
+                    return (VIRTIO_BLK_S_UNSUPP, 0);
+                }
                 let bytes = u64::from(r.sectors) * SECTOR_SIZE;
                 if r.sectors > MAX_DISCARD_SECTORS || !disk.in_range(r.sector, bytes) {
                     return (VIRTIO_BLK_S_IOERR, 0);
@@ -204,7 +214,7 @@ fn execute(disk: &Disk, id: &[u8], mem: &GuestMemoryMmap, req: &Request) -> (u32
                         r => io(r),
                     }
                 } else {
-                    io(disk.write_zeroes(at, bytes, r.unmap))
+                    io(disk.write_zeroes(at, bytes, r.flags & request::RANGE_UNMAP != 0))
                 };
                 if s != VIRTIO_BLK_S_OK {
                     return (s, 0);

@@ -183,9 +183,12 @@ fn read_prefix<M: GuestMemory>(
 pub struct Range {
     pub sector: u64,
     pub sectors: u32,
-    /// Write-zeroes may deallocate (bit 0 of the flags).
-    pub unmap: bool,
+    /// The flags word: bit 0 "unmap" (write-zeroes may deallocate); no other bit is defined.
+    pub flags: u32,
 }
+
+/// The "unmap" flag of a range.
+pub const RANGE_UNMAP: u32 = 1;
 
 /// Reads the ranges of a discard or write-zeroes request; None if the data is not a whole
 /// number of ranges or more than `max` of them.
@@ -203,7 +206,7 @@ pub fn ranges<M: GuestMemory>(mem: &M, data: &[Segment], max: usize) -> Option<V
             .map(|r| Range {
                 sector: u64::from_le_bytes(r[0..8].try_into().unwrap()),
                 sectors: u32::from_le_bytes(r[8..12].try_into().unwrap()),
-                unmap: u32::from_le_bytes(r[12..16].try_into().unwrap()) & 1 != 0,
+                flags: u32::from_le_bytes(r[12..16].try_into().unwrap()),
             })
             .collect(),
     )
@@ -351,7 +354,7 @@ mod tests {
             Some(vec![Range {
                 sector: 8,
                 sectors: 16,
-                unmap: true
+                flags: RANGE_UNMAP
             }])
         );
         assert_eq!(ranges(&m, &seg, 0), None);

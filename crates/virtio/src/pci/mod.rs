@@ -256,7 +256,8 @@ impl VirtioPci {
             .lock()
             .expect("virtio device lock poisoned")
             .reset();
-        self.interrupt.msix().reset();
+        // MSI-X is PCI state, not virtio state: the driver keeps its vectors across a device
+        // reset (only a function-level reset would clear them).
         self.interrupt.isr.store(0, Ordering::Release);
         self.sync_vectors();
         self.active = false;

@@ -41,16 +41,6 @@ impl Msix {
         self.table.len()
     }
 
-    /// Back to the reset state (a function-level or driver reset).
-    pub fn reset(&mut self) {
-        for e in &mut self.table {
-            *e = [0, 0, 0, ENTRY_MASKED];
-        }
-        self.pending.fill(false);
-        self.enabled = false;
-        self.function_masked = false;
-    }
-
     /// The guest wrote the message control word.
     pub fn set_control(&mut self, control: u16) {
         self.enabled = control & CONTROL_ENABLE != 0;
