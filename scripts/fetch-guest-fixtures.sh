@@ -11,9 +11,11 @@
 #   rootfs.ext4        64 MiB ext4 image (label ferrovisor-root, fixed UUID, reproducible):
 #                      busybox-static + applet symlinks and its own /sbin/init, no modules;
 #                      /usr/bin/vsock-test (scripts/lib/vsock-test.c, gcc -O2 -static -s: an
-#                      AF_VSOCK peer for the virtio-vsock tests, which busybox cannot be)
+#                      AF_VSOCK peer for the virtio-vsock tests, which busybox cannot be) and
+#                      /usr/bin/tcp-xfer (scripts/lib/tcp-xfer.c: bulk TCP send/receive for
+#                      the virtio-net tests; busybox nc copies in small chunks)
 #   VERSION            KEY=VALUE: fixture format, kernel package, version, release; busybox;
-#                      vsock-test's source hash and compiler
+#                      the test tools' source hash and compiler
 #   fixtures.sha256    sha256sum of the above
 #
 # The initramfs /init mounts proc, sys, devtmpfs and tmpfs, prints FERROVISOR-GUEST-READY
@@ -39,7 +41,7 @@
 set -euo pipefail
 
 # Bump when the content of the outputs changes for the same packages (init script, layout).
-FIXTURE_FORMAT=3
+FIXTURE_FORMAT=4
 META_PKG=linux-image-cloud-amd64
 BUSYBOX_PKG=busybox-static
 MODULES=(virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev
@@ -145,8 +147,9 @@ set_version() {
         *) log "warning: $META_PKG resolves to $kpkg, not a 6.1 cloud kernel" ;;
     esac
     krel=${kpkg#linux-image-}
-    # The same source, compiler and C library give the same vsock-test bytes.
-    vsock_test="$(sha256sum <"$here/lib/vsock-test.c" | cut -c1-16) gcc-$(gcc -dumpfullversion)"
+    # The same sources, compiler and C library give the same vsock-test and tcp-xfer bytes.
+    vsock_test="$(cat "$here/lib/vsock-test.c" "$here/lib/tcp-xfer.c" | sha256sum | cut -c1-16)"
+    vsock_test+=" gcc-$(gcc -dumpfullversion)"
     vsock_test+=" libc6-dev-$(dpkg-query -W -f='${Version}' libc6-dev 2>/dev/null || echo none)"
     want_version="FIXTURE_FORMAT=$FIXTURE_FORMAT
 KERNEL_PACKAGE=$kpkg
@@ -346,6 +349,9 @@ rm -f "$rs/sbin/init"   # busybox's init applet; ours is a script
 gcc -O2 -static -s -o "$rs/usr/bin/vsock-test" "$here/lib/vsock-test.c" ||
     die "cannot build vsock-test (static linking needs libc6-dev: scripts/install-deps.sh)"
 chmod 0755 "$rs/usr/bin/vsock-test"
+gcc -O2 -static -s -o "$rs/usr/bin/tcp-xfer" "$here/lib/tcp-xfer.c" ||
+    die "cannot build tcp-xfer (static linking needs libc6-dev: scripts/install-deps.sh)"
+chmod 0755 "$rs/usr/bin/tcp-xfer"
 cat >"$rs/sbin/init" <<'EOF'
 #!/bin/sh
 # Ferrovisor test root file system (scripts/fetch-guest-fixtures.sh). The initramfs switches

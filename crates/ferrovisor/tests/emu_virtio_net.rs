@@ -1,0 +1,230 @@
+//! virtio-net with Debian's cloud kernel on the emulator back end: the test makes a network
+//! namespace with a tap, runs the VMM in it, gives the guest an address, and moves 100 MiB
+//! over TCP each way between a host program and the guest (`tcp-xfer` from the test root file
+//! system), comparing checksums. Needs root (namespaces, taps) and iproute2; says SKIPPED
+//! without them.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const ROOT_MARKER: &str = "FERROVISOR-ROOT-READY";
+const TIMEOUT: Duration = Duration::from_secs(900);
+const SIZE: usize = 100 << 20;
+const HOST_IP: &str = "10.0.2.1";
+
+/// The host end: `recv PORT` prints "RECV <bytes> <md5>" after the peer closes; `send PORT
+/// FILE` sends the file, half-closes and drains (closing with unread data would reset the
+/// connection and lose the tail).
+const HOST_PEER: &str = r#"
+import hashlib, socket, sys
+mode, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("10.0.2.1", port))
+s.listen(1)
+print("LISTENING", flush=True)
+c, _ = s.accept()
+if mode == "recv":
+    h, n = hashlib.md5(), 0
+    while True:
+        b = c.recv(1 << 20)
+        if not b:
+            break
+        h.update(b)
+        n += len(b)
+    print("RECV", n, h.hexdigest(), flush=True)
+else:
+    with open(sys.argv[3], "rb") as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                break
+            c.sendall(b)
+    c.shutdown(socket.SHUT_WR)
+    while c.recv(1 << 16):
+        pass
+    print("SENT", flush=True)
+c.close()
+"#;
+
+/// A network namespace with a tap, deleted (with the tap) on drop.
+struct NetNs(String);
+
+impl NetNs {
+    fn create(name: &str) -> Result<NetNs, String> {
+        let ip = |args: &[&str]| -> Result<(), String> {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ip {}: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        ip(&["netns", "add", name])?;
+        let ns = NetNs(name.to_string());
+        ip(&[
+            "-n", name, "tuntap", "add", "dev", "fvtap0", "mode", "tap", "vnet_hdr",
+        ])?;
+        ip(&["-n", name, "addr", "add", "10.0.2.1/24", "dev", "fvtap0"])?;
+        ip(&["-n", name, "link", "set", "fvtap0", "up"])?;
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip netns exec NS` + `args`, piped.
+    fn spawn(&self, args: &[&str]) -> Child {
+        Command::new("ip")
+            .args(["netns", "exec", &self.0])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start a program in the test's network namespace")
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn md5_of(path: &std::path::Path) -> String {
+    let out = Command::new("md5sum").arg(path).output().expect("md5sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_100_mib_tcp_transfer_each_way_over_tap_arrives_intact() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!("SKIPPED: network namespaces and taps need root");
+        return;
+    }
+    // A namespace left by a run that was killed (its guard never dropped) is in the way of
+    // nothing, but is cleared here so they do not pile up.
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            let pid = name
+                .strip_prefix("fvtest-")
+                .and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+                let _ = Command::new("ip").args(["netns", "del", name]).status();
+            }
+        }
+    }
+    let ns = match NetNs::create(&format!("fvtest-{}", std::process::id())) {
+        Ok(ns) => ns,
+        Err(e) => {
+            println!("SKIPPED: cannot make a network namespace with a tap: {e}");
+            return;
+        }
+    };
+    let dir = TempDir::new("net");
+    let root = dir.0.join("root.ext4");
+    std::fs::copy(fixture("rootfs.ext4"), &root).expect("copy rootfs.ext4");
+    // Random data, so a misplaced or repeated chunk cannot pass the checksum.
+    let data = dir.0.join("data.img");
+    let made = Command::new("head")
+        .args(["-c", &SIZE.to_string(), "/dev/urandom"])
+        .stdout(std::fs::File::create(&data).unwrap())
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let want = md5_of(&data);
+
+    let receiver = ns.spawn(&["python3", "-c", HOST_PEER, "recv", "5001"]);
+    let sender = ns.spawn(&[
+        "python3",
+        "-c",
+        HOST_PEER,
+        "send",
+        "5002",
+        data.to_str().unwrap(),
+    ]);
+    let kernel = fixture("vmlinuz");
+    let initrd = fixture("initramfs.cpio.gz");
+    let root_disk = format!("path={}", root.display());
+    let data_disk = format!("path={},ro=on", data.display());
+    let bin = env!("CARGO_BIN_EXE_ferrovisor");
+    let mut vmm = ns.spawn(&[
+        bin,
+        "run",
+        "--backend",
+        "emu",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--memory",
+        "256M",
+        "--cmdline",
+        "console=ttyS0 panic=-1 ferrovisor.root=/dev/vda ferrovisor.shell=1",
+        "--disk",
+        &root_disk,
+        "--disk",
+        &data_disk,
+        "--net",
+        "tap=fvtap0",
+    ]);
+    let rx = stream_stdout(&mut vmm);
+    let mut seen = String::new();
+    assert!(
+        wait_for_output(&rx, &mut seen, ROOT_MARKER, TIMEOUT),
+        "the guest never came up:\n{seen}"
+    );
+    let script = format!(
+        "ip link set eth0 up; ip addr add 10.0.2.15/24 dev eth0\n\
+         echo MAC=$(cat /sys/class/net/eth0/address)\n\
+         tcp-xfer send {HOST_IP} 5001 </dev/vdb; echo SENT-RC=$?\n\
+         echo GOT-MD5=$(tcp-xfer recv {HOST_IP} 5002 | md5sum | cut -d' ' -f1)\n\
+         poweroff -f\n"
+    );
+    let mut stdin = vmm.stdin.take().unwrap();
+    stdin.write_all(script.as_bytes()).unwrap();
+    drop(stdin);
+    let mut r = finish(vmm, TIMEOUT);
+    seen.extend(rx.iter());
+    r.stdout = seen;
+    let recv = finish(receiver, Duration::from_secs(10));
+    let sent = finish(sender, Duration::from_secs(10));
+    assert_eq!(r.code, Some(0), "{r}");
+    let value = |key: &str| {
+        r.stdout
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .next_back()
+            .map(str::to_string)
+    };
+    // The default MAC: 52:54:00 and bytes derived from the tap's name.
+    assert!(
+        value("MAC").is_some_and(|m| m.starts_with("52:54:00:")),
+        "{r}"
+    );
+    assert_eq!(
+        recv.stdout.lines().last(),
+        Some(format!("RECV {SIZE} {want}").as_str()),
+        "guest to host: {recv}\n{r}"
+    );
+    assert_eq!(value("SENT-RC").as_deref(), Some("0"), "{r}");
+    assert_eq!(value("GOT-MD5"), Some(want), "host to guest ({sent}):\n{r}");
+}
