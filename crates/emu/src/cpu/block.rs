@@ -20,7 +20,7 @@ const MAX_OPS: usize = 64;
 const MAX_BYTES: usize = 256;
 /// Cache slots (a power of two); direct-mapped by address.
 const SLOTS: usize = 1 << SLOT_BITS;
-const SLOT_BITS: u32 = 15;
+const SLOT_BITS: u32 = 18;
 
 pub(crate) struct Block {
     /// RIP and linear address of the first instruction, and the code size it was decoded at.
