@@ -228,3 +228,46 @@ fn a_100_mib_tcp_transfer_each_way_over_tap_arrives_intact() {
     assert_eq!(value("SENT-RC").as_deref(), Some("0"), "{r}");
     assert_eq!(value("GOT-MD5"), Some(want), "host to guest ({sent}):\n{r}");
 }
+
+#[test]
+fn bad_network_settings_fail_before_the_guest_starts_with_one_line() {
+    let kernel = fixture("vmlinuz");
+    let refused = |nets: &[&str], want: &str| {
+        let mut a = vec![
+            "run",
+            "--backend",
+            "emu",
+            "--kernel",
+            kernel.to_str().unwrap(),
+        ];
+        for n in nets {
+            a.extend_from_slice(&["--net", n]);
+        }
+        let r = run(&a, b"", Duration::from_secs(60));
+        assert_eq!(r.code, Some(2), "{nets:?}: {r}");
+        assert!(r.stderr.contains(want), "{nets:?} should say '{want}': {r}");
+        // One line (clap adds a blank line and a pointer to --help after its own).
+        let lines = r
+            .stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with("For more information"))
+            .count();
+        assert_eq!(lines, 1, "one line: {r}");
+        assert!(
+            !r.stdout.contains("Linux version"),
+            "the guest started: {r}"
+        );
+    };
+    refused(&["tap=a-name-longer-than-15"], "longer than 15 bytes");
+    refused(&["tap=t0", "tap=t0"], "given twice");
+    refused(&["tap=t0,mac=52:54:00:zz:00:01"], "is not a MAC address");
+    refused(&["tap=t0,mac=01:00:5e:00:00:01"], "multicast");
+    refused(
+        &[
+            "tap=t0,mac=52:54:00:00:00:01",
+            "tap=t1,mac=52:54:00:00:00:01",
+        ],
+        "given to two interfaces",
+    );
+    refused(&["mac=52:54:00:00:00:01"], "has no tap");
+}
