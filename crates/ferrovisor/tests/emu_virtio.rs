@@ -18,47 +18,28 @@ const ROOT_MARKER: &str = "FERROVISOR-ROOT-READY";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const PATTERN: &[u8] = b"FERROVISOR-PATTERN\n";
 
-/// A private, writable copy of the root file system image.
-fn root_copy(dir: &TempDir) -> std::path::PathBuf {
-    let p = dir.0.join("root.ext4");
-    std::fs::copy(fixture("rootfs.ext4"), &p).expect("copy rootfs.ext4");
-    p
-}
-
 /// `n` bytes of the repeated pattern, as `yes FERROVISOR-PATTERN | head -c n` writes it.
 fn pattern(n: usize) -> Vec<u8> {
     PATTERN.iter().copied().cycle().take(n).collect()
 }
 
-/// Starts the guest with root on the first disk and a shell on the console; returns the
-/// child and its output so far, once the root file system's init is up.
+/// Starts the guest with root on `root`, the `disks` after it and an entropy device, a shell
+/// on the console; returns the child and its output so far, once the root file system's
+/// init is up.
 fn boot_on_root(
+    root: &Path,
     disks: &[String],
 ) -> (
     std::process::Child,
     std::sync::mpsc::Receiver<String>,
     String,
 ) {
-    let kernel = fixture("vmlinuz");
-    let initrd = fixture("initramfs.cpio.gz");
-    let mut a = vec![
-        "run",
-        "--backend",
-        "emu",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--memory",
-        "256M",
-        "--cmdline",
-        "console=ttyS0 panic=-1 ferrovisor.root=/dev/vda ferrovisor.shell=1",
-    ];
+    let mut extra = vec!["--rng"];
     for d in disks {
-        a.extend_from_slice(&["--disk", d]);
+        extra.extend_from_slice(&["--disk", d]);
     }
-    a.push("--rng");
-    let mut child = spawn(&a);
+    let a = root_guest_args(root, &extra);
+    let mut child = spawn(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let rx = stream_stdout(&mut child);
     let mut seen = String::new();
     let up = wait_for_output(&rx, &mut seen, ROOT_MARKER, BOOT_TIMEOUT);
@@ -89,11 +70,10 @@ fn the_guest_roots_on_virtio_blk_its_writes_reach_the_images_and_hwrng_is_virtio
         .collect();
     let ro = dir.file("ro.img", &ro_content);
     let disks = [
-        format!("path={}", root.display()),
         format!("path={},serial=data-b", data.display()),
         format!("path={},ro=on", ro.display()),
     ];
-    let (mut child, rx, mut seen) = boot_on_root(&disks);
+    let (mut child, rx, mut seen) = boot_on_root(&root, &disks);
     let script = "echo ROOT=$(grep ' / ' /proc/mounts | cut -d' ' -f1,3)\n\
          echo SERIAL=$(cat /sys/block/vdb/serial)\n\
          echo RO-FLAG=$(cat /sys/block/vdc/ro)\n\
@@ -175,11 +155,8 @@ fn data_the_guest_fsynced_survives_a_sigkill_of_the_vmm() {
     let dir = TempDir::new("blk-kill");
     let root = root_copy(&dir);
     let data = dir.file("data.img", &vec![0u8; 4 << 20]);
-    let disks = [
-        format!("path={}", root.display()),
-        format!("path={}", data.display()),
-    ];
-    let (mut child, rx, mut seen) = boot_on_root(&disks);
+    let disks = [format!("path={}", data.display())];
+    let (mut child, rx, mut seen) = boot_on_root(&root, &disks);
     let mut stdin = child.stdin.take().unwrap();
     stdin
         .write_all(

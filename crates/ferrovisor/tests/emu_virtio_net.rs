@@ -139,8 +139,7 @@ fn a_100_mib_tcp_transfer_each_way_over_tap_arrives_intact() {
         }
     };
     let dir = TempDir::new("net");
-    let root = dir.0.join("root.ext4");
-    std::fs::copy(fixture("rootfs.ext4"), &root).expect("copy rootfs.ext4");
+    let root = root_copy(&dir);
     // Random data, so a misplaced or repeated chunk cannot pass the checksum.
     let data = dir.0.join("data.img");
     let made = Command::new("head")
@@ -160,31 +159,12 @@ fn a_100_mib_tcp_transfer_each_way_over_tap_arrives_intact() {
         "5002",
         data.to_str().unwrap(),
     ]);
-    let kernel = fixture("vmlinuz");
-    let initrd = fixture("initramfs.cpio.gz");
-    let root_disk = format!("path={}", root.display());
     let data_disk = format!("path={},ro=on", data.display());
     let bin = env!("CARGO_BIN_EXE_ferrovisor");
-    let mut vmm = ns.spawn(&[
-        bin,
-        "run",
-        "--backend",
-        "emu",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--memory",
-        "256M",
-        "--cmdline",
-        "console=ttyS0 panic=-1 ferrovisor.root=/dev/vda ferrovisor.shell=1",
-        "--disk",
-        &root_disk,
-        "--disk",
-        &data_disk,
-        "--net",
-        "tap=fvtap0",
-    ]);
+    let args = root_guest_args(&root, &["--disk", &data_disk, "--net", "tap=fvtap0"]);
+    let mut argv = vec![bin];
+    argv.extend(args.iter().map(String::as_str));
+    let mut vmm = ns.spawn(&argv);
     let rx = stream_stdout(&mut vmm);
     let mut seen = String::new();
     assert!(

@@ -68,29 +68,10 @@ impl Drop for Vmm {
 
 /// Boots the guest with root on a copy of rootfs.ext4 and a vsock device on `uds`.
 fn boot(dir: &TempDir, uds: &Path) -> (Vmm, Receiver<String>, String) {
-    let root = dir.0.join("root.ext4");
-    std::fs::copy(fixture("rootfs.ext4"), &root).expect("copy rootfs.ext4");
-    let kernel = fixture("vmlinuz");
-    let initrd = fixture("initramfs.cpio.gz");
-    let disk = format!("path={}", root.display());
+    let root = root_copy(dir);
     let vsock = format!("cid={GUEST_CID},uds={}", uds.display());
-    let mut child = spawn(&[
-        "run",
-        "--backend",
-        "emu",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--memory",
-        "256M",
-        "--cmdline",
-        "console=ttyS0 panic=-1 ferrovisor.root=/dev/vda ferrovisor.shell=1",
-        "--disk",
-        &disk,
-        "--vsock",
-        &vsock,
-    ]);
+    let args = root_guest_args(&root, &["--vsock", &vsock]);
+    let mut child = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let rx = stream_stdout(&mut child);
     let vmm = Vmm(Some(child));
     let mut seen = String::new();

@@ -106,6 +106,18 @@ impl Activation {
     }
 }
 
+/// Reads `data.len()` bytes at `offset` of a device's configuration space `config`, as the
+/// driver sees it: bytes past its end read 0.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| config.get(at).copied())
+            .unwrap_or(0);
+    }
+}
+
 /// Host iovecs for guest buffers `(address, length)`, appended to `out`; `access` is what the
 /// host will do to guest memory (`Write` when reading into the buffers). Fails if any byte is
 /// outside guest memory. The iovecs stay valid while `mem` lives.

@@ -255,6 +255,39 @@ pub fn fixture(name: &str) -> PathBuf {
     p
 }
 
+/// A private, writable copy of the test root file system image (rootfs.ext4) in `dir`.
+pub fn root_copy(dir: &TempDir) -> PathBuf {
+    let p = dir.0.join("root.ext4");
+    std::fs::copy(fixture("rootfs.ext4"), &p).expect("copy rootfs.ext4");
+    p
+}
+
+/// `ferrovisor run` arguments that boot Debian's kernel on the emulator with its root file
+/// system on the first disk (`root`, e.g. from [`root_copy`]) and a shell on the console, the
+/// root's init printing FERROVISOR-ROOT-READY; `extra` (more devices) follows.
+pub fn root_guest_args(root: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "run",
+        "--backend",
+        "emu",
+        "--kernel",
+        fixture("vmlinuz").to_str().expect("utf-8 path"),
+        "--initrd",
+        fixture("initramfs.cpio.gz").to_str().expect("utf-8 path"),
+        "--memory",
+        "256M",
+        "--cmdline",
+        "console=ttyS0 panic=-1 ferrovisor.root=/dev/vda ferrovisor.shell=1",
+        "--disk",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.push(format!("path={}", root.display()));
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
 /// A scratch directory removed at drop.
 pub struct TempDir(pub PathBuf);
 

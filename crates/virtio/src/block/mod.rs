@@ -240,13 +240,7 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|at| self.config.get(at).copied())
-                .unwrap_or(0);
-        }
+        crate::read_config_bytes(&self.config, offset, data);
     }
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
