@@ -65,6 +65,11 @@ struct RunArgs {
     /// port P go to the socket PATH_P).
     #[arg(long, value_name = "VSOCK")]
     vsock: Option<vmm::config::VsockConfig>,
+    /// Add a virtio-balloon device: [size=SIZE][,deflate_on_oom=on][,control=PATH] (size: the
+    /// memory the guest gives back from boot on, 0 by default; control: a unix socket taking
+    /// "set SIZE" and "stats" lines while the guest runs).
+    #[arg(long, value_name = "BALLOON")]
+    balloon: Option<vmm::config::BalloonConfig>,
     /// Read settings from a TOML or JSON file; flags given as well override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -100,6 +105,9 @@ impl RunArgs {
                 }
                 if let Some(v) = &mut c.vsock {
                     v.uds = base.join(&v.uds);
+                }
+                if let Some(p) = c.balloon.as_mut().and_then(|b| b.control.as_mut()) {
+                    *p = base.join(&*p);
                 }
                 c
             }
@@ -140,6 +148,9 @@ impl RunArgs {
         }
         if let Some(v) = self.vsock {
             config.vsock = Some(v);
+        }
+        if let Some(b) = self.balloon {
+            config.balloon = Some(b);
         }
         config.nets.extend(self.net);
         Ok(config)

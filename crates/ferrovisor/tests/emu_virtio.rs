@@ -38,7 +38,7 @@ fn boot_on_root(
     for d in disks {
         extra.extend_from_slice(&["--disk", d]);
     }
-    let a = root_guest_args(root, &extra);
+    let a = root_guest_args(root, "256M", &extra);
     let mut child = spawn(&a.iter().map(String::as_str).collect::<Vec<_>>());
     let rx = stream_stdout(&mut child);
     let mut seen = String::new();

@@ -161,7 +161,11 @@ fn a_100_mib_tcp_transfer_each_way_over_tap_arrives_intact() {
     ]);
     let data_disk = format!("path={},ro=on", data.display());
     let bin = env!("CARGO_BIN_EXE_ferrovisor");
-    let args = root_guest_args(&root, &["--disk", &data_disk, "--net", "tap=fvtap0"]);
+    let args = root_guest_args(
+        &root,
+        "256M",
+        &["--disk", &data_disk, "--net", "tap=fvtap0"],
+    );
     let mut argv = vec![bin];
     argv.extend(args.iter().map(String::as_str));
     let mut vmm = ns.spawn(&argv);

@@ -70,7 +70,7 @@ impl Drop for Vmm {
 fn boot(dir: &TempDir, uds: &Path) -> (Vmm, Receiver<String>, String) {
     let root = root_copy(dir);
     let vsock = format!("cid={GUEST_CID},uds={}", uds.display());
-    let args = root_guest_args(&root, &["--vsock", &vsock]);
+    let args = root_guest_args(&root, "256M", &["--vsock", &vsock]);
     let mut child = spawn(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let rx = stream_stdout(&mut child);
     let vmm = Vmm(Some(child));

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
+pub mod balloon;
 pub mod block;
 pub mod net;
 pub mod pci;

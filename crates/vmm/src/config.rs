@@ -378,6 +378,75 @@ impl FromStr for VsockConfig {
     }
 }
 
+/// A virtio-balloon device.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// The target at boot: how much memory the guest should give back.
+    #[serde(default = "zero_size")]
+    pub size: MemorySize,
+    /// Offer DEFLATE_ON_OOM: the guest takes pages back from the balloon before it would
+    /// kill a process for memory.
+    #[serde(default)]
+    pub deflate_on_oom: bool,
+    /// A unix socket for changing the target while the guest runs (`set 512M`) and reading
+    /// the guest's memory statistics (`stats`).
+    #[serde(default)]
+    pub control: Option<PathBuf>,
+}
+
+fn zero_size() -> MemorySize {
+    MemorySize { bytes: 0 }
+}
+
+/// Longest balloon control socket path (a socket address holds 107 bytes).
+pub const MAX_BALLOON_CONTROL_PATH: usize = 107;
+
+impl BalloonConfig {
+    /// Checks the target against guest memory and the socket path's length.
+    pub fn validate(&self, memory: MemorySize) -> Result<(), ConfigError> {
+        if self.size > memory {
+            return Err(ConfigError::BalloonTooLarge {
+                size: self.size,
+                memory,
+            });
+        }
+        if let Some(p) = &self.control {
+            let len = p.as_os_str().len();
+            if len == 0 || len > MAX_BALLOON_CONTROL_PATH {
+                return Err(ConfigError::BalloonPathLength(len));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for BalloonConfig {
+    type Err = String;
+
+    /// `[size=SIZE][,deflate_on_oom=on][,control=PATH]`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut b = BalloonConfig {
+            size: zero_size(),
+            ..BalloonConfig::default()
+        };
+        for item in s.split(',').filter(|i| !i.is_empty()) {
+            match item.split_once('=') {
+                Some(("size", v)) => b.size = v.parse()?,
+                Some(("deflate_on_oom", v)) => b.deflate_on_oom = parse_switch("deflate_on_oom", v)?,
+                Some(("control", v)) => b.control = Some(PathBuf::from(v)),
+                Some((k, _)) => {
+                    return Err(format!(
+                        "unknown balloon option '{k}' in '{s}'; use size=, deflate_on_oom= and control="
+                    ))
+                }
+                None => return Err(format!("'{item}' in '{s}' is not key=value")),
+            }
+        }
+        Ok(b)
+    }
+}
+
 fn default_cmdline() -> String {
     DEFAULT_CMDLINE.to_string()
 }
@@ -420,6 +489,9 @@ pub struct VmConfig {
     /// A virtio-vsock device (one per VM).
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// A virtio-balloon device (one per VM).
+    #[serde(default)]
+    pub balloon: Option<BalloonConfig>,
 }
 
 /// A setting the user got wrong. The message says which and what to do.
@@ -458,6 +530,13 @@ pub enum ConfigError {
     VsockCid(u64),
     #[error("the vsock socket path is {0} bytes; it must be 1 to {MAX_VSOCK_PATH} bytes")]
     VsockPathLength(usize),
+    #[error("--balloon size={size} exceeds --memory {memory}; the balloon can take at most all of guest memory")]
+    BalloonTooLarge {
+        size: MemorySize,
+        memory: MemorySize,
+    },
+    #[error("the balloon control socket path is {0} bytes; it must be 1 to {MAX_BALLOON_CONTROL_PATH} bytes")]
+    BalloonPathLength(usize),
 }
 
 impl VmConfig {
@@ -476,6 +555,7 @@ impl VmConfig {
             rng: false,
             nets: Vec::new(),
             vsock: None,
+            balloon: None,
         }
     }
 
@@ -528,6 +608,9 @@ impl VmConfig {
         }
         if let Some(v) = &self.vsock {
             v.validate()?;
+        }
+        if let Some(b) = &self.balloon {
+            b.validate(self.memory)?;
         }
         if self.cmdline.contains('\0') {
             return Err(ConfigError::CmdlineNul);
@@ -684,6 +767,51 @@ mod tests {
             serde_json::from_str(r#"{"kernel": "/k", "vsock": {"cid": 7, "uds": "v.sock"}}"#)
                 .unwrap();
         assert_eq!(c.vsock.map(|v| v.cid), Some(7));
+    }
+
+    #[test]
+    fn balloon_settings_parse_and_validate() {
+        let b: BalloonConfig = "size=512M,deflate_on_oom=on,control=/tmp/b.sock"
+            .parse()
+            .unwrap();
+        assert_eq!(b.size, MemorySize::from_mib(512));
+        assert!(b.deflate_on_oom);
+        assert_eq!(
+            b.control.as_deref(),
+            Some(std::path::Path::new("/tmp/b.sock"))
+        );
+        let b: BalloonConfig = "control=/tmp/b.sock".parse().unwrap();
+        assert_eq!((b.size.bytes, b.deflate_on_oom), (0, false));
+        for bad in [
+            "size=1K",
+            "size=x",
+            "deflate_on_oom=maybe",
+            "bogus=1",
+            "512M",
+        ] {
+            assert!(bad.parse::<BalloonConfig>().is_err(), "{bad} accepted");
+        }
+        let mut c = VmConfig::new("/k".into());
+        c.balloon = Some("size=256M".parse().unwrap());
+        assert_eq!(c.validate(8, HOST), Ok(()));
+        c.balloon = Some("size=257M".parse().unwrap());
+        assert!(matches!(
+            c.validate(8, HOST),
+            Err(ConfigError::BalloonTooLarge { .. })
+        ));
+        c.balloon = Some(BalloonConfig {
+            control: Some("x".repeat(MAX_BALLOON_CONTROL_PATH + 1).into()),
+            ..BalloonConfig::default()
+        });
+        assert_eq!(
+            c.validate(8, HOST),
+            Err(ConfigError::BalloonPathLength(MAX_BALLOON_CONTROL_PATH + 1))
+        );
+        let c: VmConfig =
+            serde_json::from_str(r#"{"kernel": "/k", "balloon": {"size": "128M"}}"#).unwrap();
+        assert_eq!(c.balloon.map(|b| b.size), Some(MemorySize::from_mib(128)));
+        let c: VmConfig = serde_json::from_str(r#"{"kernel": "/k", "balloon": {}}"#).unwrap();
+        assert_eq!(c.balloon.map(|b| b.size.bytes), Some(0));
     }
 
     #[test]

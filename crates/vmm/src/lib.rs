@@ -108,6 +108,8 @@ pub enum VmmError {
     Tap(virtio::net::TapError),
     #[error(transparent)]
     Vsock(virtio::vsock::VsockError),
+    #[error(transparent)]
+    Balloon(virtio::balloon::BalloonError),
     #[error("cannot set up a virtio device")]
     Virtio(#[source] virtio::pci::TransportError),
     #[error("cannot plug a device into the PCI bus")]
@@ -141,6 +143,7 @@ impl VmmError {
             ),
             VmmError::AllocateMemory(_) => true,
             VmmError::Vsock(e) => e.is_usage_error(),
+            VmmError::Balloon(e) => e.is_usage_error(),
             _ => false,
         }
     }

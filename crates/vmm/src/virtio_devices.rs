@@ -5,6 +5,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use devices::pci::{PciDevice, PciRoot};
+use virtio::balloon::Balloon;
 use virtio::block::Block;
 use virtio::net::{Net, Tap};
 use virtio::pci::VirtioPci;
@@ -19,7 +20,7 @@ use crate::VmmError;
 
 /// Plugs the virtio devices of `config` into `pci`: the disks, then the network interfaces
 /// (each image and tap opened first, so one that cannot be used fails before the guest
-/// starts), then the entropy source.
+/// starts), then the entropy source, the vsock device and the balloon.
 pub(crate) fn attach_devices(
     config: &VmConfig,
     vm: &Arc<dyn hypervisor::Vm>,
@@ -44,6 +45,16 @@ pub(crate) fn attach_devices(
     if let Some(v) = &config.vsock {
         let vsock = Vsock::new(v.cid, &v.uds).map_err(VmmError::Vsock)?;
         attach(Arc::new(Mutex::new(vsock)), vm, mem, pci, events)?;
+    }
+    if let Some(b) = &config.balloon {
+        let balloon = Balloon::new(
+            config.memory.bytes,
+            b.size.bytes,
+            b.deflate_on_oom,
+            b.control.as_deref(),
+        )
+        .map_err(VmmError::Balloon)?;
+        attach(Arc::new(Mutex::new(balloon)), vm, mem, pci, events)?;
     }
     Ok(())
 }

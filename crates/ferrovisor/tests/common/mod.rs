@@ -262,10 +262,11 @@ pub fn root_copy(dir: &TempDir) -> PathBuf {
     p
 }
 
-/// `ferrovisor run` arguments that boot Debian's kernel on the emulator with its root file
-/// system on the first disk (`root`, e.g. from [`root_copy`]) and a shell on the console, the
-/// root's init printing FERROVISOR-ROOT-READY; `extra` (more devices) follows.
-pub fn root_guest_args(root: &Path, extra: &[&str]) -> Vec<String> {
+/// `ferrovisor run` arguments that boot Debian's kernel on the emulator with `memory` of RAM,
+/// its root file system on the first disk (`root`, e.g. from [`root_copy`]) and a shell on
+/// the console, the root's init printing FERROVISOR-ROOT-READY; `extra` (more devices)
+/// follows.
+pub fn root_guest_args(root: &Path, memory: &str, extra: &[&str]) -> Vec<String> {
     let mut a: Vec<String> = [
         "run",
         "--backend",
@@ -275,7 +276,7 @@ pub fn root_guest_args(root: &Path, extra: &[&str]) -> Vec<String> {
         "--initrd",
         fixture("initramfs.cpio.gz").to_str().expect("utf-8 path"),
         "--memory",
-        "256M",
+        memory,
         "--cmdline",
         "console=ttyS0 panic=-1 ferrovisor.root=/dev/vda ferrovisor.shell=1",
         "--disk",
