@@ -42,8 +42,8 @@ import subprocess
 import sys
 import time
 
-ROOT_MARKER = "FERROVISOR-ROOT-READY"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from guestio import ROOT_MARKER, Console, RunError, thread_cpu, trip
+
 GUEST_BLKBENCH = "/usr/bin/blkbench"
 GUEST_DEV = "/dev/vdb"
 
@@ -53,10 +53,6 @@ METRICS = [
     ("seqwrite", "MiBps", "Sequential write, 1 MiB requests, O_DIRECT", "MiB/s"),
     ("randread", "iops", "Random read, 4 KiB requests, O_DIRECT, queue depth 1", "IOPS"),
 ]
-
-
-class RunError(Exception):
-    pass
 
 
 def parse_kv(line):
@@ -69,66 +65,6 @@ def test_args(args):
     seq = ["-b", "1M", "-s", str(args.seq_bytes), "-t", f"{args.secs:g}"] + warm
     return [("seqread", seq), ("randread", ["-b", "4K", "-t", f"{args.rand_secs:g}"] + warm),
             ("seqwrite", seq)]
-
-
-class Console:
-    """The VM's serial console: stdout read with a deadline, stdin written line by line."""
-
-    def __init__(self, proc, log):
-        self.p, self.log = proc, log
-        self.fd = proc.stdout.fileno()
-        self.buf = ""
-        self.eof = False
-
-    def expect(self, pattern, timeout, what):
-        rx = re.compile(pattern, re.M)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.buf)
-            if m:
-                self.buf = self.buf[m.end():]
-                return m, time.monotonic()
-            left = deadline - time.monotonic()
-            if self.eof:
-                raise RunError(f"{what}: the VM exited (status {self.p.wait()})")
-            if left <= 0:
-                raise RunError(f"{what}: not seen in {timeout:.0f} s")
-            r, _, _ = select.select([self.fd], [], [], left)
-            if not r:
-                continue
-            chunk = os.read(self.fd, 65536)
-            if not chunk:
-                self.eof = True
-                continue
-            self.log.write(chunk)
-            self.log.flush()
-            self.buf += chunk.decode("latin-1").replace("\r", "")
-
-    def send(self, line):
-        try:
-            self.p.stdin.write((line + "\n").encode())
-            self.p.stdin.flush()
-        except BrokenPipeError:
-            raise RunError(f"cannot type {line!r}: the VM closed its console") from None
-
-
-def thread_cpu(pid):
-    """CPU seconds (user + system) of each thread of `pid`, summed by thread name."""
-    out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                comm = f.read().strip()
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        out[comm] = out.get(comm, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return out
 
 
 def run_vm(argv, args, log_path, progress):
@@ -237,12 +173,6 @@ def sync(path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def trip(xs, fmt):
-    if not xs:
-        return "–"
-    return " / ".join(fmt.format(v) for v in (min(xs), statistics.median(xs), max(xs)))
 
 
 def report(samples, order, baseline, args):

@@ -55,8 +55,8 @@ import subprocess
 import sys
 import time
 
-ROOT_MARKER = "FERROVISOR-ROOT-READY"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from guestio import ROOT_MARKER, Console, RunError, thread_cpu, trip
+
 HOST_IP, GUEST_IP, PREFIX_LEN = "10.0.2.1", "10.0.2.15", 24
 TAP = "fvnbtap0"
 # Peer ports: guest-to-host (any length), host-to-guest (--size), host-to-guest (--warmup).
@@ -69,12 +69,6 @@ STEPS = [
     ("h2g", "Host → guest, `tcp-xfer recv > /dev/null`"),
 ]
 
-
-class RunError(Exception):
-    pass
-
-
-# ---------------------------------------------------------------- the host peer (in the netns)
 
 def peer_main(argv):
     ap = argparse.ArgumentParser(prog="net.py peer")
@@ -157,66 +151,6 @@ def del_netns(name):
 
 # ---------------------------------------------------------------- VM console
 
-class Stream:
-    """A child's stdout read with a deadline, logged, matched against regular expressions."""
-
-    def __init__(self, proc, log):
-        self.p, self.log = proc, log
-        self.fd = proc.stdout.fileno()
-        self.buf = ""
-        self.eof = False
-
-    def expect(self, pattern, timeout, what):
-        rx = re.compile(pattern, re.M)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.buf)
-            if m:
-                self.buf = self.buf[m.end():]
-                return m, time.monotonic()
-            left = deadline - time.monotonic()
-            if self.eof:
-                raise RunError(f"{what}: the process exited (status {self.p.wait()})")
-            if left <= 0:
-                raise RunError(f"{what}: not seen in {timeout:.0f} s")
-            r, _, _ = select.select([self.fd], [], [], left)
-            if not r:
-                continue
-            chunk = os.read(self.fd, 65536)
-            if not chunk:
-                self.eof = True
-                continue
-            self.log.write(chunk)
-            self.log.flush()
-            self.buf += chunk.decode("latin-1").replace("\r", "")
-
-    def send(self, line):
-        try:
-            self.p.stdin.write((line + "\n").encode())
-            self.p.stdin.flush()
-        except BrokenPipeError:
-            raise RunError(f"cannot type {line!r}: the VM closed its console") from None
-
-
-def thread_cpu(pid):
-    """CPU seconds (user + system) of each thread of `pid`, summed by thread name."""
-    out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                comm = f.read().strip()
-            with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        out[comm] = out.get(comm, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return out
-
-
 def guest_stat(text):
     """Guest CPU shares (/proc/stat "cpu" line before : after) and sectors read from vdb."""
     try:
@@ -244,7 +178,7 @@ def spawn(argv, log_path, stdin=False):
         out.close()
         err.close()
         raise RunError(f"cannot start {argv[0]}: {e}") from None
-    return p, Stream(p, out), (out, err)
+    return p, Console(p, out), (out, err)
 
 
 def stop(p, files):
@@ -366,12 +300,6 @@ def run_vm(name, argv, args, ns, log_path, progress):
 
 
 # ---------------------------------------------------------------- report
-
-def trip(xs, fmt):
-    if not xs:
-        return "–"
-    return " / ".join(fmt.format(v) for v in (min(xs), statistics.median(xs), max(xs)))
-
 
 def report(samples, order, baseline, args):
     out = []
