@@ -28,23 +28,32 @@ pub(crate) fn attach_devices(
     pci: &Mutex<PciRoot>,
     events: &mut EventLoop,
 ) -> Result<(), VmmError> {
+    let mut bus = Plug {
+        vm,
+        mem,
+        pci,
+        events,
+        // Deterministic runs serve notifications on the vCPU thread, at a fixed point of the
+        // instruction stream, instead of on the event loop whenever it gets to them.
+        inline: config.deterministic,
+    };
     for disk in &config.disks {
         let block = Block::new(&disk.path, disk.read_only, disk.serial.as_deref())
             .map_err(VmmError::Disk)?;
-        attach(Arc::new(Mutex::new(block)), vm, mem, pci, events)?;
+        bus.attach(Arc::new(Mutex::new(block)))?;
     }
     for net in &config.nets {
         let tap = Tap::open(&net.tap).map_err(VmmError::Tap)?;
         let dev = Net::new(tap, net.mac().0).map_err(VmmError::EventLoop)?;
-        attach(Arc::new(Mutex::new(dev)), vm, mem, pci, events)?;
+        bus.attach(Arc::new(Mutex::new(dev)))?;
     }
     if config.rng {
-        attach(Arc::new(Mutex::new(Rng::new())), vm, mem, pci, events)?;
+        bus.attach(Arc::new(Mutex::new(Rng::new())))?;
     }
     // The socket is listened on from here until the device is dropped with the VM.
     if let Some(v) = &config.vsock {
         let vsock = Vsock::new(v.cid, &v.uds).map_err(VmmError::Vsock)?;
-        attach(Arc::new(Mutex::new(vsock)), vm, mem, pci, events)?;
+        bus.attach(Arc::new(Mutex::new(vsock)))?;
     }
     if let Some(b) = &config.balloon {
         let balloon = Balloon::new(
@@ -54,58 +63,70 @@ pub(crate) fn attach_devices(
             b.control.as_deref(),
         )
         .map_err(VmmError::Balloon)?;
-        attach(Arc::new(Mutex::new(balloon)), vm, mem, pci, events)?;
+        bus.attach(Arc::new(Mutex::new(balloon)))?;
     }
     Ok(())
 }
 
-/// Plugs one virtio device into `pci` and its queues into `events`.
-fn attach(
-    device: Arc<Mutex<dyn VirtioDevice>>,
-    vm: &Arc<dyn hypervisor::Vm>,
-    mem: &GuestMemoryMmap,
-    pci: &Mutex<PciRoot>,
-    events: &mut EventLoop,
-) -> Result<(), VmmError> {
-    let transport = VirtioPci::new(device.clone(), mem.clone(), vm).map_err(VmmError::Virtio)?;
-    let queue_events = transport.queue_events();
-    for (index, evt) in queue_events.iter().enumerate() {
-        let (evts, dev) = (queue_events.clone(), device.clone());
-        events
-            .add(
-                evt.as_raw_fd(),
-                Box::new(move || {
-                    // Several notifications since the last run are served by one pass.
-                    if evts[index].read().is_ok() {
+/// Where devices are plugged in.
+struct Plug<'a> {
+    vm: &'a Arc<dyn hypervisor::Vm>,
+    mem: &'a GuestMemoryMmap,
+    pci: &'a Mutex<PciRoot>,
+    events: &'a mut EventLoop,
+    /// Serve queue notifications on the notifying vCPU's thread.
+    inline: bool,
+}
+
+impl Plug<'_> {
+    /// Plugs one virtio device into the PCI bus and its queues and back end into the event
+    /// loop.
+    fn attach(&mut self, device: Arc<Mutex<dyn VirtioDevice>>) -> Result<(), VmmError> {
+        let (vm, mem, pci, events) = (self.vm, self.mem, self.pci, &mut *self.events);
+        let mut transport =
+            VirtioPci::new(device.clone(), mem.clone(), vm).map_err(VmmError::Virtio)?;
+        if self.inline {
+            transport = transport.with_inline_notifications();
+        }
+        let queue_events = transport.queue_events();
+        for (index, evt) in queue_events.iter().enumerate() {
+            let (evts, dev) = (queue_events.clone(), device.clone());
+            events
+                .add(
+                    evt.as_raw_fd(),
+                    Box::new(move || {
+                        // Several notifications since the last run are served by one pass.
+                        if evts[index].read().is_ok() {
+                            dev.lock()
+                                .expect("virtio device lock poisoned")
+                                .process_queue(index);
+                        }
+                    }),
+                )
+                .map_err(VmmError::EventLoop)?;
+        }
+        let backend_fds = device
+            .lock()
+            .expect("virtio device lock poisoned")
+            .backend_fds();
+        for (index, fd) in backend_fds.into_iter().enumerate() {
+            let dev = device.clone();
+            events
+                .add(
+                    fd,
+                    Box::new(move || {
                         dev.lock()
                             .expect("virtio device lock poisoned")
-                            .process_queue(index);
-                    }
-                }),
-            )
-            .map_err(VmmError::EventLoop)?;
+                            .process_backend(index)
+                    }),
+                )
+                .map_err(VmmError::EventLoop)?;
+        }
+        let transport: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(transport));
+        pci.lock()
+            .expect("PCI root lock poisoned")
+            .add_device(transport)
+            .map_err(VmmError::Pci)?;
+        Ok(())
     }
-    let backend_fds = device
-        .lock()
-        .expect("virtio device lock poisoned")
-        .backend_fds();
-    for (index, fd) in backend_fds.into_iter().enumerate() {
-        let dev = device.clone();
-        events
-            .add(
-                fd,
-                Box::new(move || {
-                    dev.lock()
-                        .expect("virtio device lock poisoned")
-                        .process_backend(index)
-                }),
-            )
-            .map_err(VmmError::EventLoop)?;
-    }
-    let transport: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(transport));
-    pci.lock()
-        .expect("PCI root lock poisoned")
-        .add_device(transport)
-        .map_err(VmmError::Pci)?;
-    Ok(())
 }

@@ -132,6 +132,9 @@ pub struct VirtioPci {
     vm: Weak<dyn hypervisor::Vm>,
     /// Where the queue events are registered (the BAR's base), if anywhere.
     notify_base: Option<u64>,
+    /// Serve queue notifications on the notifying vCPU's thread instead of the event loop
+    /// (see [`VirtioPci::with_inline_notifications`]).
+    inline: bool,
     active: bool,
 }
 
@@ -215,8 +218,20 @@ impl VirtioPci {
             mem,
             vm: Arc::downgrade(vm),
             notify_base: None,
+            inline: false,
             active: false,
         })
+    }
+
+    /// Serves each queue notification at once, on the vCPU thread that wrote it, before the
+    /// guest's next instruction — instead of through an I/O event and the event loop. For the
+    /// emulator's deterministic mode: requests and their completion interrupts then happen at
+    /// the same point of the instruction stream on every run, so a guest driving only its own
+    /// devices (disks, entropy) runs the same way each time. Host-side input (a tap, a socket)
+    /// still arrives when it arrives.
+    pub fn with_inline_notifications(mut self) -> Self {
+        self.inline = true;
+        self
     }
 
     /// The device back end, for the event loop.
@@ -232,7 +247,7 @@ impl VirtioPci {
     /// Registers the queue events at the notification addresses of a BAR based at `base`
     /// (and drops the registrations at the old base).
     fn move_notifications(&mut self, base: Option<u64>) {
-        let Some(vm) = self.vm.upgrade() else {
+        let Some(vm) = self.vm.upgrade().filter(|_| !self.inline) else {
             return;
         };
         if let Some(old) = self.notify_base.take() {
@@ -317,8 +332,15 @@ impl VirtioPci {
             Ok(()) => {
                 self.active = true;
                 // Buffers the driver made available before DRIVER_OK are served now.
-                for evt in self.queue_events.iter() {
-                    let _ = evt.write(1);
+                for (q, evt) in self.queue_events.iter().enumerate() {
+                    if self.inline {
+                        self.device
+                            .lock()
+                            .expect("virtio device lock poisoned")
+                            .process_queue(q);
+                    } else {
+                        let _ = evt.write(1);
+                    }
                 }
             }
             Err(e) => self.fail(&e.to_string()),
@@ -409,7 +431,14 @@ impl PciDevice for VirtioPci {
                 .write_config(o - DEVICE_OFFSET, data),
             o if (NOTIFY_OFFSET..NOTIFY_OFFSET + NOTIFY_LEN).contains(&o) => {
                 let q = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize;
-                if let Some(evt) = self.queue_events.get(q) {
+                if self.inline {
+                    if q < self.queue_events.len() {
+                        self.device
+                            .lock()
+                            .expect("virtio device lock poisoned")
+                            .process_queue(q);
+                    }
+                } else if let Some(evt) = self.queue_events.get(q) {
                     let _ = evt.write(1);
                 }
             }
