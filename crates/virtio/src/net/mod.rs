@@ -32,6 +32,8 @@ const TX: usize = 1;
 /// Largest frame the guest may send: a 64 KiB TSO frame with its Ethernet header, plus the
 /// virtio-net header.
 const MAX_TX_LEN: usize = 65_562 + VNET_HDR_LEN;
+/// Largest frame the tap may hand the guest, likewise.
+const MAX_RX_FRAME: usize = MAX_TX_LEN;
 /// Configuration space: MAC, status, max_virtqueue_pairs, MTU.
 const CONFIG_LEN: usize = 12;
 /// `status`: the link is up.
@@ -55,7 +57,11 @@ pub struct Net {
     config: [u8; CONFIG_LEN],
     offered: u64,
     queues: Option<[ActiveQueue; 2]>,
+    /// The driver took VIRTIO_NET_F_MRG_RXBUF.
+    mergeable: bool,
     iovs: Vec<libc::iovec>,
+    /// The receive chains gathered for one frame: head and room.
+    chains: Vec<(u16, usize)>,
     counters: Arc<NetCounters>,
 }
 
@@ -87,14 +93,17 @@ impl Net {
             | 1 << VIRTIO_NET_F_HOST_TSO4
             | 1 << VIRTIO_NET_F_HOST_TSO6
             | 1 << VIRTIO_NET_F_GUEST_TSO4
-            | 1 << VIRTIO_NET_F_GUEST_TSO6;
+            | 1 << VIRTIO_NET_F_GUEST_TSO6
+            | 1 << VIRTIO_NET_F_MRG_RXBUF;
         Ok(Net {
             tap,
             epoll,
             config,
             offered,
             queues: None,
+            mergeable: false,
             iovs: Vec::with_capacity(64),
+            chains: Vec::with_capacity(64),
             counters: Arc::default(),
         })
     }
@@ -138,61 +147,101 @@ impl Net {
     }
 
     /// Moves frames from the tap into the guest's receive buffers until the tap is empty or
-    /// the guest has no buffers left (it notifies the receive queue when it adds some).
+    /// the guest has too few buffers left (it notifies the receive queue when it adds some).
+    /// Without mergeable buffers each frame takes one buffer chain (Linux then posts chains of
+    /// 64 KiB and more); with them a frame spreads over as many chains as it needs, and the
+    /// device first gathers enough for the largest frame, since it learns a frame's size only
+    /// by reading it.
     fn receive(&mut self) {
         let Net {
             tap,
             queues,
             iovs,
             counters,
+            mergeable,
+            chains,
             ..
         } = self;
         let Some([rx, _]) = queues.as_mut() else {
             return;
         };
+        let want = if *mergeable { MAX_RX_FRAME } else { 1 };
         let mut delivered = false;
         let mut popped = 0;
         loop {
-            let Some(chain) = rx.queue.pop_descriptor_chain(&rx.mem) else {
-                // Out of buffers: ask to be told when there are more, and look once more in
-                // case some arrived meanwhile.
-                if rx.more_after_enable(popped) {
+            iovs.clear();
+            chains.clear();
+            let mut room = 0;
+            while room < want {
+                let Some(chain) = rx.queue.pop_descriptor_chain(&rx.mem) else {
+                    break;
+                };
+                popped += 1;
+                let head = chain.head_index();
+                let start = iovs.len();
+                let bufs = chain
+                    .filter(|d| d.is_write_only())
+                    .map(|d| (d.addr(), d.len() as usize));
+                let ok = guest_iovecs(&rx.mem, bufs, Permissions::Write, iovs).is_ok();
+                let len: usize = iovs[start..].iter().map(|v| v.iov_len).sum();
+                if !ok || len < VNET_HDR_LEN {
+                    iovs.truncate(start);
+                    if !chains.is_empty() {
+                        // Returned empty once the chains before it are settled.
+                        rx.queue.go_to_previous_position();
+                        break;
+                    }
+                    // Unusable buffer: return it empty and drop nothing from the tap.
+                    counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    let _ = rx.queue.add_used(&rx.mem, head, 0);
+                    delivered = true;
+                    continue;
+                }
+                chains.push((head, len));
+                room += len;
+            }
+            if room < want || chains.is_empty() {
+                // Too few buffers for a frame: give back what was taken, ask to be told when
+                // there are more, and look once more if some arrived meanwhile (only if this
+                // pass took nothing, or a driver that never posts enough would spin us).
+                for _ in 0..chains.len() {
+                    rx.queue.go_to_previous_position();
+                }
+                if chains.is_empty() && rx.more_after_enable(popped) {
                     popped = 0;
                     continue;
                 }
+                let _ = rx.queue.enable_notification(&rx.mem);
                 break;
-            };
-            popped += 1;
-            let head = chain.head_index();
-            iovs.clear();
-            let bufs = chain
-                .filter(|d| d.is_write_only())
-                .map(|d| (d.addr(), d.len() as usize));
-            let ok = guest_iovecs(&rx.mem, bufs, Permissions::Write, iovs).is_ok();
-            let room: usize = iovs.iter().map(|v| v.iov_len).sum();
-            if !ok || room < VNET_HDR_LEN {
-                // Unusable buffer: return it empty and drop nothing from the tap.
-                counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
-                let _ = rx.queue.add_used(&rx.mem, head, 0);
-                delivered = true;
-                continue;
             }
             // SAFETY: the iovecs point into guest memory checked writable by `guest_iovecs`,
             // which `rx.mem` keeps mapped during the call.
             match unsafe { tap.readv(iovs) } {
                 Ok(n) => {
-                    // num_buffers (the last header field) is 1: no merged buffers.
-                    let hdr_end = write_num_buffers(iovs);
-                    if !hdr_end {
-                        counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
+                    let mut left = n;
+                    let mut used = 0;
+                    for &(head, len) in chains.iter() {
+                        if used > 0 && left == 0 {
+                            break;
+                        }
+                        let take = left.min(len);
+                        let _ = rx.queue.add_used(&rx.mem, head, take as u32);
+                        left -= take;
+                        used += 1;
                     }
+                    // The chains the frame did not reach go back for the next one.
+                    for _ in used..chains.len() {
+                        rx.queue.go_to_previous_position();
+                    }
+                    write_num_buffers(iovs, used as u16);
                     counters.rx_frames.fetch_add(1, Ordering::Relaxed);
-                    let _ = rx.queue.add_used(&rx.mem, head, n as u32);
                     delivered = true;
                 }
                 Err(e) => {
-                    // Empty (or failing) tap: give the buffer back for the next frame.
-                    rx.queue.go_to_previous_position();
+                    // Empty (or failing) tap: give the buffers back for the next frame.
+                    for _ in 0..chains.len() {
+                        rx.queue.go_to_previous_position();
+                    }
                     if e.kind() != io::ErrorKind::WouldBlock {
                         tracing::warn!("virtio-net: reading tap {}: {e}", tap.name());
                     }
@@ -206,12 +255,12 @@ impl Net {
     }
 }
 
-/// Sets `num_buffers` (bytes 10–11 of the header) to 1 in the frame just read into `iovs`.
-fn write_num_buffers(iovs: &[libc::iovec]) -> bool {
-    let one = 1u16.to_le_bytes();
+/// Sets `num_buffers` (bytes 10–11 of the header) in the frame just read into `iovs`.
+fn write_num_buffers(iovs: &[libc::iovec], n: u16) {
+    let bytes = n.to_le_bytes();
     let mut at = 0usize;
     for v in iovs {
-        for (i, &b) in one.iter().enumerate() {
+        for (i, &b) in bytes.iter().enumerate() {
             let pos = 10 + i;
             if pos >= at && pos < at + v.iov_len {
                 // SAFETY: inside a guest buffer that `guest_iovecs` checked writable and that
@@ -221,10 +270,9 @@ fn write_num_buffers(iovs: &[libc::iovec]) -> bool {
         }
         at += v.iov_len;
         if at >= VNET_HDR_LEN {
-            return true;
+            return;
         }
     }
-    false
 }
 
 impl VirtioDevice for Net {
@@ -259,6 +307,7 @@ impl VirtioDevice for Net {
         self.tap
             .set_offload(offload)
             .map_err(|e| ActivateError::Device(format!("tap offloads: {e}")))?;
+        self.mergeable = f & 1 << VIRTIO_NET_F_MRG_RXBUF != 0;
         let mut q = a.into_queues(2)?;
         let tx = q.pop().expect("two queues");
         let rx = q.pop().expect("two queues");
