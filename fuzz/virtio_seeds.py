@@ -152,7 +152,7 @@ queue_seed("read-only", 0x01 | 0x04 | SIZE16, 64, 0x7FFF, TABLE,
            [(0, ALL)], MEMORY, tail=100, serial=25)
 queue_seed("size-one-wraps", 0x04, 8, 0xFFFF, [desc(0, 48, INDIRECT)],
            [(0, [0]), (0, [0]), (0, [0])], MEMORY, serial=24)
-# Known bugs (fuzz/README.md): harmless by default, reproducers with VIRTIO_FUZZ_KNOWN_BUGS=1.
+# Once bugs (fuzz/README.md), now regression seeds.
 # Six chains made available on a queue of one: the available index runs ahead (the hang).
 queue_seed("known-hang-index-ahead", 0x00, 8, 0, [desc(0, 48, INDIRECT)],
            [(0, [0] * 6)], MEMORY)

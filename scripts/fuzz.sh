@@ -5,11 +5,11 @@
 #   scripts/fuzz.sh [-t SECONDS] [-j JOBS] [--build-only] [TARGET[=SECONDS]...]
 #
 #   -t SECONDS    time per emulator target (default 60); each virtio and vsock target runs
-#                 half as long (at least 1 s), so CI's `-t 60` takes 2 x 60 + 4 x 30 s
+#                 half as long (at least 1 s), so CI's `-t 60` takes 2 x 60 + 5 x 30 s
 #   -j JOBS       parallel libFuzzer jobs per target (default 1)
 #   --build-only  build, run nothing
 #   TARGET        emu_exec, emu_decode_block, virtio_blk_request, virtio_blk_queue,
-#                 virtio_pci_transport, vsock_packet (default: all); TARGET=SECONDS runs it
+#                 virtio_pci_transport, virtio_net, vsock_packet (default: all); TARGET=SECONDS runs it
 #                 that long
 #
 # No nightly and no cargo-fuzz: the targets are built with plain `cargo build --release` and
@@ -27,7 +27,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 FUZZ="$ROOT/fuzz"
 ALL_TARGETS=(emu_exec emu_decode_block virtio_blk_request virtio_blk_queue virtio_pci_transport
-             vsock_packet)
+             virtio_net vsock_packet)
 
 secs=60
 jobs=1

@@ -19,11 +19,10 @@
 //!
 //! `VIRTIO_FUZZ_TRACE=1` prints each chain served in strict mode and its predicted outcome.
 //!
-//! Unless `VIRTIO_FUZZ_KNOWN_BUGS=1`, the target keeps away from the known hang (see
-//! fuzz/README.md): at most a queue size of chains is made available at a time, and no buffer
-//! the device writes lies below 0x1200 (indirect descriptors point into the indirect area, and
-//! the writable descriptors in the main table and in that area are moved up). It also accepts
-//! the device's current answer to discard / write-zeroes flags the spec refuses.
+//! Up to 31 chains may be made available at once, more than the queue holds (an index the
+//! queue refuses once hung the device: fuzz/README.md); then the harness stops predicting and
+//! keeps only the checks that hold whatever the device serves. Buffers the device writes are
+//! kept out of the rings and tables (`tame`), so each chain stays predictable.
 //!
 //! Checks, always: no panic or hang, the image keeps its size, a read-only image is never
 //! changed, capacity in the configuration space matches the image. In strict mode each chain
@@ -43,8 +42,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ferrovisor_fuzz::virtio_kit::{
-    fill, image, known_bugs, memory, snapshot, trace, CountingInterrupt, Desc, Input, F_INDIRECT,
-    F_WRITE,
+    fill, image, memory, snapshot, trace, CountingInterrupt, Desc, Input, F_INDIRECT, F_WRITE,
 };
 use libfuzzer_sys::fuzz_target;
 use virtio::block::request::{parse, RequestType, RANGE_LEN, SECTOR_SIZE};
@@ -58,10 +56,8 @@ const DESC_TABLE: u64 = 0x0;
 const AVAIL: u64 = 0x100;
 const USED: u64 = 0x200;
 const INDIRECT: u64 = 0x1000;
-const DATA: u64 = 0x1200;
-/// Raw descriptors in the indirect area.
 const INDIRECT_SLOTS: u64 = (DATA - INDIRECT) / 16;
-
+const DATA: u64 = 0x1200;
 type Chain = Vec<(GuestAddress, u32, bool)>;
 
 fuzz_target!(|data: &[u8]| run(data));
@@ -72,7 +68,6 @@ struct Limits {
 }
 
 fn run(data: &[u8]) {
-    let known_bugs = known_bugs();
     let mut input = Input::new(data);
     let f = input.u8();
     let read_only = f & 1 != 0;
@@ -90,11 +85,7 @@ fn run(data: &[u8]) {
         .map(|_| {
             let count = input.u8();
             let used_event = input.u16();
-            let n = if known_bugs {
-                count % 32
-            } else {
-                count % (size as u8 + 1)
-            };
+            let n = count % 32;
             (used_event, (0..n).map(|_| u16::from(input.u8())).collect())
         })
         .collect();
@@ -102,7 +93,7 @@ fn run(data: &[u8]) {
     let mem = memory();
     fill(mem, INDIRECT, input.rest());
     for (i, d) in table.iter().enumerate() {
-        let d = if known_bugs { *d } else { tame(*d) };
+        let d = tame(*d);
         put_desc(
             mem,
             DESC_TABLE + 16 * i as u64,
@@ -112,9 +103,7 @@ fn run(data: &[u8]) {
             d.next,
         );
     }
-    if !known_bugs {
-        tame_page(mem);
-    }
+    tame_page(mem);
     put16(mem, AVAIL, 0);
     put16(mem, AVAIL + 2, start);
     put16(mem, USED, 0);
@@ -212,8 +201,10 @@ fn queue(size: u16, event_idx: bool, start: u16) -> Queue {
     q
 }
 
-/// Keeps a descriptor from the known hang: an indirect table stays within the indirect area, a
-/// buffer the device writes stays above it.
+/// Keeps the device's writes out of the rings and tables, so the harness can predict each
+/// chain from the descriptors it laid out (a buffer over the descriptor table would change the
+/// chains after it mid-batch): an indirect table stays within the indirect area, a buffer the
+/// device writes stays above it.
 fn tame(d: Desc) -> Desc {
     if d.flags & F_INDIRECT != 0 {
         let addr = INDIRECT + 16 * (d.addr % INDIRECT_SLOTS);
@@ -275,8 +266,9 @@ struct Harness {
     avail_idx: Wrapping<u16>,
     /// The device's next used index.
     used_idx: Wrapping<u16>,
-    /// The guest (with VIRTIO_FUZZ_KNOWN_BUGS=1) wrote into the rings: the harness no longer knows what the
-    /// device will serve, so only the checks that hold whatever it serves remain.
+    /// The guest wrote into the rings (or made more available than the queue holds): the
+    /// harness no longer knows what the device will serve, so only the checks that hold
+    /// whatever it serves remain.
     desync: bool,
     /// What the image holds.
     model: Vec<u8>,
@@ -507,8 +499,7 @@ impl Harness {
             for _ in heads {
                 match self.walk() {
                     Some(c) => chains.push(c),
-                    // More than a queue size made available (only with
-                    // VIRTIO_FUZZ_KNOWN_BUGS=1): virtio-queue refuses the index.
+                    // More than a queue size made available: virtio-queue refuses the index.
                     None => self.desync = true,
                 }
             }
@@ -524,8 +515,7 @@ impl Harness {
             .flat_map(|(_, c)| c)
             .any(|&(a, _, w)| w && a.0 < DATA)
         {
-            // Some buffer the device writes lies in the rings or tables (only with
-            // VIRTIO_FUZZ_KNOWN_BUGS=1).
+            // Some buffer the device writes lies in the rings or tables.
             self.desync = true;
             return;
         }
@@ -679,13 +669,9 @@ impl Harness {
                     if unspecified && status == ok {
                         answers.push((ioerr, image));
                     }
-                    if !bad_flags {
-                        answers
-                    } else if known_bugs() {
+                    if bad_flags {
                         vec![spec]
                     } else {
-                        // Known bug: the device ignores the flags (see fuzz/README.md).
-                        answers.insert(0, spec);
                         answers
                     }
                 }

@@ -173,9 +173,11 @@ fn reference_rx(descs: &[(GuestAddress, u32, bool)]) -> Option<(Vec<(u64, u64)>,
 
 /// What `classify` must say about `h` from the guest `guest_cid`.
 fn check_classify(h: &Header, guest_cid: u64) {
-    let want = if h.src_cid != guest_cid || h.dst_cid != HOST_CID {
-        Verdict::Drop
-    } else if h.op == 3 && h.kind != TYPE_STREAM {
+    // Not from the guest or not to the host, or a reset of another type (never answered).
+    let want = if h.src_cid != guest_cid
+        || h.dst_cid != HOST_CID
+        || (h.op == 3 && h.kind != TYPE_STREAM)
+    {
         Verdict::Drop
     } else if h.kind == TYPE_STREAM && (1..=7).contains(&h.op) {
         Verdict::Accept(Op::from_raw(h.op).expect("a known op"))
@@ -213,7 +215,12 @@ fn check_rx_write(
     );
     let len = want_len.min(room);
     let payload: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
-    let mut expected_stream = Header { len: len as u32, ..*h }.to_bytes().to_vec();
+    let mut expected_stream = Header {
+        len: len as u32,
+        ..*h
+    }
+    .to_bytes()
+    .to_vec();
     expected_stream.extend_from_slice(&payload);
     // Where the stream goes: (address, stream bytes), in order. Descriptors may overlap, so
     // later bytes win, as they do in memory.

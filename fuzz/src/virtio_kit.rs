@@ -316,14 +316,6 @@ impl Desc {
     }
 }
 
-/// Whether the targets expect the device to be right about the bugs they once steered around
-/// (all fixed: a hang on an available index the queue refuses, unchecked discard /
-/// write-zeroes flags, MSI-X state cleared by a driver reset). Always true now; the steering
-/// branches remain only as the harness's record of those cases and can go.
-pub fn known_bugs() -> bool {
-    true
-}
-
 /// `VIRTIO_FUZZ_TRACE=1`: the targets describe what they do on stderr (for reproducing).
 pub fn trace() -> bool {
     static TRACE: OnceLock<bool> = OnceLock::new();

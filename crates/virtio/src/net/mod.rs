@@ -8,6 +8,7 @@
 //! VMM's event loop watches: the device reads the tap until it is empty or the guest has no
 //! receive buffers left, and reads again when the guest adds some.
 
+pub mod seqpacket;
 pub mod tap;
 
 use std::io;
@@ -23,17 +24,59 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use crate::{
     device_type, features, guest_iovecs, ActivateError, Activation, ActiveQueue, VirtioDevice,
 };
+pub use seqpacket::SeqPacket;
 pub use tap::{Tap, TapError};
-use tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
+pub use tap::{TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, VNET_HDR_LEN};
+
+/// Where the device's frames come from and go to: a [`Tap`], or in tests a [`SeqPacket`]
+/// socket. Each read or write moves exactly one frame, `virtio_net_hdr_v1` first; the
+/// descriptor is non-blocking and the device watches it edge-triggered for input.
+pub trait FrameIo: AsRawFd + Send {
+    /// Reads one frame into `iovs`; returns its length, which may exceed the room in `iovs`
+    /// (the rest of the frame is then lost). WouldBlock when there is none.
+    ///
+    /// # Safety
+    /// Every iovec must describe writable memory that stays valid during the call.
+    unsafe fn readv(&self, iovs: &[libc::iovec]) -> io::Result<usize>;
+    /// Sends one frame gathered from `iovs`.
+    ///
+    /// # Safety
+    /// Every iovec must describe readable memory that stays valid during the call.
+    unsafe fn writev(&self, iovs: &[libc::iovec]) -> io::Result<usize>;
+    /// Which offloaded frames (`TUN_F_*`) the guest accepts.
+    fn set_offload(&self, flags: u32) -> io::Result<()>;
+    /// For messages.
+    fn name(&self) -> &str;
+}
+
+impl FrameIo for Tap {
+    unsafe fn readv(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { Tap::readv(self, iovs) }
+    }
+
+    unsafe fn writev(&self, iovs: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { Tap::writev(self, iovs) }
+    }
+
+    fn set_offload(&self, flags: u32) -> io::Result<()> {
+        Tap::set_offload(self, flags)
+    }
+
+    fn name(&self) -> &str {
+        Tap::name(self)
+    }
+}
 
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 /// Largest frame the guest may send: a 64 KiB TSO frame with its Ethernet header, plus the
 /// virtio-net header.
-const MAX_TX_LEN: usize = 65_562 + VNET_HDR_LEN;
+pub const MAX_TX_LEN: usize = 65_562 + VNET_HDR_LEN;
 /// Largest frame the tap may hand the guest, likewise.
-const MAX_RX_FRAME: usize = MAX_TX_LEN;
+pub const MAX_RX_FRAME: usize = MAX_TX_LEN;
 /// Configuration space: MAC, status, max_virtqueue_pairs, MTU.
 const CONFIG_LEN: usize = 12;
 /// `status`: the link is up.
@@ -46,13 +89,13 @@ pub struct NetCounters {
     /// Frames the guest sent that were malformed (no room for the header, too large) or the
     /// tap refused.
     pub tx_dropped: AtomicU64,
-    /// Frames read from the tap that could not be delivered (receive buffers outside guest
-    /// memory).
+    /// Receive buffers returned unused because the guest made them unusable (shorter than the
+    /// header, outside guest memory, or in more pieces than one read takes).
     pub rx_dropped: AtomicU64,
 }
 
 pub struct Net {
-    tap: Tap,
+    tap: Box<dyn FrameIo>,
     epoll: Epoll,
     config: [u8; CONFIG_LEN],
     offered: u64,
@@ -72,6 +115,12 @@ unsafe impl Send for Net {}
 impl Net {
     /// A network interface on the tap `tap` with address `mac`.
     pub fn new(tap: Tap, mac: [u8; 6]) -> io::Result<Net> {
+        Net::with_io(Box::new(tap), mac)
+    }
+
+    /// A network interface whose frames go through `tap` (a [`Tap`], or a [`SeqPacket`] in
+    /// tests), with address `mac`.
+    pub fn with_io(tap: Box<dyn FrameIo>, mac: [u8; 6]) -> io::Result<Net> {
         let epoll = Epoll::new()?;
         epoll.ctl(
             ControlOperation::Add,
@@ -204,14 +253,18 @@ impl Net {
                 // Too few buffers for a frame: give back what was taken, ask to be told when
                 // there are more, and look once more if some arrived meanwhile (only if this
                 // pass took nothing, or a driver that never posts enough would spin us).
+                // Notifications are enabled before the chains go back: with EVENT_IDX that
+                // sets avail_event past them, so the driver's next buffer notifies; after the
+                // rewind it would name a slot the driver has already passed, and the driver
+                // would never notify again.
+                let more = rx.more_after_enable(popped);
                 for _ in 0..chains.len() {
                     rx.queue.go_to_previous_position();
                 }
-                if chains.is_empty() && rx.more_after_enable(popped) {
+                if chains.is_empty() && more {
                     popped = 0;
                     continue;
                 }
-                let _ = rx.queue.enable_notification(&rx.mem);
                 break;
             }
             // SAFETY: the iovecs point into guest memory checked writable by `guest_iovecs`,
@@ -235,6 +288,15 @@ impl Net {
                     }
                     write_num_buffers(iovs, used as u16);
                     counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    delivered = true;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    // The chains make more pieces than one readv takes (IOV_MAX): unusable.
+                    // Return them empty so the queue moves on, rather than retrying forever.
+                    for &(head, _) in chains.iter() {
+                        let _ = rx.queue.add_used(&rx.mem, head, 0);
+                    }
+                    counters.rx_dropped.fetch_add(1, Ordering::Relaxed);
                     delivered = true;
                 }
                 Err(e) => {
