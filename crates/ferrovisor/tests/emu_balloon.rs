@@ -90,7 +90,7 @@ impl Guest {
                  $(grep MemAvailable: /proc/meminfo | tr -s ' ' | cut -d' ' -f2)"
             ),
         );
-        let v = value(out, tag).unwrap_or_else(|| panic!("no {tag} line:\n{out}"));
+        let v = console_value(out, tag).unwrap_or_else(|| panic!("no {tag} line:\n{out}"));
         let (t, a) = v.split_once(',').expect("total,available");
         (t.parse().unwrap(), a.parse().unwrap())
     }
@@ -104,14 +104,6 @@ impl Guest {
         r.stdout = self.seen;
         r
     }
-}
-
-/// The value of the last output line `KEY=value`.
-fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines()
-        .map(|l| l.trim_end_matches('\r'))
-        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .next_back()
 }
 
 /// Sends one line to the balloon's control socket; returns the reply up to its `ok` or
@@ -135,7 +127,7 @@ fn control(path: &Path, line: &str) -> String {
 
 /// A number in a `stats` reply.
 fn stat(reply: &str, key: &str) -> u64 {
-    value(reply, key)
+    console_value(reply, key)
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {key} in the stats reply:\n{reply}"))
 }
@@ -189,7 +181,7 @@ fn inflating_takes_memory_from_the_guest_and_gives_it_to_the_host() {
         "mount -o remount,size=900M /tmp && dd if=/dev/zero of=/tmp/fill bs=1M count=600 \
          2>/dev/null; echo FILL=$?; rm -f /tmp/fill",
     );
-    assert_eq!(value(&g.seen, "FILL"), Some("0"), "{}", g.seen);
+    assert_eq!(console_value(&g.seen, "FILL"), Some("0"), "{}", g.seen);
     let (total1, avail1) = g.meminfo("M1");
     let rss1 = rss_kib(g.vmm.pid());
     assert!(
@@ -271,7 +263,7 @@ fn with_deflate_on_oom_the_guest_takes_memory_back_under_pressure() {
         "mount -o remount,size=900M /tmp && dd if=/dev/zero of=/tmp/fill bs=1M count=400 \
          2>/dev/null; echo FILL=$?",
     );
-    assert_eq!(value(&g.seen, "FILL"), Some("0"), "{}", g.seen);
+    assert_eq!(console_value(&g.seen, "FILL"), Some("0"), "{}", g.seen);
     assert!(
         !g.seen.contains("Killed process"),
         "the OOM killer ran: {}",

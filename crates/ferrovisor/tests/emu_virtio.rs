@@ -50,15 +50,6 @@ fn boot_on_root(
     (child, rx, seen)
 }
 
-/// The value of the output line `KEY=value`: the last such line, as the terminal's echo of
-/// the typed command comes before the command's output.
-fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines()
-        .map(|l| l.trim_end_matches('\r'))
-        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .next_back()
-}
-
 #[test]
 fn the_guest_roots_on_virtio_blk_its_writes_reach_the_images_and_hwrng_is_virtio() {
     let dir = TempDir::new("blk");
@@ -94,17 +85,17 @@ fn the_guest_roots_on_virtio_blk_its_writes_reach_the_images_and_hwrng_is_virtio
     r.stdout = seen;
     assert_eq!(r.code, Some(0), "{r}");
     let out = r.stdout.as_str();
-    assert_eq!(value(out, "ROOT"), Some("/dev/vda ext4"), "{r}");
-    assert_eq!(value(out, "SERIAL"), Some("data-b"), "{r}");
-    assert_eq!(value(out, "RO-FLAG"), Some("1"), "{r}");
+    assert_eq!(console_value(out, "ROOT"), Some("/dev/vda ext4"), "{r}");
+    assert_eq!(console_value(out, "SERIAL"), Some("data-b"), "{r}");
+    assert_eq!(console_value(out, "RO-FLAG"), Some("1"), "{r}");
     let ro_md5 = md5_of(&ro);
     assert_eq!(
-        value(out, "RO-MD5"),
+        console_value(out, "RO-MD5"),
         Some(ro_md5.as_str()),
         "reads of vdc: {r}"
     );
     assert_ne!(
-        value(out, "RO-WRITE"),
+        console_value(out, "RO-WRITE"),
         Some("0"),
         "a write to the read-only disk succeeded: {r}"
     );
@@ -114,8 +105,8 @@ fn the_guest_roots_on_virtio_blk_its_writes_reach_the_images_and_hwrng_is_virtio
         "the read-only image changed"
     );
 
-    assert_eq!(value(out, "RNG"), Some("virtio_rng.0"), "{r}");
-    let (a, b) = (value(out, "RNG-A"), value(out, "RNG-B"));
+    assert_eq!(console_value(out, "RNG"), Some("virtio_rng.0"), "{r}");
+    let (a, b) = (console_value(out, "RNG-A"), console_value(out, "RNG-B"));
     assert!(
         a.is_some_and(|a| a.len() == 32) && a != b,
         "two reads of /dev/hwrng must give different data: {r}"
@@ -132,7 +123,11 @@ fn the_guest_roots_on_virtio_blk_its_writes_reach_the_images_and_hwrng_is_virtio
         "bytes past the write changed"
     );
     let host_md5 = md5_bytes(&written[..1_000_000]);
-    assert_eq!(value(out, "VDB-MD5"), Some(host_md5.as_str()), "{r}");
+    assert_eq!(
+        console_value(out, "VDB-MD5"),
+        Some(host_md5.as_str()),
+        "{r}"
+    );
 
     // The file written on the ext4 root is in the image (debugfs reads it without mounting).
     let note = Command::new("debugfs")
@@ -193,27 +188,11 @@ fn md5_of(path: &Path) -> String {
     md5_bytes(&std::fs::read(path).unwrap())
 }
 
-/// Runs `ferrovisor run` with the test kernel and `disks`, expecting it to refuse to start.
-fn refused(disks: &[String]) -> RunResult {
-    let kernel = fixture("vmlinuz");
-    let mut a = vec![
-        "run",
-        "--backend",
-        "emu",
-        "--kernel",
-        kernel.to_str().unwrap(),
-    ];
-    for d in disks {
-        a.extend_from_slice(&["--disk", d]);
-    }
-    run(&a, b"", Duration::from_secs(60))
-}
-
 #[test]
 fn bad_disks_fail_before_the_guest_starts_with_one_line() {
     let dir = TempDir::new("blk-bad");
     let missing = dir.0.join("missing.img");
-    let r = refused(&[format!("path={}", missing.display())]);
+    let r = run_refused("--disk", &[format!("path={}", missing.display())]);
     assert_eq!(r.code, Some(2), "{r}");
     assert!(r.stderr.contains("cannot open disk image"), "{r}");
     assert!(r.stderr.contains("missing.img"), "{r}");
@@ -223,14 +202,17 @@ fn bad_disks_fail_before_the_guest_starts_with_one_line() {
     );
 
     let img = dir.file("a.img", &[0u8; 4096]);
-    let r = refused(&[
-        format!("path={}", img.display()),
-        format!("path={},ro=on", img.display()),
-    ]);
+    let r = run_refused(
+        "--disk",
+        &[
+            format!("path={}", img.display()),
+            format!("path={},ro=on", img.display()),
+        ],
+    );
     assert_eq!(r.code, Some(2), "{r}");
     assert!(r.stderr.contains("given twice"), "{r}");
 
-    let r = refused(&[format!("path={},bogus=1", img.display())]);
+    let r = run_refused("--disk", &[format!("path={},bogus=1", img.display())]);
     assert_eq!(r.code, Some(2), "{r}");
     assert!(r.stderr.contains("unknown disk option 'bogus'"), "{r}");
 
@@ -243,7 +225,7 @@ fn bad_disks_fail_before_the_guest_starts_with_one_line() {
     // SAFETY: flock on a descriptor this test owns.
     let locked = unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     assert_eq!(locked, 0);
-    let r = refused(&[format!("path={}", img.display())]);
+    let r = run_refused("--disk", &[format!("path={}", img.display())]);
     assert_eq!(r.code, Some(2), "{r}");
     assert!(r.stderr.contains("in use by another VM"), "{r}");
     assert_eq!(

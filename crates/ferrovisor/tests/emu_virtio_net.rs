@@ -191,14 +191,7 @@ fn a_100_mib_tcp_transfer_each_way_over_tap_arrives_intact() {
     let recv = finish(receiver, Duration::from_secs(10));
     let sent = finish(sender, Duration::from_secs(10));
     assert_eq!(r.code, Some(0), "{r}");
-    let value = |key: &str| {
-        r.stdout
-            .lines()
-            .map(|l| l.trim_end_matches('\r'))
-            .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-            .next_back()
-            .map(str::to_string)
-    };
+    let value = |key: &str| console_value(&r.stdout, key).map(str::to_string);
     // The default MAC: 52:54:00 and bytes derived from the tap's name.
     assert!(
         value("MAC").is_some_and(|m| m.starts_with("52:54:00:")),
@@ -215,19 +208,8 @@ fn a_100_mib_tcp_transfer_each_way_over_tap_arrives_intact() {
 
 #[test]
 fn bad_network_settings_fail_before_the_guest_starts_with_one_line() {
-    let kernel = fixture("vmlinuz");
     let refused = |nets: &[&str], want: &str| {
-        let mut a = vec![
-            "run",
-            "--backend",
-            "emu",
-            "--kernel",
-            kernel.to_str().unwrap(),
-        ];
-        for n in nets {
-            a.extend_from_slice(&["--net", n]);
-        }
-        let r = run(&a, b"", Duration::from_secs(60));
+        let r = run_refused("--net", nets);
         assert_eq!(r.code, Some(2), "{nets:?}: {r}");
         assert!(r.stderr.contains(want), "{nets:?} should say '{want}': {r}");
         // One line (clap adds a blank line and a pointer to --help after its own).

@@ -40,14 +40,6 @@ fn fnv1a32(data: &[u8]) -> u32 {
     })
 }
 
-/// The value of the last output line `KEY=value`.
-fn value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
-    out.lines()
-        .map(|l| l.trim_end_matches('\r'))
-        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .next_back()
-}
-
 /// The VMM, killed if the test fails before it ends.
 struct Vmm(Option<std::process::Child>);
 
@@ -181,7 +173,7 @@ fn streams_flow_both_ways_between_host_sockets_and_guest_vsock() {
         ),
         "the guest did not get the reply {reply}:\n{seen}"
     );
-    assert_eq!(value(&seen, "VSOCK-SENT"), Some("200000"), "{seen}");
+    assert_eq!(console_value(&seen, "VSOCK-SENT"), Some("200000"), "{seen}");
 
     // Nothing listens on host port 6001.
     stdin.write_all(b"vsock-test connect 2 6001 10\n").unwrap();

@@ -289,6 +289,32 @@ pub fn root_guest_args(root: &Path, memory: &str, extra: &[&str]) -> Vec<String>
     a
 }
 
+/// The value of the guest's output line `KEY=value`: the last such line, as the terminal's
+/// echo of a typed command comes before the command's output.
+pub fn console_value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    out.lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .next_back()
+}
+
+/// Runs `ferrovisor run` on the emulator with the Linux fixture kernel and `flag VALUE` for
+/// each of `values`, for settings it must refuse before the guest starts.
+pub fn run_refused(flag: &str, values: &[impl AsRef<str>]) -> RunResult {
+    let kernel = fixture("vmlinuz");
+    let mut a = vec![
+        "run",
+        "--backend",
+        "emu",
+        "--kernel",
+        kernel.to_str().unwrap(),
+    ];
+    for v in values {
+        a.extend_from_slice(&[flag, v.as_ref()]);
+    }
+    run(&a, b"", Duration::from_secs(60))
+}
+
 /// A scratch directory removed at drop.
 pub struct TempDir(pub PathBuf);
 
