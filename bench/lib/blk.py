@@ -42,7 +42,7 @@ import subprocess
 import sys
 import time
 
-from guestio import ROOT_MARKER, Console, RunError, thread_cpu, trip
+from guestio import ROOT_MARKER, Console, RunError, failed_runs, thread_cpu, trip
 
 GUEST_BLKBENCH = "/usr/bin/blkbench"
 GUEST_DEV = "/dev/vdb"
@@ -231,12 +231,7 @@ def report(samples, order, baseline, args):
                    "over the rounds, as a share of one CPU; threads under 2 % left out):")
         out.extend(cpu_lines)
         out.append("")
-    fails = [(n, i, s["reason"]) for n in order for i, s in enumerate(samples[n]) if not s["ok"]]
-    if fails:
-        out.append("Failed runs (left out of the statistics):")
-        for n, i, why in fails:
-            out.append(f"- {n} round {i + 1}: {why}")
-        out.append("")
+    out.extend(failed_runs(samples, order))
     return "\n".join(out).rstrip() + "\n"
 
 

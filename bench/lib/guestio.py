@@ -82,3 +82,12 @@ def trip(xs, fmt):
     if not xs:
         return "–"
     return " / ".join(fmt.format(v) for v in (min(xs), statistics.median(xs), max(xs)))
+
+
+def failed_runs(samples, order):
+    """Report lines for the runs that failed (`samples[name]` entries with ok False)."""
+    fails = [(n, i, s["reason"]) for n in order for i, s in enumerate(samples[n]) if not s["ok"]]
+    if not fails:
+        return []
+    return (["Failed runs (left out of the statistics):"]
+            + [f"- {n} round {i + 1}: {why}" for n, i, why in fails] + [""])

@@ -123,6 +123,22 @@ fn both_ways(code: &[u8], regs: &Regs, steps: u64) -> [(Regs, Option<u64>); 2] {
     out
 }
 
+/// Runs `code` both ways for `steps` instructions: single-stepping must reach its end (the
+/// HLT), and blocks the same registers and flags.
+fn assert_both_ways_reach_the_end(case: u64, code: &[u8], regs: &Regs, steps: u64) {
+    let [(blocks, _), (single, _)] = both_ways(code, regs, steps);
+    assert_eq!(
+        single.rip,
+        CODE + code.len() as u64,
+        "case {case}: did not reach the end"
+    );
+    assert_eq!(
+        (blocks.gpr, blocks.rflags & FLAGS),
+        (single.gpr, single.rflags & FLAGS),
+        "case {case}: block execution diverges from single-stepping for {code:02x?} from {regs:x?}"
+    );
+}
+
 #[test]
 fn blocks_end_in_the_state_single_stepping_reaches() {
     let mut r = Rng(0x9e37_79b9_7f4a_7c15);
@@ -136,17 +152,7 @@ fn blocks_end_in_the_state_single_stepping_reaches() {
             a.hlt()
         });
         let regs = random_regs(&mut r);
-        let [(blocks, _), (single, _)] = both_ways(&code, &regs, n + 1);
-        assert_eq!(
-            single.rip,
-            CODE + code.len() as u64,
-            "case {case}: did not reach the end"
-        );
-        assert_eq!(
-            (blocks.gpr, blocks.rflags & FLAGS),
-            (single.gpr, single.rflags & FLAGS),
-            "case {case}: block execution diverges from single-stepping for {code:02x?} from {regs:x?}"
-        );
+        assert_both_ways_reach_the_end(case, &code, &regs, n + 1);
     }
 }
 
@@ -250,17 +256,7 @@ fn loops_end_in_the_state_single_stepping_reaches() {
         let mut regs = random_regs(&mut r);
         regs.gpr[15] = rounds;
         let steps = (n + 2) * rounds + 1;
-        let [(blocks, _), (single, _)] = both_ways(&code, &regs, steps);
-        assert_eq!(
-            single.rip,
-            CODE + code.len() as u64,
-            "case {case}: did not reach the end"
-        );
-        assert_eq!(
-            (blocks.gpr, blocks.rflags & FLAGS),
-            (single.gpr, single.rflags & FLAGS),
-            "case {case}: looping blocks diverge from single-stepping for {code:02x?} from {regs:x?}"
-        );
+        assert_both_ways_reach_the_end(case, &code, &regs, steps);
         // Stopping mid-loop at the budget lands where single-stepping does.
         let cut = 1 + r.below(steps - 1);
         let [(blocks, _), (single, _)] = both_ways(&code, &regs, cut);

@@ -135,7 +135,6 @@ pub struct VirtioPci {
     /// Serve queue notifications on the notifying vCPU's thread instead of the event loop
     /// (see [`VirtioPci::with_inline_notifications`]).
     inline: bool,
-    active: bool,
 }
 
 impl VirtioPci {
@@ -219,7 +218,6 @@ impl VirtioPci {
             vm: Arc::downgrade(vm),
             notify_base: None,
             inline: false,
-            active: false,
         })
     }
 
@@ -275,7 +273,6 @@ impl VirtioPci {
         // reset (only a function-level reset would clear them).
         self.interrupt.isr.store(0, Ordering::Release);
         self.sync_vectors();
-        self.active = false;
     }
 
     fn sync_vectors(&self) {
@@ -330,7 +327,6 @@ impl VirtioPci {
             .activate(activation);
         match result {
             Ok(()) => {
-                self.active = true;
                 // Buffers the driver made available before DRIVER_OK are served now.
                 for (q, evt) in self.queue_events.iter().enumerate() {
                     if self.inline {
