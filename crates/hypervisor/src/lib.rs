@@ -18,7 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 pub use x86_64::{CpuidEntry, DescriptorTable, Fpu, MsrEntry, Regs, Segment, Sregs};
 
 /// Which back end runs the vCPUs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BackendKind {
     /// Hardware-assisted, through /dev/kvm.
     Kvm,
@@ -65,6 +66,19 @@ pub enum HypervisorError {
     IoEvent(u64, #[source] io::Error),
     #[error("running the vCPU failed")]
     Run(#[source] io::Error),
+    #[error("cannot save the {0} state")]
+    SaveState(&'static str, #[source] io::Error),
+    #[error("cannot restore the {0} state")]
+    RestoreState(&'static str, #[source] io::Error),
+    #[error("the saved state is from the {found:?} back end; this is the {expected:?} back end")]
+    StateBackend {
+        expected: BackendKind,
+        found: BackendKind,
+    },
+    #[error("the saved {what} state is not valid: {why}")]
+    BadState { what: &'static str, why: String },
+    #[error("this back end cannot {0}")]
+    Unsupported(&'static str),
 }
 
 pub type Result<T> = std::result::Result<T, HypervisorError>;
@@ -78,6 +92,46 @@ pub trait Hypervisor: Send + Sync {
     fn supported_cpuid(&self) -> Result<Vec<CpuidEntry>>;
     /// Creates a VM with its interrupt controllers and timers (local APICs, I/O APIC, PIC, PIT).
     fn create_vm(&self) -> Result<Arc<dyn Vm>>;
+}
+
+/// Saved state of a vCPU or a VM, in its back end's own terms (KVM: what its `KVM_GET_*`
+/// ioctls return; emu: the emulator's registers and platform devices). Serializable, so a
+/// snapshot can store it; restorable only on the same kind of back end.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SavedState {
+    pub backend: BackendKind,
+    pub state: serde_json::Value,
+}
+
+impl SavedState {
+    /// Wraps a back end's own serializable state.
+    pub fn new<T: serde::Serialize>(
+        backend: BackendKind,
+        what: &'static str,
+        state: &T,
+    ) -> Result<SavedState> {
+        let state = serde_json::to_value(state)
+            .map_err(|e| HypervisorError::SaveState(what, io::Error::other(e)))?;
+        Ok(SavedState { backend, state })
+    }
+
+    /// The back end's own state, checking that it came from `backend`.
+    pub fn decode<T: serde::de::DeserializeOwned>(
+        &self,
+        backend: BackendKind,
+        what: &'static str,
+    ) -> Result<T> {
+        if self.backend != backend {
+            return Err(HypervisorError::StateBackend {
+                expected: backend,
+                found: self.backend,
+            });
+        }
+        T::deserialize(&self.state).map_err(|e| HypervisorError::BadState {
+            what,
+            why: e.to_string(),
+        })
+    }
 }
 
 /// One guest RAM region to map.
@@ -140,6 +194,36 @@ pub trait Vm: Send + Sync {
     fn wall_clock_ns(&self) -> u64 {
         host_wall_clock_ns()
     }
+    /// The VM-wide state outside the vCPUs: interrupt controllers (PIC, I/O APIC), PIT,
+    /// guest clock. Called only while no vCPU runs (every vCPU thread stopped after the
+    /// completing `run` described at [`Vcpu::save_state`]).
+    fn save_state(&self) -> Result<SavedState> {
+        Err(HypervisorError::Unsupported("save VM state"))
+    }
+    /// Puts back what [`save_state`](Vm::save_state) returned, on a VM built the same way
+    /// (same memory layout) whose vCPUs are all created but not yet run or restored.
+    /// `advance_clock_ns` moves the guest clock forward by that much on top of the saved
+    /// time (0: the guest sees no time pass while it was saved).
+    fn restore_state(&self, state: &SavedState, advance_clock_ns: u64) -> Result<()> {
+        let _ = (state, advance_clock_ns);
+        Err(HypervisorError::Unsupported("restore VM state"))
+    }
+    /// Starts recording which guest RAM pages the vCPUs write (for diff snapshots). Writes
+    /// the VMM's own device threads make are not included: the VMM tracks those itself.
+    fn start_dirty_log(&self) -> Result<()> {
+        Err(HypervisorError::Unsupported("track dirty pages"))
+    }
+    /// The pages written since [`start_dirty_log`](Vm::start_dirty_log) or the previous
+    /// call, and starts a new record: one bitmap per mapped region in slot order, bit `i` of
+    /// word `i / 64` for the 4 KiB page at region offset `i * 4096`. Called only while no
+    /// vCPU runs.
+    fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>> {
+        Err(HypervisorError::Unsupported("track dirty pages"))
+    }
+    /// Stops recording written pages.
+    fn stop_dirty_log(&self) -> Result<()> {
+        Err(HypervisorError::Unsupported("track dirty pages"))
+    }
 }
 
 /// The host's wall-clock time in nanoseconds since the Unix epoch (0 if the host clock is set
@@ -201,6 +285,22 @@ pub trait Vcpu: Send {
     fn setup_lapic_lints(&mut self) -> Result<()>;
     /// Sets the vCPU runnable (the bootstrap processor) or waiting for a STARTUP IPI.
     fn set_runnable(&mut self, runnable: bool) -> Result<()>;
+    /// Everything needed to resume this vCPU elsewhere: registers, special registers,
+    /// FPU/XSAVE, XCRs, MSRs, CPUID, local APIC, MP state, pending events.
+    ///
+    /// The caller first completes any half-done exit: after handling an exit it calls
+    /// [`kick_current_thread`] and then [`run`](Vcpu::run), which finishes the instruction
+    /// that exited (an `in` gets its data) and returns [`VcpuExit::Interrupted`] without
+    /// running further guest code.
+    fn save_state(&self) -> Result<SavedState> {
+        Err(HypervisorError::Unsupported("save vCPU state"))
+    }
+    /// Puts back what [`save_state`](Vcpu::save_state) returned, on a freshly created vCPU
+    /// with the same ID (instead of the boot setup: CPUID, MSRs, LINTs, registers).
+    fn restore_state(&mut self, state: &SavedState) -> Result<()> {
+        let _ = state;
+        Err(HypervisorError::Unsupported("restore vCPU state"))
+    }
 }
 
 /// Makes the vCPU of the calling thread return [`VcpuExit::Interrupted`] from its current or
