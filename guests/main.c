@@ -690,13 +690,25 @@ static void lapic_init(void)
 	mmio_w32(lapic + LAPIC_SVR, 0x100 | FTG_SPURIOUS_VECTOR);
 }
 
+/* LAPIC periodic timer, vector FTG_TIMER_VECTOR, 1 ms at a 1 GHz APIC bus */
+static void timer_start(void)
+{
+	mmio_w32(lapic + LAPIC_TDCR, 0x3);		/* divide by 16 */
+	mmio_w32(lapic + LAPIC_LVTT, 0x20000 | FTG_TIMER_VECTOR); /* periodic */
+	mmio_w32(lapic + LAPIC_TICR, 62500);
+}
+
+static void timer_stop(void)
+{
+	mmio_w32(lapic + LAPIC_LVTT, 0x10000 | FTG_TIMER_VECTOR); /* masked */
+	mmio_w32(lapic + LAPIC_TICR, 0);
+}
+
 /* returns the number of ticks seen; *ok = reached 10 before the deadline */
 static u32 timer_test(int *ok)
 {
 	timer_ticks = 0;
-	mmio_w32(lapic + LAPIC_TDCR, 0x3);		/* divide by 16 */
-	mmio_w32(lapic + LAPIC_LVTT, 0x20000 | FTG_TIMER_VECTOR); /* periodic */
-	mmio_w32(lapic + LAPIC_TICR, 62500);		/* 1 ms at a 1 GHz APIC bus */
+	timer_start();
 	u64 deadline = now_ns() + 2000000000ull;
 	__asm__ volatile("sti");
 	while (timer_ticks < 10 && now_ns() < deadline) {
@@ -707,10 +719,29 @@ static u32 timer_test(int *ok)
 			cpu_relax();
 	}
 	__asm__ volatile("cli");
-	mmio_w32(lapic + LAPIC_LVTT, 0x10000 | FTG_TIMER_VECTOR); /* masked */
-	mmio_w32(lapic + LAPIC_TICR, 0);
+	timer_stop();
 	*ok = timer_ticks >= 10;
 	return timer_ticks;
+}
+
+/*
+ * Waits about `ms` milliseconds by now_ns() (kvm-clock, else TSC). With a working timer it
+ * halts between timer ticks, so a guest paused (or snapshotted) mid-wait costs no CPU and
+ * goes on when its clock passes the deadline; otherwise it spins.
+ */
+static void sleep_ms(u64 ms, int timer_ok)
+{
+	u64 end = now_ns() + ms * 1000000ull;
+	if (!timer_ok) {
+		while (now_ns() < end)
+			cpu_relax();
+		return;
+	}
+	timer_start();
+	/* sti's interrupt shadow covers hlt: a tick pending since the check wakes it at once */
+	while (now_ns() < end)
+		__asm__ volatile("sti; hlt; cli" ::: "memory");
+	timer_stop();
 }
 
 /* ------------------------------------------------------------------ SMP */
@@ -921,9 +952,14 @@ void ftg_main(int kind, u64 info)
 
 	if (opt_is("echo", "1", 0))
 		read_line_echo();
+	int forever = opt_is("count", "forever", 0);
 	u64 count = opt_num("count", 0);
-	for (u64 i = 1; i <= count; i++)
+	u64 count_ms = opt_num("count_ms", 0);
+	for (u64 i = 1; forever || i <= count; i++) {
+		if (i > 1 && count_ms)
+			sleep_ms(count_ms, ok);
 		pr("ftg: count %u\n", i);
+	}
 
 	do_action(action, 0);
 }

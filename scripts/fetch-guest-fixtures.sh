@@ -24,6 +24,9 @@
 #                          before the marker
 #   ferrovisor.shell=1     after the marker, an interactive shell on the console instead
 #                          of powering off (poweroff -f when the shell exits)
+#   ferrovisor.count=MS    after the marker, print "count 1", "count 2", ... forever, one
+#                          line every MS milliseconds (snapshot tests: a restored guest must
+#                          continue with the next number)
 #   ferrovisor.root=DEV    instead of the marker: load the modules, wait up to 10 s for DEV
 #                          (e.g. /dev/vda), mount it as ext4 on /newroot (read-write unless
 #                          ferrovisor.rootro=1), move /dev /proc /sys there and switch_root
@@ -41,7 +44,7 @@
 set -euo pipefail
 
 # Bump when the content of the outputs changes for the same packages (init script, layout).
-FIXTURE_FORMAT=4
+FIXTURE_FORMAT=5
 META_PKG=linux-image-cloud-amd64
 BUSYBOX_PKG=busybox-static
 MODULES=(virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev
@@ -329,6 +332,23 @@ if [ -n "$root" ]; then
 fi
 
 echo FERROVISOR-GUEST-READY
+
+count_ms=
+set -f
+for arg in $cmdline; do
+    case "$arg" in
+    ferrovisor.count=*) count_ms=${arg#ferrovisor.count=} ;;
+    esac
+done
+set +f
+if [ -n "$count_ms" ]; then
+    i=0
+    while :; do
+        i=$((i + 1))
+        echo "count $i"
+        usleep $((count_ms * 1000))
+    done
+fi
 
 case "$cmdline" in
 *" ferrovisor.shell=1 "*)

@@ -32,6 +32,23 @@ pub trait InterruptLine: Send + Sync {
     fn trigger(&self) -> io::Result<()>;
 }
 
+/// A saved device state that cannot be put back: which device, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot restore the {device} state: {why}")]
+pub struct StateError {
+    pub device: &'static str,
+    pub why: String,
+}
+
+impl StateError {
+    pub fn new(device: &'static str, why: impl Into<String>) -> Self {
+        StateError {
+            device,
+            why: why.into(),
+        }
+    }
+}
+
 /// What the guest asked of the machine as a whole.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuestEvent {

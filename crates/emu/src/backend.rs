@@ -4,6 +4,8 @@
 //!
 //! Lock order: a vCPU's `lapic` lock may be taken while holding nothing else, or while holding
 //! the I/O APIC lock (delivery); never the reverse. The PIT and PIC locks are leaves.
+//!
+//! Snapshots (vCPU and VM state, the dirty-page log) are in `persist`.
 
 use std::collections::HashMap;
 use std::io;
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use hypervisor::{
     BackendKind, CpuidEntry, Fpu, Hypervisor, HypervisorError, IrqLine, MemoryRegion, MsiVector,
-    MsrEntry, Regs, Result, Segment, Sregs, Vcpu, VcpuExit, Vm,
+    MsrEntry, Regs, Result, SavedState, Segment, Sregs, Vcpu, VcpuExit, Vm,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,6 +30,8 @@ use crate::platform::msi::{DeliveryMode, MsiMessage};
 use crate::platform::pic::Pic;
 use crate::platform::pit::Pit;
 use crate::turns::Turns;
+
+mod persist;
 
 const LAPIC_BASE: u64 = 0xfee0_0000;
 const IOAPIC_BASE: u64 = 0xfec0_0000;
@@ -76,10 +80,12 @@ impl Hypervisor for EmuHypervisor {
     }
 
     fn create_vm(&self) -> Result<Arc<dyn Vm>> {
-        let manual = self.deterministic.then(|| Arc::new(ManualClock::new(0)));
-        let clock: Arc<dyn TimeSource> = match &manual {
-            Some(m) => m.clone(),
-            None => Arc::new(HostClock::new()),
+        let (clock, manual, host_clock): (Arc<dyn TimeSource>, _, _) = if self.deterministic {
+            let m = Arc::new(ManualClock::new(0));
+            (m.clone(), Some(m), None)
+        } else {
+            let h = Arc::new(HostClock::new());
+            (h.clone(), None, Some(h))
         };
         Ok(Arc::new(EmuVm {
             shared: Arc::new(Shared {
@@ -91,13 +97,14 @@ impl Hypervisor for EmuHypervisor {
                 pic: Mutex::new(Pic::new()),
                 clock,
                 manual,
+                host_clock,
                 idle_ns: AtomicU64::new(0),
                 turns: self.deterministic.then(Turns::new),
-                wall_clock_epoch_ns: if self.deterministic {
+                wall_clock_epoch_ns: AtomicU64::new(if self.deterministic {
                     DETERMINISTIC_EPOCH_NS
                 } else {
                     hypervisor::host_wall_clock_ns()
-                },
+                }),
                 ioevents: RwLock::new(Vec::new()),
             }),
         }))
@@ -106,8 +113,9 @@ impl Hypervisor for EmuHypervisor {
 
 /// State every vCPU thread and device thread of one VM can reach.
 struct Shared {
-    regions: Mutex<Vec<RamRegion>>,
-    /// Guest RAM, frozen when the first vCPU is created.
+    /// The mapped RAM regions with their slots, in mapping order.
+    regions: Mutex<Vec<(u32, RamRegion)>>,
+    /// Guest RAM, frozen when the first vCPU is created or dirty-page logging starts.
     mem: OnceLock<Arc<PhysMem>>,
     vcpus: RwLock<Vec<Arc<VcpuShared>>>,
     ioapic: Mutex<IoApic>,
@@ -116,19 +124,23 @@ struct Shared {
     clock: Arc<dyn TimeSource>,
     /// Deterministic mode's clock, advanced from the instruction count.
     manual: Option<Arc<ManualClock>>,
+    /// Otherwise: the host's monotonic clock (`clock` too), set forward on a restore.
+    host_clock: Option<Arc<HostClock>>,
     /// Deterministic mode: guest time skipped while halted.
     idle_ns: AtomicU64,
     /// Deterministic mode: the vCPUs' turns, and the instructions they retired.
     turns: Option<Turns>,
-    /// Host wall-clock time at VM creation, for the kvm-clock wall clock.
-    wall_clock_epoch_ns: u64,
+    /// Wall-clock time at guest time zero, for the kvm-clock wall clock: the host's at VM
+    /// creation (or the fixed date in deterministic mode); a restore puts back the saved VM's.
+    wall_clock_epoch_ns: AtomicU64,
     /// MMIO addresses whose writes signal an event instead of exiting to the VMM (virtio
     /// queue notifications), as KVM's ioeventfds do.
     ioevents: RwLock<Vec<(u64, EventFd)>>,
 }
 
 /// How a vCPU is waiting to start.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 enum MpState {
     Runnable,
     /// After INIT (or at power-on for APs): waiting for a STARTUP IPI.
@@ -155,6 +167,23 @@ impl VcpuShared {
 impl Shared {
     fn now_ns(&self) -> u64 {
         self.clock.now_ns()
+    }
+
+    fn wall_clock_epoch_ns(&self) -> u64 {
+        self.wall_clock_epoch_ns.load(Ordering::Relaxed)
+    }
+
+    /// Guest RAM, frozen on first use (the first vCPU, or the dirty-page log).
+    fn mem(&self) -> Arc<PhysMem> {
+        self.mem
+            .get_or_init(|| {
+                let mut pm = PhysMem::default();
+                for (_, r) in self.regions.lock().expect("regions lock poisoned").iter() {
+                    pm.add(*r);
+                }
+                Arc::new(pm)
+            })
+            .clone()
     }
 
     /// The turn scheduler, when the vCPUs take turns (deterministic mode, several vCPUs).
@@ -287,18 +316,23 @@ impl Vm for EmuVm {
         if self.shared.mem.get().is_some() {
             return Err(HypervisorError::MapMemory {
                 addr: region.guest_addr.0,
-                source: io::Error::other("memory cannot change after vCPUs exist"),
+                source: io::Error::other(
+                    "memory cannot change after vCPUs exist or dirty-page logging started",
+                ),
             });
         }
         self.shared
             .regions
             .lock()
             .expect("regions lock poisoned")
-            .push(RamRegion {
-                gpa: region.guest_addr.0,
-                len: region.len_bytes,
-                host: region.host_addr as *mut u8,
-            });
+            .push((
+                region.slot,
+                RamRegion {
+                    gpa: region.guest_addr.0,
+                    len: region.len_bytes,
+                    host: region.host_addr as *mut u8,
+                },
+            ));
         Ok(())
     }
 
@@ -353,23 +387,7 @@ impl Vm for EmuVm {
     }
 
     fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
-        let mem = self
-            .shared
-            .mem
-            .get_or_init(|| {
-                let mut pm = PhysMem::default();
-                for r in self
-                    .shared
-                    .regions
-                    .lock()
-                    .expect("regions lock poisoned")
-                    .iter()
-                {
-                    pm.add(*r);
-                }
-                Arc::new(pm)
-            })
-            .clone();
+        let mem = self.shared.mem();
         let vs = Arc::new(VcpuShared {
             id,
             lapic: Mutex::new(LocalApic::new(id)),
@@ -418,11 +436,35 @@ impl Vm for EmuVm {
             // Deterministic: the fixed boot date plus guest time, as the kvm-clock wall clock
             // gives it, so the RTC reads the same on every run.
             self.shared
-                .wall_clock_epoch_ns
+                .wall_clock_epoch_ns()
                 .saturating_add(self.shared.now_ns())
         } else {
             hypervisor::host_wall_clock_ns()
         }
+    }
+
+    fn save_state(&self) -> Result<SavedState> {
+        self.save()
+    }
+
+    fn restore_state(&self, state: &SavedState, advance_clock_ns: u64) -> Result<()> {
+        self.restore(state, advance_clock_ns)
+    }
+
+    fn start_dirty_log(&self) -> Result<()> {
+        self.shared.mem().start_dirty_log();
+        Ok(())
+    }
+
+    fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>> {
+        self.take_dirty()
+    }
+
+    fn stop_dirty_log(&self) -> Result<()> {
+        if let Some(mem) = self.shared.mem.get() {
+            mem.stop_dirty_log();
+        }
+        Ok(())
     }
 }
 
@@ -612,7 +654,7 @@ impl Machine for VcpuMachine {
             }
             kvmclock::MSR_KVM_WALL_CLOCK_NEW | kvmclock::MSR_KVM_WALL_CLOCK => {
                 // Wall clock at guest time zero (boot): host time now minus guest uptime.
-                let boot = self.shared.wall_clock_epoch_ns;
+                let boot = self.shared.wall_clock_epoch_ns();
                 let wc =
                     kvmclock::wall_clock(boot / 1_000_000_000, (boot % 1_000_000_000) as u32, 2);
                 if let Some(mem) = self.shared.mem.get() {
@@ -640,6 +682,10 @@ impl Machine for VcpuMachine {
     }
 
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
         Some(self)
     }
 
@@ -766,6 +812,14 @@ impl EmuVcpu {
             .expect("an EmuVcpu's machine is the VcpuMachine create_vcpu made")
     }
 
+    fn machine_ref(&self) -> &VcpuMachine {
+        self.cpu
+            .m
+            .as_any()
+            .and_then(|a| a.downcast_ref::<VcpuMachine>())
+            .expect("an EmuVcpu's machine is the VcpuMachine create_vcpu made")
+    }
+
     /// INIT: the vCPU goes back to its reset state and waits for a STARTUP IPI.
     fn do_init(&mut self) {
         self.cpu.set_state(CpuState::default());
@@ -795,20 +849,25 @@ impl EmuVcpu {
 
     /// Hands the VMM's answer to the last read exit to the interpreter.
     fn complete_io(&mut self) {
-        if let Some(req) = self.pending.take() {
-            let size = match req {
-                IoReq::PioIn { size, .. } | IoReq::MmioRead { size, .. } => size as usize,
-                _ => 0,
-            };
-            if size > 0 {
-                let mut v = 0u64;
-                for (i, b) in self.io_buf.iter().enumerate().take(size) {
-                    v |= u64::from(*b) << (8 * i);
-                }
-                self.cpu.io.response = Some((req, v));
-            }
+        if let Some(response) = self.pending_response() {
+            self.cpu.io.response = Some(response);
         }
+        self.pending = None;
         self.cpu.io.exit = None;
+    }
+
+    /// The VMM's answer to the read exit it is handling (in `io_buf`), if there is one.
+    fn pending_response(&self) -> Option<(IoReq, u64)> {
+        let req = self.pending?;
+        let size = match req {
+            IoReq::PioIn { size, .. } | IoReq::MmioRead { size, .. } => size as usize,
+            _ => return None,
+        };
+        let mut v = 0u64;
+        for (i, b) in self.io_buf.iter().enumerate().take(size) {
+            v |= u64::from(*b) << (8 * i);
+        }
+        Some((req, v))
     }
 }
 
@@ -847,8 +906,10 @@ impl Vcpu for EmuVcpu {
         self.complete_io();
         loop {
             if hypervisor::take_kick() || !self.begin_turn() {
+                // A vCPU holding the turn keeps it: when it runs again (after a pause, or
+                // restored from a snapshot) the vCPUs go on in the same order as without
+                // the interruption.
                 hypervisor::take_kick();
-                self.end_turn();
                 return Ok(VcpuExit::Interrupted);
             }
             let (init, sipi) = {
@@ -1134,6 +1195,14 @@ impl Vcpu for EmuVcpu {
             MpState::WaitForSipi
         };
         Ok(())
+    }
+
+    fn save_state(&self) -> Result<SavedState> {
+        self.save()
+    }
+
+    fn restore_state(&mut self, state: &SavedState) -> Result<()> {
+        self.restore(state)
     }
 }
 

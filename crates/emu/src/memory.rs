@@ -3,7 +3,11 @@
 //! real hardware; aligned accesses of up to 8 bytes use atomic loads and stores so each is
 //! single-copy atomic, as x86 guarantees, and LOCK-prefixed operations use host atomics.
 
-use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+/// Guest page size the dirty-page log counts in.
+pub const PAGE_SIZE: u64 = 0x1000;
 
 /// One RAM region.
 #[derive(Clone, Copy, Debug)]
@@ -23,10 +27,31 @@ unsafe impl Sync for RamRegion {}
 #[derive(Default)]
 pub struct PhysMem {
     regions: Vec<RamRegion>,
+    dirty: DirtyLog,
+}
+
+/// Which RAM pages guest stores wrote while logging is on.
+///
+/// The interpreter's stores hit RAM through TLB entries that allow writes; while logging is
+/// on, such an entry is only made for a write, and making it marks the page (`Cpu`'s
+/// `tlb_insert`), so the store paths themselves check nothing. Starting the log and taking a
+/// record bump `epoch`; each vCPU drops its TLB when it sees a new epoch (at the start of
+/// `Cpu::run`), so the next store to any page marks it again. Page-table A/D bit updates and
+/// the back end's own writes (`PhysMem::write`, `write_bytes`) mark their pages directly.
+#[derive(Default)]
+struct DirtyLog {
+    on: AtomicBool,
+    epoch: AtomicU64,
+    /// One bitmap per region, in `PhysMem::regions` order; made when logging first starts.
+    bitmaps: OnceLock<Vec<Box<[AtomicU64]>>>,
 }
 
 impl PhysMem {
     pub fn add(&mut self, region: RamRegion) {
+        assert!(
+            self.dirty.bitmaps.get().is_none(),
+            "RAM regions cannot change once dirty-page logging has started"
+        );
         self.regions.push(region);
         self.regions.sort_by_key(|r| r.gpa);
     }
@@ -70,6 +95,8 @@ impl PhysMem {
             Some(p) => {
                 // SAFETY: as in `read`.
                 unsafe { store(p, size, value) };
+                self.mark_dirty(gpa);
+                self.mark_dirty(gpa + size.saturating_sub(1) as u64);
                 true
             }
             None => false,
@@ -98,9 +125,99 @@ impl PhysMem {
                     // SAFETY: host_ptr checked the whole range.
                     unsafe { std::ptr::write_volatile(p.add(i), *b) };
                 }
+                if let Some(last) = buf.len().checked_sub(1) {
+                    let mut page = gpa & !(PAGE_SIZE - 1);
+                    while page <= gpa + last as u64 {
+                        self.mark_dirty(page);
+                        page += PAGE_SIZE;
+                    }
+                }
                 true
             }
             None => false,
+        }
+    }
+
+    // ------------------------------------------------------------- dirty-page log
+
+    /// Starts (or restarts, with an empty record) logging written pages.
+    pub fn start_dirty_log(&self) {
+        let bitmaps = self.dirty.bitmaps.get_or_init(|| {
+            self.regions
+                .iter()
+                .map(|r| {
+                    let words = r.len.div_ceil(PAGE_SIZE).div_ceil(64) as usize;
+                    (0..words).map(|_| AtomicU64::new(0)).collect()
+                })
+                .collect()
+        });
+        for word in bitmaps.iter().flat_map(|b| b.iter()) {
+            word.store(0, Ordering::Relaxed);
+        }
+        self.dirty.on.store(true, Ordering::Release);
+        self.dirty.epoch.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Stops logging (the record is dropped at the next start).
+    pub fn stop_dirty_log(&self) {
+        self.dirty.on.store(false, Ordering::Release);
+    }
+
+    /// Whether written pages are being logged.
+    #[inline(always)]
+    pub fn dirty_logging(&self) -> bool {
+        self.dirty.on.load(Ordering::Relaxed)
+    }
+
+    /// Changes whenever vCPUs must drop the write permissions their TLBs hold, so that their
+    /// next store to each page is logged.
+    #[inline(always)]
+    pub fn dirty_epoch(&self) -> u64 {
+        self.dirty.epoch.load(Ordering::Acquire)
+    }
+
+    /// The pages written since logging started or the last take, per region in address order
+    /// (bit `i` of word `i / 64`: the page at region offset `i * 4096`), and starts a new
+    /// record; `None` if logging is off.
+    pub fn take_dirty_log(&self) -> Option<Vec<(u64, Vec<u64>)>> {
+        if !self.dirty_logging() {
+            return None;
+        }
+        let bitmaps = self.dirty.bitmaps.get()?;
+        let taken = self
+            .regions
+            .iter()
+            .zip(bitmaps)
+            .map(|(r, b)| {
+                let words = b.iter().map(|w| w.swap(0, Ordering::AcqRel)).collect();
+                (r.gpa, words)
+            })
+            .collect();
+        self.dirty.epoch.fetch_add(1, Ordering::AcqRel);
+        Some(taken)
+    }
+
+    /// Records a write to the page holding `gpa`, if logging is on and it is RAM.
+    #[inline(always)]
+    pub fn mark_dirty(&self, gpa: u64) {
+        if self.dirty_logging() {
+            self.mark_dirty_slow(gpa);
+        }
+    }
+
+    #[cold]
+    fn mark_dirty_slow(&self, gpa: u64) {
+        let Some(bitmaps) = self.dirty.bitmaps.get() else {
+            return;
+        };
+        for (r, b) in self.regions.iter().zip(bitmaps) {
+            if gpa >= r.gpa && gpa - r.gpa < r.len {
+                let page = (gpa - r.gpa) / PAGE_SIZE;
+                if let Some(w) = b.get((page / 64) as usize) {
+                    w.fetch_or(1 << (page % 64), Ordering::Relaxed);
+                }
+                return;
+            }
         }
     }
 }
@@ -199,5 +316,66 @@ pub unsafe fn atomic_rmw(p: *mut u8, size: usize, mut f: impl FnMut(u64) -> Opti
             }
             old
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two regions over one host buffer: 16 pages at 0, 70 pages at 1 MiB.
+    fn mem(buf: &mut [u64]) -> PhysMem {
+        let host = buf.as_mut_ptr().cast::<u8>();
+        let mut m = PhysMem::default();
+        m.add(RamRegion {
+            gpa: 0x10_0000,
+            len: 70 * PAGE_SIZE,
+            // SAFETY: 16 pages into the 86-page buffer.
+            host: unsafe { host.add(16 * PAGE_SIZE as usize) },
+        });
+        m.add(RamRegion {
+            gpa: 0,
+            len: 16 * PAGE_SIZE,
+            host,
+        });
+        m
+    }
+
+    fn pages(log: &[(u64, Vec<u64>)]) -> Vec<(u64, u64)> {
+        let mut v = Vec::new();
+        for (gpa, words) in log {
+            for (i, w) in words.iter().enumerate() {
+                for b in 0..64 {
+                    if w & (1 << b) != 0 {
+                        v.push((*gpa, i as u64 * 64 + b));
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn dirty_log_marks_back_end_writes_per_page() {
+        let mut buf = vec![0u64; 86 * 512];
+        let m = mem(&mut buf);
+        assert!(m.take_dirty_log().is_none(), "off until started");
+        m.write(0x20, 4, 1);
+        let epoch = m.dirty_epoch();
+        m.start_dirty_log();
+        assert_ne!(m.dirty_epoch(), epoch, "starting tells the vCPUs");
+        m.write(0x1ffe, 4, 1); // straddles pages 1 and 2
+        assert!(m.write_bytes(0x10_0000 + 69 * PAGE_SIZE + 10, &[1; 8]));
+        m.mark_dirty(0x5000_0000); // not RAM: ignored
+        let log = m.take_dirty_log().unwrap();
+        assert_eq!(log.iter().map(|(_, w)| w.len()).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(pages(&log), [(0, 1), (0, 2), (0x10_0000, 69)]);
+        assert_eq!(pages(&m.take_dirty_log().unwrap()), []);
+        m.write(0, 1, 1);
+        m.start_dirty_log();
+        assert_eq!(pages(&m.take_dirty_log().unwrap()), [], "a restart clears");
+        m.stop_dirty_log();
+        m.write(0, 1, 1);
+        assert!(m.take_dirty_log().is_none());
     }
 }

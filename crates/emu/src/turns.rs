@@ -64,6 +64,20 @@ impl Turns {
     pub fn retire(&self, n: u64) -> u64 {
         self.retired.fetch_add(n, Ordering::Relaxed) + n
     }
+
+    /// Whose turn it is and the instructions retired so far, for a snapshot (taken while no
+    /// vCPU runs).
+    pub fn state(&self) -> (u32, u64) {
+        let cur = *self.current.lock().expect("turn lock poisoned");
+        (cur, self.retired.load(Ordering::Relaxed))
+    }
+
+    /// Puts back what [`Turns::state`] returned (before any vCPU runs).
+    pub fn restore(&self, current: u32, retired: u64) {
+        *self.current.lock().expect("turn lock poisoned") = current;
+        self.retired.store(retired, Ordering::Relaxed);
+        self.changed.notify_all();
+    }
 }
 
 #[cfg(test)]
@@ -100,6 +114,16 @@ mod tests {
         assert!(turns.acquire(0));
         turns.pass(0, 2);
         assert!(turns.acquire(1));
+    }
+
+    #[test]
+    fn state_round_trips() {
+        let turns = Turns::new();
+        turns.retire(42);
+        let other = Turns::new();
+        other.restore(1, 42);
+        assert_eq!(other.state(), (1, 42));
+        assert_eq!(turns.state(), (0, 42));
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! Argument parsing in two layers: raw flags (clap), then a validated `VmConfig`, merged with a
 //! config file when one is given. Errors print as one line on stderr with a distinct exit code.
 
-use std::error::Error;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
@@ -17,8 +16,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a kernel in a new VM with its serial console on this terminal (Ctrl-A x quits).
-    Run(RunArgs),
+    /// Boot a kernel (or restore a snapshot) in a new VM with its serial console on this
+    /// terminal (Ctrl-A x quits).
+    Run(Box<RunArgs>),
+    /// Talk to a running VMM's control API (`run --api-sock PATH`).
+    Ctl(api::CtlArgs),
 }
 
 #[derive(Args)]
@@ -73,6 +75,22 @@ struct RunArgs {
     /// Read settings from a TOML or JSON file; flags given as well override it.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Serve the control API (HTTP/1.1 + JSON, docs/api.md) on this unix socket. With no
+    /// kernel, config or snapshot given, the VMM waits there to be configured.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+    /// Resume the VM saved in this snapshot directory instead of booting. --disk, --net and
+    /// --vsock then replace the snapshot's devices of that kind (same number of each), so
+    /// clones of one snapshot get their own.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "config", "rng", "balloon", "deterministic", "backend"])]
+    restore: Option<PathBuf>,
+    /// With --restore: leave the restored VM paused (resume it through the API).
+    #[arg(long, requires = "restore")]
+    paused: bool,
+    /// With --restore: move the guest clock forward by the time since the snapshot was taken
+    /// (otherwise the guest continues at the saved time).
+    #[arg(long, requires = "restore")]
+    refresh_clock: bool,
 }
 
 /// A user error with the message to print.
@@ -92,6 +110,39 @@ fn load_config_file(path: &Path) -> Result<VmConfig, UsageError> {
 }
 
 impl RunArgs {
+    /// What to start: a VM to boot, a snapshot to restore, or an API socket to wait on.
+    fn into_launch(self) -> Result<vmm::controller::Launch, UsageError> {
+        let api_sock = self.api_sock.clone();
+        if let Some(dir) = self.restore.clone() {
+            let overrides = vmm::controller::Overrides {
+                disks: (!self.disk.is_empty()).then_some(self.disk),
+                nets: (!self.net.is_empty()).then_some(self.net),
+                vsock: self.vsock,
+            };
+            return Ok(vmm::controller::Launch {
+                config: None,
+                restore: Some(vmm::controller::RestoreRequest {
+                    dir,
+                    resume: !self.paused,
+                    refresh_clock: self.refresh_clock,
+                    overrides,
+                }),
+                api_sock,
+            });
+        }
+        if api_sock.is_some() && self.kernel.is_none() && self.config.is_none() {
+            return Ok(vmm::controller::Launch {
+                api_sock,
+                ..Default::default()
+            });
+        }
+        Ok(vmm::controller::Launch {
+            config: Some(self.into_config()?),
+            restore: None,
+            api_sock,
+        })
+    }
+
     fn into_config(self) -> Result<VmConfig, UsageError> {
         let mut config = match (&self.config, &self.kernel) {
             (Some(path), _) => {
@@ -114,7 +165,7 @@ impl RunArgs {
             (None, Some(kernel)) => VmConfig::new(kernel.clone()),
             (None, None) => {
                 return Err(UsageError(
-                    "no kernel given; pass --kernel PATH or --config FILE".into(),
+                    "no kernel given; pass --kernel PATH, --config FILE, --restore DIR or --api-sock PATH".into(),
                 ))
             }
         };
@@ -157,21 +208,6 @@ impl RunArgs {
     }
 }
 
-/// The error and its causes on one line: "a: b: c".
-fn error_chain(e: &dyn Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !line.ends_with(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        source = s.source();
-    }
-    line
-}
-
 fn signal_name(sig: i32) -> String {
     match sig {
         1 => "SIGHUP".into(),
@@ -202,6 +238,8 @@ fn report(outcome: &Outcome) {
         }
         Outcome::Signal(sig) => eprintln!("ferrovisor: stopped by {}", signal_name(*sig)),
         Outcome::ConsoleQuit => eprintln!("ferrovisor: quit from the console (Ctrl-A x)"),
+        Outcome::Killed => eprintln!("ferrovisor: the VM was killed through the control API"),
+        Outcome::Api(_) => {}
     }
 }
 
@@ -229,21 +267,22 @@ pub fn main() -> i32 {
         }
     };
     match cli.command {
+        Command::Ctl(args) => api::ctl_main(args),
         Command::Run(args) => {
-            let config = match args.into_config() {
-                Ok(c) => c,
+            let launch = match (*args).into_launch() {
+                Ok(l) => l,
                 Err(UsageError(msg)) => {
                     eprintln!("ferrovisor: {msg}");
                     return EXIT_USAGE;
                 }
             };
-            match vmm::run(&config) {
+            match vmm::controller::launch(launch) {
                 Ok(outcome) => {
                     report(&outcome);
                     outcome.exit_code()
                 }
                 Err(e) => {
-                    let mut line = error_chain(&e);
+                    let mut line = vmm::error_line(&e);
                     if let Some(hint) = e.hint() {
                         line.push_str("; ");
                         line.push_str(hint);

@@ -39,7 +39,11 @@ use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{device_type, features, ActivateError, Activation, ActiveQueue, VirtioDevice};
+use crate::state::{decode, encode, same};
+use crate::{
+    device_type, features, ActivateError, Activation, ActiveQueue, QueuePosition, StateError,
+    VirtioDevice,
+};
 
 /// Feature bits of the balloon (virtio 1.2, 5.5.3).
 pub mod feature {
@@ -351,10 +355,39 @@ struct Active {
     notified_target: u32,
 }
 
+/// The balloon's state for a snapshot. The pages it holds are guest memory, saved with it
+/// (as zeros, for discarded ones).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BalloonState {
+    /// Guest RAM; the restored device must have the same.
+    memory_bytes: u64,
+    /// The host's target, as it stood (set at run time, so not necessarily the configured
+    /// size).
+    target_pages: u32,
+    /// What the driver last wrote to `actual`.
+    actual_pages: u32,
+    /// The latest statistics, by tag.
+    stats: Vec<Option<u64>>,
+    /// While running: the statistics buffer the device holds (returned to ask for fresh
+    /// values) and the target the driver last heard of.
+    held_stats: Option<u16>,
+    notified_target: Option<u32>,
+}
+
+/// What a restore hands to the next activation.
+#[derive(Clone, Copy, Debug)]
+struct Resumed {
+    held_stats: Option<u16>,
+    notified_target: u32,
+}
+
 pub struct Balloon {
     offered: u64,
     shared: Arc<Shared>,
     active: Option<Active>,
+    /// Set by a restore, for the activation that follows it.
+    resumed: Option<Resumed>,
     _control: Option<ControlServer>,
 }
 
@@ -396,6 +429,7 @@ impl Balloon {
             offered,
             shared,
             active: None,
+            resumed: None,
             _control: control,
         })
     }
@@ -671,19 +705,27 @@ impl VirtioDevice for Balloon {
         let (Some(inflate), Some(deflate)) = (queues.next(), queues.next()) else {
             return Err(ActivateError::QueueCount { want: 2, got: 0 });
         };
+        let stats = queues.next();
+        let resumed = self.resumed.take();
         self.active = Some(Active {
             inflate,
             deflate,
-            stats: queues.next(),
-            held_stats: None,
+            held_stats: resumed
+                .and_then(|r| r.held_stats)
+                .filter(|_| stats.is_some()),
+            stats,
             // The driver reads the target itself once it is up.
-            notified_target: self.shared.target_pages.load(Ordering::Acquire),
+            notified_target: resumed.map_or_else(
+                || self.shared.target_pages.load(Ordering::Acquire),
+                |r| r.notified_target,
+            ),
         });
         Ok(())
     }
 
     fn reset(&mut self) {
         self.active = None;
+        self.resumed = None;
         // A new driver starts with an empty balloon (Linux deflates it fully on removal).
         self.shared.actual_pages.store(0, Ordering::Release);
         decline_stats(&self.shared);
@@ -719,6 +761,63 @@ impl VirtioDevice for Balloon {
         if index == 0 {
             self.host_request();
         }
+    }
+
+    fn queue_positions(&self) -> Vec<Option<QueuePosition>> {
+        match &self.active {
+            Some(a) => vec![
+                Some(a.inflate.position()),
+                Some(a.deflate.position()),
+                a.stats.as_ref().map(ActiveQueue::position),
+            ],
+            None => vec![None; 3],
+        }
+    }
+
+    fn save_state(&self) -> Result<serde_json::Value, StateError> {
+        let sh = &self.shared;
+        encode(
+            "virtio-balloon",
+            &BalloonState {
+                memory_bytes: sh.memory_bytes,
+                target_pages: sh.target_pages.load(Ordering::Acquire),
+                actual_pages: sh.actual_pages.load(Ordering::Acquire),
+                stats: sh.stats_lock().stats.values.to_vec(),
+                held_stats: self.active.as_ref().and_then(|a| a.held_stats),
+                notified_target: self.active.as_ref().map(|a| a.notified_target),
+            },
+        )
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+        let s: BalloonState = decode("virtio-balloon", state)?;
+        let sh = &self.shared;
+        same(
+            "guest memory size in bytes",
+            s.memory_bytes,
+            sh.memory_bytes,
+        )?;
+        if u64::from(s.target_pages) << PAGE_SHIFT > sh.memory_bytes {
+            return Err(StateError::Invalid(format!(
+                "balloon target of {} pages exceeds guest memory",
+                s.target_pages
+            )));
+        }
+        let mut values = [None; STAT_NAMES.len()];
+        for (v, saved) in values.iter_mut().zip(&s.stats) {
+            *v = *saved;
+        }
+        sh.target_pages.store(s.target_pages, Ordering::Release);
+        sh.actual_pages.store(s.actual_pages, Ordering::Release);
+        sh.stats_lock().stats = BalloonStats { values };
+        self.resumed = s.notified_target.map(|notified_target| Resumed {
+            held_stats: s.held_stats,
+            notified_target,
+        });
+        // A target set just before the snapshot may not have reached the driver: look once
+        // the event loop runs (the wake-up in the old process's event stayed there).
+        let _ = sh.wake.write(1);
+        Ok(())
     }
 }
 

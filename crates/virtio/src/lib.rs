@@ -7,6 +7,11 @@
 //! MSI-X — and hands the device its queues at `DRIVER_OK`. Nothing here knows which vCPU back
 //! end runs the guest: notifications arrive as `EventFd`s, interrupts leave through
 //! [`hypervisor::MsiVector`]s.
+//!
+//! Snapshots: [`pci::VirtioPci::save_state`] returns a [`pci::VirtioPciState`] holding the
+//! transport's registers, each queue's set-up and position, MSI-X, and the device's own state
+//! ([`VirtioDevice::save_state`]); [`pci::VirtioPci::restore_state`] puts it back into a
+//! function built from the same configuration and restarts the device where it was.
 
 use std::sync::Arc;
 
@@ -18,7 +23,10 @@ pub mod block;
 pub mod net;
 pub mod pci;
 pub mod rng;
+pub mod state;
 pub mod vsock;
+
+pub use state::{QueuePosition, StateError};
 
 /// Feature bits every device offers (virtio 1.2, section 6).
 pub mod features {
@@ -152,6 +160,11 @@ pub struct ActiveQueue {
 }
 
 impl ActiveQueue {
+    /// Where the device is in the queue, for a snapshot.
+    pub fn position(&self) -> QueuePosition {
+        QueuePosition::of(&self.queue)
+    }
+
     /// Hands every available descriptor chain to `serve`, which returns how many bytes it
     /// wrote into the chain, returns each to the driver, and interrupts it if it asked to be.
     /// Returns the number of chains served.
@@ -234,5 +247,33 @@ pub trait VirtioDevice: Send {
     /// PCI class code (class, subclass, programming interface) the device is listed under.
     fn pci_class(&self) -> (u8, u8, u8) {
         (0xff, 0, 0)
+    }
+
+    /// Snapshot: where the device is in each queue, in index order (`None` for one it does not
+    /// serve), so the restored device goes on from there. Asked only of an active device,
+    /// between two calls of the event loop. The transport refuses to save an active device
+    /// that does not answer for every queue.
+    fn queue_positions(&self) -> Vec<Option<QueuePosition>> {
+        Vec::new()
+    }
+
+    /// Snapshot: the device's own state (the transport keeps the negotiated features, the
+    /// queues and the interrupts). Called between two calls of the event loop, active or not.
+    fn save_state(&self) -> Result<serde_json::Value, StateError> {
+        Err(StateError::Unsupported(state::device_name(
+            self.device_type(),
+        )))
+    }
+
+    /// Puts back what [`save_state`](VirtioDevice::save_state) returned, on a device just built
+    /// from a compatible configuration (else an error, with the device unchanged). The
+    /// transport then activates the device if the driver had, with its queues at the saved
+    /// positions, and later notifies every queue once
+    /// ([`pci::VirtioPci::resume_after_restore`]).
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+        let _ = state;
+        Err(StateError::Unsupported(state::device_name(
+            self.device_type(),
+        )))
     }
 }

@@ -4,12 +4,22 @@
 use virtio_queue::DescriptorChain;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use crate::{device_type, features, ActivateError, Activation, ActiveQueue, VirtioDevice};
+use crate::state::{decode, encode};
+use crate::{
+    device_type, features, ActivateError, Activation, ActiveQueue, QueuePosition, StateError,
+    VirtioDevice,
+};
 
 const QUEUE_SIZE: u16 = 64;
 /// Bytes handed out per request at most, so a guest asking for megabytes at a time cannot make
 /// the event loop stall on one request.
 pub const MAX_FILL: usize = 64 * 1024;
+
+/// The entropy source has no state of its own; the empty record still tells it apart from
+/// other devices' states.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RngState {}
 
 #[derive(Default)]
 pub struct Rng {
@@ -93,5 +103,18 @@ impl VirtioDevice for Rng {
             let mut buf = Box::new([0u8; MAX_FILL]);
             a.serve(|mem, chain| fill(mem, chain, &mut buf));
         }
+    }
+
+    fn queue_positions(&self) -> Vec<Option<QueuePosition>> {
+        vec![self.active.as_ref().map(ActiveQueue::position)]
+    }
+
+    fn save_state(&self) -> Result<serde_json::Value, StateError> {
+        encode("virtio-rng", &RngState {})
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+        let RngState {} = decode("virtio-rng", state)?;
+        Ok(())
     }
 }

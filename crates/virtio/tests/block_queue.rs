@@ -21,6 +21,8 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
+mod support;
+
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
 const QUEUE_SIZE: u16 = 16;
@@ -598,70 +600,18 @@ fn discard_with_the_unmap_flag_or_unknown_flags_is_unsupported() {
 
 /// The block device behind the virtio-pci transport, for what the transport adds.
 mod transport {
-    use std::io;
     use std::sync::{Arc, Mutex};
 
     use devices::pci::PciDevice;
-    use hypervisor::{HypervisorError, IrqLine, MemoryRegion, MsiMessage, MsiVector, Vcpu, Vm};
+    use hypervisor::{MsiMessage, Vm};
     use virtio::block::Block;
     use virtio::pci::VirtioPci;
     use virtio::VirtioDevice;
     use virtio_bindings::virtio_blk::*;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-    use vmm_sys_util::eventfd::EventFd;
 
+    use super::support::FakeVm;
     use super::{header, memory, TempImage, SECTOR};
-
-    #[derive(Default)]
-    struct Vector {
-        fired: Mutex<Vec<MsiMessage>>,
-        msg: Mutex<MsiMessage>,
-    }
-
-    impl MsiVector for Vector {
-        fn set_message(&self, msg: MsiMessage) -> io::Result<()> {
-            *self.msg.lock().unwrap() = msg;
-            Ok(())
-        }
-        fn trigger(&self) -> io::Result<()> {
-            let m = *self.msg.lock().unwrap();
-            self.fired.lock().unwrap().push(m);
-            Ok(())
-        }
-    }
-
-    /// A VM that only hands out recording MSI vectors.
-    #[derive(Default)]
-    struct FakeVm {
-        vectors: Mutex<Vec<Arc<Vector>>>,
-    }
-
-    fn unsupported() -> io::Error {
-        io::Error::from(io::ErrorKind::Unsupported)
-    }
-
-    impl Vm for FakeVm {
-        unsafe fn map_memory(&self, _region: MemoryRegion) -> hypervisor::Result<()> {
-            Ok(())
-        }
-        fn irq_line(&self, gsi: u32) -> hypervisor::Result<Arc<dyn IrqLine>> {
-            Err(HypervisorError::IrqLine(gsi, unsupported()))
-        }
-        fn msi_vector(&self) -> hypervisor::Result<Arc<dyn MsiVector>> {
-            let v = Arc::new(Vector::default());
-            self.vectors.lock().unwrap().push(v.clone());
-            Ok(v)
-        }
-        fn register_ioevent(&self, _evt: &EventFd, _addr: u64) -> hypervisor::Result<()> {
-            Ok(())
-        }
-        fn unregister_ioevent(&self, _evt: &EventFd, _addr: u64) -> hypervisor::Result<()> {
-            Ok(())
-        }
-        fn create_vcpu(&self, _id: u32) -> hypervisor::Result<Box<dyn Vcpu>> {
-            Err(HypervisorError::Run(unsupported()))
-        }
-    }
 
     const DEVICE_STATUS: u64 = 0x14;
     const MSIX_TABLE: u64 = 0x4000;

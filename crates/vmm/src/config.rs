@@ -535,6 +535,12 @@ pub enum ConfigError {
         size: MemorySize,
         memory: MemorySize,
     },
+    #[error("the snapshot has {saved} {what}(s) but {given} were given to replace them; give exactly {saved} (devices keep their places)")]
+    OverrideCount {
+        what: &'static str,
+        saved: usize,
+        given: usize,
+    },
     #[error("the balloon control socket path is {0} bytes; it must be 1 to {MAX_BALLOON_CONTROL_PATH} bytes")]
     BalloonPathLength(usize),
 }

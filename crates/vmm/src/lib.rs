@@ -6,16 +6,17 @@
 
 pub mod config;
 mod console;
+pub mod controller;
 mod event_loop;
+pub mod snapshot;
 mod vcpu;
 mod virtio_devices;
 mod vm;
 
 use std::path::PathBuf;
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::Sender;
 
-use config::{Backend, ConfigError, OnReboot, VmConfig};
+use config::{Backend, ConfigError, VmConfig};
 use hypervisor::kvm::KvmHypervisor;
 use hypervisor::{Hypervisor, HypervisorError};
 
@@ -54,6 +55,10 @@ pub enum VmEvent {
     Signal(i32),
     /// The user typed Ctrl-A x on the console.
     ConsoleQuit,
+    /// A control API request, answered by the VMM's main thread.
+    Api(Box<api::ApiCall>),
+    /// The control API killed the VM.
+    Killed,
 }
 
 /// How `run` ended: the event that ended the last VM.
@@ -69,6 +74,10 @@ impl VmEvent {
             VmEvent::Signal(sig) => 128 + sig,
             // As if the user had pressed Ctrl-C in a terminal that was not in raw mode.
             VmEvent::ConsoleQuit => 128 + libc::SIGINT,
+            // What was asked for happened.
+            VmEvent::Killed => 0,
+            // Not an outcome: requests are answered, not returned.
+            VmEvent::Api(_) => EXIT_INTERNAL,
         }
     }
 }
@@ -116,6 +125,16 @@ pub enum VmmError {
     Pci(#[source] devices::pci::PciError),
     #[error("cannot set up the device event loop")]
     EventLoop(#[source] std::io::Error),
+    #[error(transparent)]
+    Snapshot(snapshot::SnapshotError),
+    #[error("cannot map the snapshot's memory file: {0}")]
+    MapSnapshotMemory(String),
+    #[error("cannot save the VM: {0}")]
+    SaveState(String),
+    #[error("cannot restore the VM: {0}")]
+    RestoreState(String),
+    #[error("cannot serve the control API")]
+    Api(#[source] api::ServerError),
 }
 
 impl VmmError {
@@ -132,6 +151,8 @@ impl VmmError {
                 HypervisorError::OpenKvm(_)
                     | HypervisorError::KvmApiVersion(_)
                     | HypervisorError::MissingCapability(_)
+                    | HypervisorError::StateBackend { .. }
+                    | HypervisorError::BadState { .. }
             ),
             VmmError::Boot(e) => matches!(
                 e,
@@ -143,6 +164,7 @@ impl VmmError {
             ),
             VmmError::AllocateMemory(_) => true,
             VmmError::Vsock(e) => e.is_usage_error(),
+            VmmError::Snapshot(_) | VmmError::RestoreState(_) | VmmError::Api(_) => true,
             VmmError::Balloon(e) => e.is_usage_error(),
             _ => false,
         }
@@ -175,9 +197,24 @@ impl VmmError {
     }
 }
 
+/// The error and its causes on one line: "a: b: c".
+pub fn error_line(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        source = s.source();
+    }
+    line
+}
+
 /// Blocks the termination signals in this thread (and so in every thread it starts) and starts
 /// a thread that waits for them and reports them as [`VmEvent::Signal`].
-fn forward_termination_signals(events: Sender<VmEvent>) -> std::io::Result<()> {
+pub(crate) fn forward_termination_signals(events: Sender<VmEvent>) -> std::io::Result<()> {
     // SAFETY: sigset_t is plain data; sigemptyset/sigaddset initialise and fill it.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t; these calls only write to it and the signal mask of
@@ -207,23 +244,18 @@ fn forward_termination_signals(events: Sender<VmEvent>) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs the VM described by `config` on KVM until it powers off, resets (unless restarting),
-/// fails, or a signal or the console ends it.
+/// Boots the VM described by `config` and runs it until it powers off, resets (unless
+/// restarting), fails, or a signal or the console ends it.
 pub fn run(config: &VmConfig) -> Result<Outcome, VmmError> {
-    // Mistakes in the settings are reported before the host is even asked for KVM.
-    config.validate(config::MAX_VCPUS, config::host_memory_bytes())?;
-    vm::check_files(config)?;
-    let hv: Box<dyn Hypervisor> = if config.deterministic {
-        Box::new(emu::backend::EmuHypervisor::deterministic())
-    } else {
-        choose_backend(config.backend)?
-    };
-    run_on(hv.as_ref(), config)
+    controller::launch(controller::Launch {
+        config: Some(config.clone()),
+        ..Default::default()
+    })
 }
 
 /// The back end for `backend`; `Auto` picks KVM only where hardware virtualization backs it,
 /// and says which it chose and why on stderr.
-fn choose_backend(backend: Backend) -> Result<Box<dyn Hypervisor>, VmmError> {
+pub(crate) fn choose_backend(backend: Backend) -> Result<Box<dyn Hypervisor>, VmmError> {
     match backend {
         Backend::Kvm => Ok(Box::new(
             KvmHypervisor::new().map_err(VmmError::Hypervisor)?,
@@ -242,38 +274,6 @@ fn choose_backend(backend: Backend) -> Result<Box<dyn Hypervisor>, VmmError> {
             };
             eprintln!("ferrovisor: using the emu back end ({why}); --backend kvm forces KVM");
             Ok(Box::new(emu::backend::EmuHypervisor::new()))
-        }
-    }
-}
-
-/// [`run`] on a given back end.
-pub fn run_on(hv: &dyn Hypervisor, config: &VmConfig) -> Result<Outcome, VmmError> {
-    config.validate(hv.max_vcpus(), config::host_memory_bytes())?;
-    vcpu::install_kick_handler().map_err(VmmError::Signals)?;
-    let (tx, rx): (Sender<VmEvent>, Receiver<VmEvent>) = mpsc::channel();
-    forward_termination_signals(tx.clone()).map_err(VmmError::Signals)?;
-
-    let console_target: console::ConsoleTarget = Arc::new(Mutex::new(None));
-    let raw_terminal = console::RawTerminal::enter();
-    console::spawn_stdin_pump(console_target.clone(), tx.clone(), raw_terminal.is_some())
-        .map_err(VmmError::SpawnThread)?;
-
-    loop {
-        let vm = vm::Vm::build(hv, config, tx.clone(), &console_target)?;
-        let event = vm.run(&rx)?;
-        // Events queued by other vCPUs of the stopped VM are stale, except a request to quit.
-        let mut quit = None;
-        while let Ok(stale) = rx.try_recv() {
-            if matches!(stale, VmEvent::Signal(_) | VmEvent::ConsoleQuit) {
-                quit = Some(stale);
-            }
-        }
-        let outcome = event;
-        match (outcome, quit) {
-            (Outcome::Reset(_), None) if config.on_reboot == OnReboot::Restart => continue,
-            (_, Some(VmEvent::Signal(sig))) => return Ok(Outcome::Signal(sig)),
-            (_, Some(_)) => return Ok(Outcome::ConsoleQuit),
-            (outcome, None) => return Ok(outcome),
         }
     }
 }

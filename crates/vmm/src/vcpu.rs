@@ -39,7 +39,9 @@ pub struct VcpuContext {
     pub events: Sender<VmEvent>,
 }
 
-pub fn spawn(vcpu: Box<dyn Vcpu>, ctx: VcpuContext) -> std::io::Result<JoinHandle<()>> {
+/// Starts a thread running `vcpu`; joining it gives the vCPU back, stopped between two runs
+/// with any half-done exit completed (so its state can be saved, or it can run again).
+pub fn spawn(vcpu: Box<dyn Vcpu>, ctx: VcpuContext) -> std::io::Result<JoinHandle<Box<dyn Vcpu>>> {
     thread::Builder::new()
         .name(format!("vcpu{}", ctx.id))
         .spawn(move || run_loop(vcpu, ctx))
@@ -51,7 +53,7 @@ enum Stop {
     Requested,
 }
 
-fn run_loop(mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
+fn run_loop(mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) -> Box<dyn Vcpu> {
     let stop = loop {
         if ctx.stop.load(Ordering::Acquire) {
             break Stop::Requested;
@@ -71,6 +73,19 @@ fn run_loop(mut vcpu: Box<dyn Vcpu>, ctx: VcpuContext) {
         };
         // The receiver only goes away once every vCPU thread is joined.
         let _ = ctx.events.send(event);
+    }
+    settle(vcpu.as_mut());
+    vcpu
+}
+
+/// Completes the exit the vCPU last returned (an `in` gets its data, KVM finishes the
+/// instruction) without running guest code further: what [`Vcpu::save_state`] expects.
+fn settle(vcpu: &mut dyn Vcpu) {
+    hypervisor::kick_current_thread();
+    match vcpu.run() {
+        Ok(VcpuExit::Interrupted) => {}
+        Ok(exit) => tracing::warn!("vCPU: a kicked run returned {exit:?}, not Interrupted"),
+        Err(e) => tracing::warn!("vCPU: cannot complete the last exit: {e}"),
     }
 }
 

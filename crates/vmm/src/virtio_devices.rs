@@ -27,7 +27,7 @@ pub(crate) fn attach_devices(
     mem: &GuestMemoryMmap,
     pci: &Mutex<PciRoot>,
     events: &mut EventLoop,
-) -> Result<(), VmmError> {
+) -> Result<Vec<Arc<Mutex<VirtioPci>>>, VmmError> {
     let mut bus = Plug {
         vm,
         mem,
@@ -36,6 +36,7 @@ pub(crate) fn attach_devices(
         // Deterministic runs serve notifications on the vCPU thread, at a fixed point of the
         // instruction stream, instead of on the event loop whenever it gets to them.
         inline: config.deterministic,
+        plugged: Vec::new(),
     };
     for disk in &config.disks {
         let block = Block::new(&disk.path, disk.read_only, disk.serial.as_deref())
@@ -65,7 +66,7 @@ pub(crate) fn attach_devices(
         .map_err(VmmError::Balloon)?;
         bus.attach(Arc::new(Mutex::new(balloon)))?;
     }
-    Ok(())
+    Ok(bus.plugged)
 }
 
 /// Where devices are plugged in.
@@ -76,6 +77,8 @@ struct Plug<'a> {
     events: &'a mut EventLoop,
     /// Serve queue notifications on the notifying vCPU's thread.
     inline: bool,
+    /// The transports plugged in so far.
+    plugged: Vec<Arc<Mutex<VirtioPci>>>,
 }
 
 impl Plug<'_> {
@@ -122,11 +125,13 @@ impl Plug<'_> {
                 )
                 .map_err(VmmError::EventLoop)?;
         }
-        let transport: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(transport));
+        let transport = Arc::new(Mutex::new(transport));
+        let function: Arc<Mutex<dyn PciDevice>> = transport.clone();
         pci.lock()
             .expect("PCI root lock poisoned")
-            .add_device(transport)
+            .add_device(function)
             .map_err(VmmError::Pci)?;
+        self.plugged.push(transport);
         Ok(())
     }
 }

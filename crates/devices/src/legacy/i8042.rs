@@ -67,7 +67,32 @@ pub struct I8042 {
     awaiting_ctr: bool,
 }
 
+/// An [`I8042`]'s registers, as a snapshot stores them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct I8042State {
+    pub control: u8,
+    pub output: Option<u8>,
+    pub awaiting_ctr: bool,
+}
+
 impl I8042 {
+    /// The controller's registers, for a snapshot.
+    pub fn save_state(&self) -> I8042State {
+        I8042State {
+            control: self.control,
+            output: self.output,
+            awaiting_ctr: self.awaiting_ctr,
+        }
+    }
+
+    /// Puts back what [`save_state`](I8042::save_state) returned.
+    pub fn restore_state(&mut self, state: &I8042State) {
+        self.control = state.control;
+        self.output = state.output;
+        self.awaiting_ctr = state.awaiting_ctr;
+    }
+
     /// A controller that reports resets to `events`.
     pub fn new(events: Arc<dyn GuestEventSink>) -> Self {
         I8042 {

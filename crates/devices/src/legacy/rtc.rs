@@ -34,7 +34,7 @@ mod calendar;
 
 use std::fmt;
 
-use crate::BusDevice;
+use crate::{BusDevice, StateError};
 use calendar::DateTime;
 
 /// The index port: the guest writes the register number here.
@@ -121,7 +121,49 @@ pub struct Rtc {
     cmos: [u8; CMOS_LEN],
 }
 
+/// An [`Rtc`]'s registers, as a snapshot stores them.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RtcState {
+    /// The guest's time minus the wall clock's, in nanoseconds, as a decimal string (it can
+    /// exceed 64 bits).
+    pub offset_ns: String,
+    pub index: u8,
+    /// All [`CMOS_LEN`] registers.
+    pub cmos: Vec<u8>,
+}
+
 impl Rtc {
+    /// The registers and the guest's offset from the wall clock, for a snapshot.
+    pub fn save_state(&self) -> RtcState {
+        RtcState {
+            offset_ns: self.offset_ns.to_string(),
+            index: self.index,
+            cmos: self.cmos.to_vec(),
+        }
+    }
+
+    /// Puts back what [`save_state`](Rtc::save_state) returned. The clock keeps running from
+    /// the wall clock this RTC was made with: a restored guest's RTC shows the time now (plus
+    /// the offset the guest had set), not the time of the snapshot.
+    pub fn restore_state(&mut self, state: &RtcState) -> Result<(), StateError> {
+        let bad = |why: String| StateError::new("rtc", why);
+        let offset_ns = state
+            .offset_ns
+            .parse::<i128>()
+            .map_err(|e| bad(format!("offset_ns {:?}: {e}", state.offset_ns)))?;
+        let cmos: [u8; CMOS_LEN] = state.cmos.as_slice().try_into().map_err(|_| {
+            bad(format!(
+                "{} CMOS bytes, expected {CMOS_LEN}",
+                state.cmos.len()
+            ))
+        })?;
+        self.offset_ns = offset_ns;
+        self.index = state.index;
+        self.cmos = cmos;
+        Ok(())
+    }
+
     /// An RTC showing the time `clock` gives, in 24-hour BCD mode, with its RAM cleared.
     pub fn new(clock: WallClock) -> Self {
         let mut cmos = [0u8; CMOS_LEN];

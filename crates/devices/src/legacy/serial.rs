@@ -13,7 +13,7 @@ use std::sync::Arc;
 use vm_superio::serial::{Error as UartError, SerialEvents};
 use vm_superio::Trigger;
 
-use crate::{BusDevice, InterruptLine};
+use crate::{BusDevice, InterruptLine, StateError};
 
 /// First I/O port of COM1.
 pub const COM1_BASE: u16 = 0x3f8;
@@ -78,6 +78,25 @@ impl Trigger for IrqTrigger {
 }
 
 type Uart = vm_superio::Serial<IrqTrigger, Arc<SerialMetrics>, Box<dyn Write + Send>>;
+
+/// A [`Serial`]'s registers and receive FIFO, as a snapshot stores them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// The receive FIFO (at most 64 bytes).
+    pub in_buffer: Vec<u8>,
+    /// A received byte that did not fit in the FIFO.
+    pub held: Option<u8>,
+}
 
 /// A 16550A UART with a 64-byte receive FIFO, for COM1.
 ///
@@ -205,6 +224,53 @@ impl Serial {
     /// How many more bytes the receive FIFO can take now.
     pub fn input_capacity(&self) -> usize {
         self.uart.fifo_capacity()
+    }
+
+    /// The UART's registers and receive FIFO, for a snapshot. Input still queued outside
+    /// the FIFO is not state: it belongs to the host side that typed it.
+    pub fn save_state(&self) -> SerialState {
+        let s = self.uart.state();
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+            held: self.held,
+        }
+    }
+
+    /// Puts back what [`save_state`](Serial::save_state) returned, keeping this UART's
+    /// interrupt line, counters and output.
+    pub fn restore_state(&mut self, state: &SerialState) -> Result<(), StateError> {
+        let s = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let trigger = IrqTrigger(self.uart.interrupt_evt().0.clone());
+        let metrics = self.uart.events().clone();
+        let out = std::mem::replace(self.uart.writer_mut(), Box::new(io::sink()));
+        match Uart::from_state(&s, trigger, metrics, out) {
+            Ok(uart) => {
+                self.uart = uart;
+                self.held = state.held;
+                Ok(())
+            }
+            Err(e) => Err(StateError::new("serial", format!("{e:?}"))),
+        }
     }
 
     /// The UART's counters.

@@ -1,9 +1,9 @@
 //! The type-0 configuration header of a PCI function.
 
 use super::{
-    BarKind, PciError, PciIds, CAPABILITY_POINTER_OFFSET, COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE,
-    COMMAND_IO_SPACE, COMMAND_MEMORY_SPACE, CONFIG_SPACE_LEN, NUM_BARS, NUM_CONFIG_REGS,
-    STATUS_CAPABILITIES_LIST,
+    BarKind, PciError, PciIds, PciStateError, CAPABILITY_POINTER_OFFSET, COMMAND_BUS_MASTER,
+    COMMAND_INTX_DISABLE, COMMAND_IO_SPACE, COMMAND_MEMORY_SPACE, CONFIG_SPACE_LEN, NUM_BARS,
+    NUM_CONFIG_REGS, STATUS_CAPABILITIES_LIST,
 };
 
 #[cfg(test)]
@@ -59,6 +59,17 @@ enum BarSlot {
     },
     /// The upper 32 bits of the 64-bit BAR in the previous slot.
     Upper,
+}
+
+/// A configuration header as saved for a snapshot: its 256 bytes as the guest sees them.
+///
+/// Restoring takes from it only the bits the guest can change (command, BAR addresses,
+/// interrupt line, capability bodies, write-1-to-clear status bits); every other bit must
+/// match the header it is restored into, which is how a different function or layout is
+/// recognised.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PciConfigurationState {
+    pub bytes: Vec<u8>,
 }
 
 /// A type-0 (endpoint) PCI configuration header: 256 bytes, accessed by the guest as 64
@@ -304,6 +315,57 @@ impl PciConfiguration {
         self.put_u32(offset, addr as u32 | flags);
         if let BarKind::Mem64 { .. } = kind {
             self.put_u32(offset + 4, (addr >> 32) as u32);
+        }
+        Ok(())
+    }
+
+    /// The header's state for a snapshot.
+    pub fn save_state(&self) -> PciConfigurationState {
+        PciConfigurationState {
+            bytes: self.bytes.to_vec(),
+        }
+    }
+
+    /// Checks that `state` was saved from a header built like this one (same IDs, BARs and
+    /// capability layout), without changing anything.
+    pub fn check_state(&self, state: &PciConfigurationState) -> Result<(), PciStateError> {
+        let saved = state.bytes.as_slice();
+        if saved.len() != CONFIG_SPACE_LEN {
+            return Err(PciStateError::ConfigLength(saved.len()));
+        }
+        let u16_at = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
+        let ids = |b: &[u8]| (u16_at(b, VENDOR_ID_OFFSET), u16_at(b, DEVICE_ID_OFFSET));
+        let ((saved_vendor, saved_device), (vendor, device)) = (ids(saved), ids(&self.bytes));
+        if (saved_vendor, saved_device) != (vendor, device) {
+            return Err(PciStateError::Identity {
+                saved_vendor,
+                saved_device,
+                vendor,
+                device,
+            });
+        }
+        for (offset, (&saved, &here)) in saved.iter().zip(&self.bytes).enumerate() {
+            let fixed = !(self.writable[offset] | self.write_1_to_clear[offset]);
+            if (saved ^ here) & fixed != 0 {
+                return Err(PciStateError::ReadOnly {
+                    offset,
+                    saved,
+                    here,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts back the guest-changeable bits of a header saved with
+    /// [`save_state`](Self::save_state), after [`check_state`](Self::check_state). BAR
+    /// addresses change with no mapping following them: restore through
+    /// [`PciRoot::restore_state`](super::PciRoot::restore_state), which maps the BARs.
+    pub fn restore_state(&mut self, state: &PciConfigurationState) -> Result<(), PciStateError> {
+        self.check_state(state)?;
+        for (offset, &saved) in state.bytes.iter().enumerate() {
+            let take = self.writable[offset] | self.write_1_to_clear[offset];
+            self.bytes[offset] = (self.bytes[offset] & !take) | (saved & take);
         }
         Ok(())
     }

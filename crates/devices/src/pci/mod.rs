@@ -8,14 +8,19 @@
 //!   places each device's BARs in the MMIO window and keeps their bus mappings in step with what
 //!   the guest programs.
 //!
+//! For snapshots, [`PciRoot::save_state`] returns a [`PciRootState`] (the address latch and
+//! every function's configuration space) and [`PciRoot::restore_state`] puts it back into a
+//! bus built the same way, mapping the BARs where the guest had put them.
+//!
 //! `docs/platform.md` (section "PCI") describes what a guest sees.
 
 mod config;
 mod root;
 
-pub use config::PciConfiguration;
+pub use config::{PciConfiguration, PciConfigurationState};
 pub use root::{
-    PciRoot, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN,
+    MappedBar, PciRoot, PciRootState, PciSlotState, HOST_BRIDGE_DEVICE_ID, HOST_BRIDGE_VENDOR_ID,
+    PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN,
 };
 
 /// Number of BAR registers in a type-0 header.
@@ -124,6 +129,58 @@ pub enum PciError {
     /// The device has an I/O BAR, which the root does not place.
     #[error("I/O BAR {0} is not supported")]
     IoBar(usize),
+}
+
+/// Why a saved PCI state cannot be restored (into a bus or function not built the same way,
+/// or a damaged state). Nothing is changed when restoring fails, except for
+/// [`BarNotMapped`](PciStateError::BarNotMapped).
+#[derive(Debug, thiserror::Error)]
+pub enum PciStateError {
+    /// The saved configuration space is not [`CONFIG_SPACE_LEN`] bytes long.
+    #[error("the saved configuration space has {0} bytes instead of 256")]
+    ConfigLength(usize),
+    /// The saved function has other vendor and device IDs.
+    #[error(
+        "the saved function is {saved_vendor:04x}:{saved_device:04x}, \
+         this one is {vendor:04x}:{device:04x}"
+    )]
+    Identity {
+        saved_vendor: u16,
+        saved_device: u16,
+        vendor: u16,
+        device: u16,
+    },
+    /// A bit the guest cannot change differs: another kind of function, or another layout of
+    /// BARs or capabilities.
+    #[error(
+        "byte {offset:#04x} of the saved configuration space is {saved:#04x} where this \
+         function has {here:#04x} in bits the guest cannot change"
+    )]
+    ReadOnly { offset: usize, saved: u8, here: u8 },
+    /// The saved bus has another number of slots.
+    #[error("the saved bus has {saved} slots, this one {here}")]
+    SlotCount { saved: usize, here: usize },
+    /// A slot held a function when saved and is empty on this bus.
+    #[error("slot {0} held a function when saved and is empty on this bus")]
+    SlotEmptyHere(usize),
+    /// A slot was empty when saved and holds a function on this bus.
+    #[error("slot {0} was empty when saved and holds a function on this bus")]
+    SlotEmptyWhenSaved(usize),
+    /// The function in `slot` does not take its saved state.
+    #[error("slot {slot}")]
+    Slot {
+        slot: usize,
+        #[source]
+        source: Box<PciStateError>,
+    },
+    /// A BAR that was mapped cannot be mapped at the same address again (something else is
+    /// there, or the window differs). The configuration spaces are restored by then.
+    #[error("BAR {index} of slot {slot} cannot be mapped back at {addr:#x}")]
+    BarNotMapped {
+        slot: usize,
+        index: usize,
+        addr: u64,
+    },
 }
 
 /// A PCI function on a [`PciRoot`].

@@ -4,8 +4,8 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::{
-    BarKind, PciConfiguration, PciDevice, PciError, PciIds, CLASS_BRIDGE, NUM_BARS,
-    SUBCLASS_HOST_BRIDGE,
+    BarKind, PciConfiguration, PciConfigurationState, PciDevice, PciError, PciIds, PciStateError,
+    CLASS_BRIDGE, NUM_BARS, SUBCLASS_HOST_BRIDGE,
 };
 use crate::bus::Bus;
 use crate::BusDevice;
@@ -73,6 +73,30 @@ impl PciDevice for HostBridge {
     }
 
     fn bar_write(&mut self, _index: usize, _offset: u64, _data: &[u8]) {}
+}
+
+/// The root bus as saved for a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PciRootState {
+    /// The configuration address register (`0xCF8`) the guest last wrote.
+    pub config_address: u32,
+    /// By slot number: the function there, if any (slot 0 is the host bridge).
+    pub slots: Vec<Option<PciSlotState>>,
+}
+
+/// One slot of a [`PciRootState`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PciSlotState {
+    pub config: PciConfigurationState,
+    /// The BARs that were mapped on the MMIO bus, and where.
+    pub mapped_bars: Vec<MappedBar>,
+}
+
+/// A BAR mapped on the MMIO bus.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MappedBar {
+    pub index: usize,
+    pub addr: u64,
 }
 
 /// One BAR of a device, as the MMIO bus sees it: forwards accesses to the device with the BAR
@@ -235,6 +259,93 @@ impl PciRoot {
         self.sync_bars(slot);
         // `slot < NUM_SLOTS = 32`.
         Ok(slot as u8)
+    }
+
+    /// The bus's state for a snapshot: the address latch, and each function's configuration
+    /// space and mapped BARs. Call with no vCPU running.
+    pub fn save_state(&self) -> PciRootState {
+        let slots = self
+            .slots
+            .iter()
+            .map(|slot| {
+                slot.as_ref().map(|Slot { device, bars }| PciSlotState {
+                    config: lock(device).config().save_state(),
+                    mapped_bars: bars
+                        .iter()
+                        .filter_map(|b| {
+                            b.mapped.map(|addr| MappedBar {
+                                index: b.index,
+                                addr,
+                            })
+                        })
+                        .collect(),
+                })
+            })
+            .collect();
+        PciRootState {
+            config_address: self.config_address,
+            slots,
+        }
+    }
+
+    /// Puts back what [`save_state`](Self::save_state) returned, on a bus whose functions were
+    /// added in the same slots and built the same way (checked: IDs, BARs and capability
+    /// layout must match, else nothing changes). Each function's configuration space gets the
+    /// saved command, BAR addresses, interrupt line and capability bodies, and its BARs are
+    /// mapped again where they were, with [`PciDevice::bar_moved`] called as when the guest
+    /// programs them (a virtio-pci function registers its queue notifications there).
+    ///
+    /// A device that mirrors configuration bits in its own state (the MSI-X enable bit, say)
+    /// restores that with its own state; the order of the two does not matter.
+    pub fn restore_state(&mut self, state: &PciRootState) -> Result<(), PciStateError> {
+        if state.slots.len() != self.slots.len() {
+            return Err(PciStateError::SlotCount {
+                saved: state.slots.len(),
+                here: self.slots.len(),
+            });
+        }
+        for (slot, (saved, here)) in state.slots.iter().zip(&self.slots).enumerate() {
+            match (saved, here) {
+                (Some(saved), Some(here)) => lock(&here.device)
+                    .config()
+                    .check_state(&saved.config)
+                    .map_err(|e| PciStateError::Slot {
+                        slot,
+                        source: Box::new(e),
+                    })?,
+                (Some(_), None) => return Err(PciStateError::SlotEmptyHere(slot)),
+                (None, Some(_)) => return Err(PciStateError::SlotEmptyWhenSaved(slot)),
+                (None, None) => {}
+            }
+        }
+        self.config_address = state.config_address & CONFIG_ADDRESS_MASK;
+        for (slot, saved) in state.slots.iter().enumerate() {
+            let (Some(saved), Some(here)) = (saved, &self.slots[slot]) else {
+                continue;
+            };
+            lock(&here.device)
+                .config_mut()
+                .restore_state(&saved.config)
+                .map_err(|e| PciStateError::Slot {
+                    slot,
+                    source: Box::new(e),
+                })?;
+            self.sync_bars(slot);
+            let bars = self.slots[slot].as_ref().map_or(&[][..], |s| &s.bars[..]);
+            for want in &saved.mapped_bars {
+                if !bars
+                    .iter()
+                    .any(|b| b.index == want.index && b.mapped == Some(want.addr))
+                {
+                    return Err(PciStateError::BarNotMapped {
+                        slot,
+                        index: want.index,
+                        addr: want.addr,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The slot number, slot and register the address register selects, if it selects a

@@ -148,7 +148,7 @@ impl Cpu {
         let i = index(lin);
         if self.s.cr0 & cr0::PG == 0 {
             let gpa = lin & PAGE_MASK & 0xffff_ffff;
-            return Ok(self.tlb_insert(i, lin, gpa, T_WRITE | T_USER | T_EXEC | T_DIRTY));
+            return Ok(self.tlb_insert(i, lin, gpa, T_WRITE | T_USER | T_EXEC | T_DIRTY, acc));
         }
         if self.s.cr4 & cr4::PAE == 0 || self.s.efer & efer::LMA == 0 {
             return self.tlb_fill_legacy(lin, acc, user, i);
@@ -220,6 +220,7 @@ impl Cpu {
                     }
                     // Code sharing a page with page tables is rare, but a CPU would see it.
                     self.note_store(p, 8);
+                    self.mem.mark_dirty(addr);
                 }
             }
         }
@@ -242,11 +243,27 @@ impl Cpu {
         if global && self.s.cr4 & cr4::PGE != 0 {
             perm |= T_GLOBAL;
         }
-        Ok(self.tlb_insert(i, lin, gpa_page, perm))
+        Ok(self.tlb_insert(i, lin, gpa_page, perm, acc))
     }
 
-    /// Fills TLB slot `i` with the translation of `lin` to `gpa_page`; returns `i`.
-    fn tlb_insert(&mut self, i: usize, lin: u64, gpa_page: u64, perm: u8) -> usize {
+    /// Fills TLB slot `i` with the translation of `lin` to `gpa_page`, made for an access of
+    /// kind `acc`; returns `i`. While the dirty-page log is on, only a write makes an entry
+    /// that allows writes, and it marks the page written.
+    fn tlb_insert(
+        &mut self,
+        i: usize,
+        lin: u64,
+        gpa_page: u64,
+        mut perm: u8,
+        acc: Access,
+    ) -> usize {
+        if self.mem.dirty_logging() {
+            if acc == Access::Write {
+                self.mem.mark_dirty(gpa_page);
+            } else {
+                perm &= !T_DIRTY;
+            }
+        }
         let t = tag(lin);
         let on = |allowed: bool| if allowed { t } else { 0 };
         let (w, u, x) = (perm & T_WRITE != 0, perm & T_USER != 0, perm & T_EXEC != 0);
@@ -335,7 +352,7 @@ impl Cpu {
         if u {
             perm |= T_USER;
         }
-        Ok(self.tlb_insert(i, lin, gpa_page, perm))
+        Ok(self.tlb_insert(i, lin, gpa_page, perm, acc))
     }
 
     /// The TLB entry for `lin` valid for `acc`, walking the page tables on a miss.

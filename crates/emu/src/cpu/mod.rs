@@ -80,7 +80,7 @@ pub fn ud() -> Fault {
 }
 
 /// A device access the VMM must handle.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum IoReq {
     PioIn { port: u16, size: u8 },
     PioOut { port: u16, size: u8, value: u32 },
@@ -122,6 +122,10 @@ pub trait Machine {
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         None
     }
+    /// As [`Machine::as_any_mut`], shared.
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
 }
 
 /// State of a device access in flight.
@@ -131,6 +135,20 @@ pub struct IoState {
     pub exit: Option<IoReq>,
     /// The VMM's answer to the last read exit, consumed by the restarted instruction.
     pub response: Option<(IoReq, u64)>,
+}
+
+/// What a snapshot keeps of a [`Cpu`]: the architectural state and the interpreter's own state
+/// between instructions. Caches (TLB, blocks) and statistics other than the instruction count
+/// are rebuilt or restarted.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CpuSnapshot {
+    pub state: CpuState,
+    pub halted: bool,
+    pub interrupt_shadow: bool,
+    /// Instructions retired (deterministic mode's clock is derived from it).
+    pub icount: u64,
+    /// The VMM's answer to a device read whose instruction has not run again yet.
+    pub io_response: Option<(IoReq, u64)>,
 }
 
 /// How a call to [`Cpu::run`] ended.
@@ -188,6 +206,8 @@ pub struct Cpu {
     trace_exceptions: bool,
     /// Unimplemented instructions already logged, so each is reported once.
     reported_ud: std::collections::HashSet<iced_x86::Code>,
+    /// The dirty-page log epoch the TLB was last dropped for (`PhysMem::dirty_epoch`).
+    dirty_epoch: u64,
 }
 
 impl Cpu {
@@ -212,6 +232,7 @@ impl Cpu {
             interrupt_shadow: false,
             start_rip: 0,
             reported_ud: Default::default(),
+            dirty_epoch: 0,
             trace_insns: std::env::var("FERROVISOR_EMU_TRACE")
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -226,6 +247,29 @@ impl Cpu {
         self.tlb.flush_all();
     }
 
+    /// The state a snapshot keeps (see [`CpuSnapshot`]).
+    pub fn snapshot(&self) -> CpuSnapshot {
+        CpuSnapshot {
+            state: self.s.clone(),
+            halted: self.halted,
+            interrupt_shadow: self.interrupt_shadow,
+            icount: self.icount,
+            io_response: self.io.response,
+        }
+    }
+
+    /// Puts back what [`Cpu::snapshot`] returned; no device access is left in flight.
+    pub fn restore(&mut self, snap: CpuSnapshot) {
+        self.set_state(snap.state);
+        self.halted = snap.halted;
+        self.interrupt_shadow = snap.interrupt_shadow;
+        self.icount = snap.icount;
+        self.io = IoState {
+            exit: None,
+            response: snap.io_response,
+        };
+    }
+
     /// Drops every cached translation (after the VMM changed page tables or control registers).
     pub fn flush_tlb(&mut self) {
         self.tlb.flush_all();
@@ -234,6 +278,13 @@ impl Cpu {
     /// Runs up to `budget` instructions, or until a device access needs the VMM, HLT with
     /// interrupts off, or a triple fault.
     pub fn run(&mut self, budget: u64) -> RunExit {
+        let epoch = self.mem.dirty_epoch();
+        if epoch != self.dirty_epoch {
+            // Dirty-page logging started or a record was taken: translations that allow
+            // writes without logging them must go.
+            self.dirty_epoch = epoch;
+            self.tlb.flush_all();
+        }
         let end = self.icount + budget;
         while self.icount < end {
             if self.may_take_interrupt() && self.m.interrupt_pending() {

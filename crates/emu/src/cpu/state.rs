@@ -1,4 +1,7 @@
-//! Architectural state of one emulated x86-64 CPU, as plain data.
+//! Architectural state of one emulated x86-64 CPU, as plain data (serializable: snapshots
+//! store it as it is).
+
+use serde::{Deserialize, Serialize};
 
 /// RFLAGS bits.
 pub mod flags {
@@ -82,7 +85,7 @@ pub const RSI: usize = 6;
 pub const RDI: usize = 7;
 
 /// A segment register with its descriptor cache.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seg {
     pub selector: u16,
     pub base: u64,
@@ -137,14 +140,14 @@ impl Seg {
 }
 
 /// GDTR/IDTR.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dtr {
     pub base: u64,
     pub limit: u16,
 }
 
 /// Model-specific registers the emulator keeps (the LAPIC's and kvm-clock's live elsewhere).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Msrs {
     pub star: u64,
     pub lstar: u64,
@@ -165,7 +168,7 @@ pub struct Msrs {
 }
 
 /// SSE and x87 state (FXSAVE layout, kept as the raw 512-byte image plus the live registers).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FpuState {
     pub xmm: [[u8; 16]; 16],
     pub mxcsr: u32,
@@ -199,7 +202,7 @@ impl Default for FpuState {
 }
 
 /// Everything architectural about one CPU except memory and the local APIC.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CpuState {
     pub gpr: [u64; 16],
     pub rip: u64,

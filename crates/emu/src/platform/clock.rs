@@ -42,17 +42,33 @@ pub trait TimeSource: Send + Sync {
     fn now_ns(&self) -> u64;
 }
 
-/// The host's `CLOCK_MONOTONIC` (through [`Instant`]), counted from creation.
-#[derive(Debug, Clone, Copy)]
+/// The host's `CLOCK_MONOTONIC` (through [`Instant`]), counted from creation, or from the
+/// time [`HostClock::set_now`] last put it at (a restored VM continues its saved guest time).
+#[derive(Debug)]
 pub struct HostClock {
     start: Instant,
+    /// Added (wrapping) to the time since `start`: `set_now`'s target minus the elapsed time
+    /// then. As the elapsed time only grows, the sum never wraps below the target.
+    offset_ns: AtomicU64,
 }
 
 impl HostClock {
     pub fn new() -> Self {
         HostClock {
             start: Instant::now(),
+            offset_ns: AtomicU64::new(0),
         }
+    }
+
+    fn elapsed_ns(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Makes the time now `ns`; it runs on from there with the host's clock. Meant for a
+    /// restore, before anyone reads the clock again (it may move backwards).
+    pub fn set_now(&self, ns: u64) {
+        self.offset_ns
+            .store(ns.wrapping_sub(self.elapsed_ns()), Ordering::Release);
     }
 }
 
@@ -64,7 +80,8 @@ impl Default for HostClock {
 
 impl TimeSource for HostClock {
     fn now_ns(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        self.elapsed_ns()
+            .wrapping_add(self.offset_ns.load(Ordering::Acquire))
     }
 }
 
@@ -84,6 +101,11 @@ impl ManualClock {
     /// Sets the time. The caller keeps it monotonic; a smaller value is ignored.
     pub fn set(&self, ns: u64) {
         self.ns.fetch_max(ns, Ordering::AcqRel);
+    }
+
+    /// Puts the time at `ns`, also backwards (a restore, before the clock is read again).
+    pub fn reset(&self, ns: u64) {
+        self.ns.store(ns, Ordering::Release);
     }
 
     /// Moves the time forward by `delta_ns` (saturating) and returns the new time.
@@ -134,6 +156,26 @@ mod tests {
         assert_eq!(c.advance(7), 17);
         c.set(u64::MAX);
         assert_eq!(c.advance(1), u64::MAX);
+    }
+
+    #[test]
+    fn host_clock_continues_from_a_set_time() {
+        let c = HostClock::new();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        c.set_now(1_000);
+        let t = c.now_ns();
+        assert!((1_000..1_000 + 1_000_000_000).contains(&t), "{t}");
+        c.set_now(5_000_000_000_000);
+        let t = c.now_ns();
+        assert!((5_000_000_000_000..5_001_000_000_000).contains(&t), "{t}");
+        assert!(c.now_ns() >= t);
+    }
+
+    #[test]
+    fn manual_clock_resets_to_any_time() {
+        let c = ManualClock::new(10);
+        c.reset(3);
+        assert_eq!(c.now_ns(), 3);
     }
 
     #[test]

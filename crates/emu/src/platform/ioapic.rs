@@ -48,7 +48,7 @@ const RTE_LOW_WRITABLE: u64 = 0x1_afff;
 const RTE_HIGH_WRITABLE: u64 = 0xff00_0000_0000_0000;
 
 /// The I/O APIC's state, for snapshots.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IoApicState {
     /// ID register (ID in bits 27:24).
     pub id: u32,

@@ -182,7 +182,7 @@ pub enum TimerMode {
 }
 
 /// Everything a LAPIC holds, for snapshots. Times are on the `now_ns` time line.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LocalApicState {
     /// The APIC ID the platform assigned (the vCPU index); x2APIC ID, and xAPIC ID at reset.
     pub initial_id: u32,

@@ -10,7 +10,7 @@
 //! to add it.
 
 /// One 8259A's registers, for snapshots.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PicChipState {
     /// Interrupt mask register (OCW1).
     pub imr: u8,
@@ -33,7 +33,7 @@ pub struct PicChipState {
 }
 
 /// Both PICs and the ELCR, for snapshots.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PicState {
     /// Master (index 0) and slave (index 1).
     pub chips: [PicChipState; 2],

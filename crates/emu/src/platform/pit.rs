@@ -45,7 +45,7 @@ pub const ACCESS_HIBYTE: u8 = 2;
 pub const ACCESS_LOHI: u8 = 3;
 
 /// One channel, for snapshots (and the live representation).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PitChannelState {
     /// Counting mode 0–5.
     pub mode: u8,
@@ -97,7 +97,7 @@ impl Default for PitChannelState {
 }
 
 /// The PIT's state, for snapshots.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PitState {
     pub channels: [PitChannelState; 3],
     /// Port 0x61 bits 0–3 as last written.

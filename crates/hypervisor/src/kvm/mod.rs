@@ -4,6 +4,8 @@
 //! through irqfds.
 
 mod convert;
+mod snapshot;
+pub mod state;
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
@@ -13,17 +15,17 @@ use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_mp_state, kvm_pit_config, kvm_run, kvm_userspace_memory_region,
-    CpuId, KvmIrqRouting, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
-    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
-    KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    CpuId, KvmIrqRouting, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_IRQ_ROUTING_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MP_STATE_RUNNABLE, KVM_MP_STATE_UNINITIALIZED, KVM_PIT_SPEAKER_DUMMY,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{Cap, IoEventAddress, Kvm, NoDatamatch, VcpuExit as KvmExit, VcpuFd, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{
     BackendKind, CpuidEntry, Fpu, Hypervisor, HypervisorError, IrqLine, MemoryRegion, MsiMessage,
-    MsiVector, MsrEntry, Regs, Result, Sregs, SystemEvent, Vcpu, VcpuExit, Vm,
+    MsiVector, MsrEntry, Regs, Result, SavedState, Sregs, SystemEvent, Vcpu, VcpuExit, Vm,
 };
 
 /// Where KVM keeps the (unused by Linux, but required on Intel) TSS and identity-map pages:
@@ -114,20 +116,37 @@ impl Hypervisor for KvmHypervisor {
         };
         fd.create_pit2(pit)
             .map_err(|e| HypervisorError::VmSetup("PIT", os_error(e)))?;
+        let msr_list = snapshot::saved_msr_list(&self.kvm)
+            .map_err(|e| HypervisorError::VmSetup("MSR list", e))?;
         Ok(Arc::new(KvmVm {
             fd: Arc::new(fd),
             routes: Arc::new(Mutex::new(MsiRoutes {
                 next_gsi: FIRST_MSI_GSI,
                 msi: BTreeMap::new(),
             })),
+            memory: Mutex::new(MemorySlots::default()),
+            msr_list,
         }))
     }
 }
 
 /// A KVM virtual machine.
+///
+/// Locks: `routes` and `memory` are never held together.
 pub struct KvmVm {
     fd: Arc<VmFd>,
     routes: Arc<Mutex<MsiRoutes>>,
+    /// The mapped RAM regions, to set them again with or without dirty logging.
+    memory: Mutex<MemorySlots>,
+    /// The MSRs a vCPU snapshot tries to read (KVM's MSR index and feature lists).
+    msr_list: Arc<[u32]>,
+}
+
+/// The VM's memory slots as mapped, and whether KVM logs writes to them.
+#[derive(Default)]
+struct MemorySlots {
+    regions: BTreeMap<u32, MemoryRegion>,
+    dirty_log: bool,
 }
 
 /// GSIs 0–23 are the I/O APIC's pins (0–15 also the PICs'); MSI vectors get GSIs above.
@@ -224,19 +243,20 @@ impl IrqLine for KvmIrqLine {
 
 impl Vm for KvmVm {
     unsafe fn map_memory(&self, region: MemoryRegion) -> Result<()> {
-        let mem = kvm_userspace_memory_region {
-            slot: region.slot,
-            flags: 0,
-            guest_phys_addr: region.guest_addr.0,
-            memory_size: region.len_bytes,
-            userspace_addr: region.host_addr,
-        };
-        // SAFETY: the caller guarantees the host range is a valid mapping that outlives the VM,
-        // which is what KVM needs to let the guest access it.
-        unsafe { self.fd.set_user_memory_region(mem) }.map_err(|e| HypervisorError::MapMemory {
-            addr: region.guest_addr.0,
-            source: os_error(e),
-        })
+        let mut memory = self.memory.lock().expect("memory slots lock poisoned");
+        // SAFETY: the caller guarantees the host range is a valid mapping that outlives the VM.
+        unsafe { set_region(&self.fd, &region, memory.dirty_log) }.map_err(|source| {
+            HypervisorError::MapMemory {
+                addr: region.guest_addr.0,
+                source,
+            }
+        })?;
+        if region.len_bytes == 0 {
+            memory.regions.remove(&region.slot);
+        } else {
+            memory.regions.insert(region.slot, region);
+        }
+        Ok(())
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>> {
@@ -284,8 +304,92 @@ impl Vm for KvmVm {
             .create_vcpu(u64::from(id))
             .map_err(|e| HypervisorError::CreateVcpu(id, os_error(e)))?;
         let run = fd.get_kvm_run() as *mut kvm_run;
-        Ok(Box::new(KvmVcpu { fd, run }))
+        Ok(Box::new(KvmVcpu {
+            fd,
+            run,
+            vm: self.fd.clone(),
+            msr_list: self.msr_list.clone(),
+        }))
     }
+
+    fn save_state(&self) -> Result<SavedState> {
+        snapshot::save_vm(&self.fd)
+    }
+
+    fn restore_state(&self, state: &SavedState, advance_clock_ns: u64) -> Result<()> {
+        snapshot::restore_vm(&self.fd, state, advance_clock_ns)
+    }
+
+    fn start_dirty_log(&self) -> Result<()> {
+        self.set_dirty_log(true)
+    }
+
+    fn take_dirty_log(&self) -> Result<Vec<Vec<u64>>> {
+        let memory = self.memory.lock().expect("memory slots lock poisoned");
+        if !memory.dirty_log {
+            return Err(HypervisorError::SaveState(
+                "dirty page log",
+                io::Error::new(io::ErrorKind::InvalidInput, "dirty page logging is off"),
+            ));
+        }
+        memory
+            .regions
+            .values()
+            .map(|r| {
+                let len = usize::try_from(r.len_bytes).expect("a mapped region fits in memory");
+                self.fd
+                    .get_dirty_log(r.slot, len)
+                    .map_err(|e| HypervisorError::SaveState("dirty page log", os_error(e)))
+            })
+            .collect()
+    }
+
+    fn stop_dirty_log(&self) -> Result<()> {
+        self.set_dirty_log(false)
+    }
+}
+
+impl KvmVm {
+    /// Sets every mapped region again with dirty logging on or off. On failure the regions set
+    /// so far are put back as they were.
+    fn set_dirty_log(&self, on: bool) -> Result<()> {
+        let mut memory = self.memory.lock().expect("memory slots lock poisoned");
+        let regions: Vec<MemoryRegion> = memory.regions.values().copied().collect();
+        for (i, region) in regions.iter().enumerate() {
+            // SAFETY: each region was mapped through `map_memory`, whose caller guaranteed a
+            // valid host mapping that outlives the VM; only the flags change.
+            if let Err(e) = unsafe { set_region(&self.fd, region, on) } {
+                for done in &regions[..i] {
+                    // SAFETY: as above. Best effort: the first error is what gets reported.
+                    let _ = unsafe { set_region(&self.fd, done, memory.dirty_log) };
+                }
+                return Err(HypervisorError::VmSetup("dirty page log", e));
+            }
+        }
+        memory.dirty_log = on;
+        Ok(())
+    }
+}
+
+/// Sets (or with a zero length removes) one KVM memory slot.
+///
+/// # Safety
+/// `region.host_addr .. + len_bytes` must be a valid, writable host mapping that outlives the VM.
+unsafe fn set_region(fd: &VmFd, region: &MemoryRegion, dirty_log: bool) -> io::Result<()> {
+    let mem = kvm_userspace_memory_region {
+        slot: region.slot,
+        flags: if dirty_log {
+            KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
+        guest_phys_addr: region.guest_addr.0,
+        memory_size: region.len_bytes,
+        userspace_addr: region.host_addr,
+    };
+    // SAFETY: the caller guarantees the host range is a valid mapping that outlives the VM,
+    // which is what KVM needs to let the guest access it.
+    unsafe { fd.set_user_memory_region(mem) }.map_err(os_error)
 }
 
 thread_local! {
@@ -312,6 +416,10 @@ pub struct KvmVcpu {
     fd: VcpuFd,
     /// `fd`'s kvm_run mapping; valid as long as `fd` lives.
     run: *mut kvm_run,
+    /// The VM, for capability checks.
+    vm: Arc<VmFd>,
+    /// The MSRs [`save_state`](Vcpu::save_state) tries to read.
+    msr_list: Arc<[u32]>,
 }
 
 // SAFETY: `run` points into the vCPU's own mmap, which moves with `fd` between threads; it is
@@ -440,21 +548,7 @@ impl Vcpu for KvmVcpu {
                 ..Default::default()
             })
             .collect();
-        let kvm_msrs = Msrs::from_entries(&entries).map_err(|_| {
-            HypervisorError::VcpuState("set MSRs", io::Error::from_raw_os_error(libc::E2BIG))
-        })?;
-        let set = self
-            .fd
-            .set_msrs(&kvm_msrs)
-            .map_err(Self::state_err("set MSRs"))?;
-        if set != msrs.len() {
-            return Err(HypervisorError::SetMsrs {
-                set,
-                total: msrs.len(),
-                rejected: msrs[set].index,
-            });
-        }
-        Ok(())
+        snapshot::set_msr_entries(&self.fd, &entries)
     }
 
     fn setup_lapic_lints(&mut self) -> Result<()> {
@@ -490,5 +584,13 @@ impl Vcpu for KvmVcpu {
         self.fd
             .set_mp_state(mp_state)
             .map_err(Self::state_err("set MP state"))
+    }
+
+    fn save_state(&self) -> Result<SavedState> {
+        snapshot::save_vcpu(self)
+    }
+
+    fn restore_state(&mut self, state: &SavedState) -> Result<()> {
+        snapshot::restore_vcpu(self, state)
     }
 }

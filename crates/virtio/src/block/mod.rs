@@ -17,7 +17,11 @@ use std::sync::Arc;
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
-use crate::{device_type, features, ActivateError, Activation, ActiveQueue, VirtioDevice};
+use crate::state::{decode, encode, same};
+use crate::{
+    device_type, features, ActivateError, Activation, ActiveQueue, QueuePosition, StateError,
+    VirtioDevice,
+};
 pub use disk::{Disk, DiskError};
 use request::{Request, RequestType, SECTOR_SIZE};
 
@@ -37,6 +41,18 @@ pub struct BlockCounters {
     pub invalid: AtomicU64,
     /// Requests that failed: out of range, a write to a read-only disk, host I/O errors.
     pub failed: AtomicU64,
+}
+
+/// A disk's state for a snapshot: only what the guest has already seen of the
+/// configuration, which the disk it is restored into must match (requests are served one at
+/// a time on the event loop, so none is in flight at a snapshot).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BlockState {
+    capacity_sectors: u64,
+    read_only: bool,
+    /// What GET_ID returns, zero-padded.
+    serial: Vec<u8>,
 }
 
 pub struct Block {
@@ -261,5 +277,39 @@ impl VirtioDevice for Block {
     fn pci_class(&self) -> (u8, u8, u8) {
         // Mass storage controller, "other".
         (0x01, 0x80, 0x00)
+    }
+
+    fn queue_positions(&self) -> Vec<Option<QueuePosition>> {
+        vec![self.active.as_ref().map(ActiveQueue::position)]
+    }
+
+    fn save_state(&self) -> Result<serde_json::Value, StateError> {
+        encode(
+            "virtio-blk",
+            &BlockState {
+                capacity_sectors: self.disk.sectors(),
+                read_only: self.disk.read_only(),
+                serial: self.id.to_vec(),
+            },
+        )
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+        let s: BlockState = decode("virtio-blk", state)?;
+        same(
+            "disk capacity in sectors",
+            s.capacity_sectors,
+            self.disk.sectors(),
+        )?;
+        same("read-only setting", s.read_only, self.disk.read_only())?;
+        if s.serial != self.id {
+            let serial = |b: &[u8]| String::from_utf8_lossy(b).trim_end_matches('\0').to_owned();
+            return Err(StateError::Mismatch {
+                what: "disk serial",
+                saved: format!("{:?}", serial(&s.serial)),
+                here: format!("{:?}", serial(&self.id)),
+            });
+        }
+        Ok(())
     }
 }

@@ -21,8 +21,10 @@ use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::Permissions;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
+use crate::state::{decode, encode};
 use crate::{
-    device_type, features, guest_iovecs, ActivateError, Activation, ActiveQueue, VirtioDevice,
+    device_type, features, guest_iovecs, ActivateError, Activation, ActiveQueue, QueuePosition,
+    StateError, VirtioDevice,
 };
 pub use seqpacket::SeqPacket;
 pub use tap::{Tap, TapError};
@@ -92,6 +94,15 @@ pub struct NetCounters {
     /// Receive buffers returned unused because the guest made them unusable (shorter than the
     /// header, outside guest memory, or in more pieces than one read takes).
     pub rx_dropped: AtomicU64,
+}
+
+/// An interface's state for a snapshot. The negotiated features (with them the tap's
+/// offloads and mergeable buffers) are the transport's and come back at activation; frames
+/// in the tap stay with the old process.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetState {
+    mac: [u8; 6],
 }
 
 pub struct Net {
@@ -407,4 +418,41 @@ impl VirtioDevice for Net {
         // Network controller, Ethernet.
         (0x02, 0x00, 0x00)
     }
+
+    fn queue_positions(&self) -> Vec<Option<QueuePosition>> {
+        match &self.queues {
+            Some(qs) => qs.iter().map(|q| Some(q.position())).collect(),
+            None => vec![None, None],
+        }
+    }
+
+    fn save_state(&self) -> Result<serde_json::Value, StateError> {
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&self.config[..6]);
+        encode("virtio-net", &NetState { mac })
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+        let s: NetState = decode("virtio-net", state)?;
+        // A clone may get another address. The configuration space shows it, but a driver
+        // reads the address once, when it probes: the guest keeps sending from the old one
+        // until it is told otherwise (`ip link set address`, or a reboot).
+        if s.mac != self.config[..6] {
+            tracing::warn!(
+                "virtio-net {}: restored with MAC {} instead of {}; the guest keeps using the \
+                 old address until it changes it",
+                self.tap.name(),
+                mac_text(&self.config[..6]),
+                mac_text(&s.mac)
+            );
+        }
+        Ok(())
+    }
+}
+
+fn mac_text(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }

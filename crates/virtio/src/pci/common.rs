@@ -48,17 +48,17 @@ pub enum StatusChange {
 /// The common configuration registers.
 #[derive(Clone, Debug)]
 pub struct CommonConfig {
-    device_features: u64,
-    device_feature_select: u32,
-    driver_feature_select: u32,
+    pub device_features: u64,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
     pub driver_features: u64,
     pub config_msix_vector: u16,
     pub status: u8,
     pub config_generation: u8,
-    queue_select: u16,
+    pub queue_select: u16,
     pub queues: Vec<QueueSetup>,
     /// Number of MSI-X table entries; vectors at or above it read back as [`NO_VECTOR`].
-    msix_entries: u16,
+    pub msix_entries: u16,
 }
 
 /// Field layout: (offset, width in bytes).

@@ -7,6 +7,12 @@
 //! never reaches this code; the VMM's event loop waits on the `EventFd`s
 //! ([`VirtioPci::queue_events`]). A write that does arrive here (no registration) signals the
 //! same `EventFd`. Interrupts: MSI-X only (no INTx pin), through [`hypervisor::MsiVector`]s.
+//!
+//! Snapshots ([`VirtioPci::save_state`], [`VirtioPci::restore_state`],
+//! [`VirtioPci::resume_after_restore`]): the configuration space, BAR placement included, is
+//! saved and restored with the PCI root bus ([`devices::pci::PciRoot::save_state`]), which
+//! also maps the BAR again and so registers the queue notifications; everything else the
+//! driver programmed is here.
 
 mod common;
 mod msix;
@@ -19,9 +25,13 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{features, status, Activation, VirtioDevice, VirtioInterrupt};
-use common::{CommonConfig, StatusChange, COMMON_CFG_LEN, NO_VECTOR};
+use crate::state::{device_name, same};
+use crate::{
+    features, status, Activation, QueuePosition, StateError, VirtioDevice, VirtioInterrupt,
+};
+use common::{CommonConfig, QueueSetup, StatusChange, COMMON_CFG_LEN, NO_VECTOR};
 use msix::Msix;
+pub use msix::MsixState;
 
 /// Red Hat's (Qumranet's) vendor ID, which virtio devices use; modern device IDs are
 /// 0x1040 + the virtio device type.
@@ -81,6 +91,56 @@ pub enum TransportError {
     Msi(#[source] hypervisor::HypervisorError),
     #[error("cannot create a queue event")]
     Event(#[source] std::io::Error),
+}
+
+/// One queue of a [`VirtioPciState`]: what the driver programmed, and where the device is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueState {
+    /// The device's limit (checked on restore, not restored).
+    pub max_size: u16,
+    pub size: u16,
+    /// The driver enabled the queue (`queue_enable`).
+    pub ready: bool,
+    pub msix_vector: u16,
+    pub desc_table_addr: u64,
+    pub avail_ring_addr: u64,
+    pub used_ring_addr: u64,
+    /// Where the device is in the rings; 0 for a queue the device does not serve (it never
+    /// moved) and for every queue of a device that is not running.
+    pub next_avail: u16,
+    pub next_used: u16,
+}
+
+/// A virtio-pci function as saved for a snapshot, except for its configuration space (saved
+/// with the PCI root bus).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VirtioPciState {
+    /// One of [`crate::device_type`].
+    pub device_type: u32,
+    /// What the device offered (for messages; a restore checks the negotiated features
+    /// against what the new device offers).
+    pub device_features: u64,
+    pub device_feature_select: u32,
+    pub driver_feature_select: u32,
+    pub driver_features: u64,
+    /// Device status; with `DRIVER_OK` (and not `DEVICE_NEEDS_RESET`) the device was running.
+    pub status: u8,
+    pub config_generation: u8,
+    pub config_msix_vector: u16,
+    pub queue_select: u16,
+    pub queues: Vec<QueueState>,
+    pub msix: MsixState,
+    /// The interrupt status byte (bit 0: used buffers, bit 1: configuration change).
+    pub isr: u8,
+    /// The device's own state ([`VirtioDevice::save_state`]).
+    pub device: serde_json::Value,
+}
+
+impl VirtioPciState {
+    /// Whether the device was running.
+    fn running(&self) -> bool {
+        self.status & status::DRIVER_OK != 0 && self.status & status::DEVICE_NEEDS_RESET == 0
+    }
 }
 
 /// How the transport raises the device's interrupts.
@@ -284,31 +344,47 @@ impl VirtioPci {
             .store(self.common.config_msix_vector, Ordering::Release);
     }
 
-    /// `DRIVER_OK`: builds the queues the driver described and starts the device; on failure
-    /// the device asks the driver for a reset.
+    fn lock_device(&self) -> std::sync::MutexGuard<'_, dyn VirtioDevice + 'static> {
+        self.device.lock().expect("virtio device lock poisoned")
+    }
+
+    /// Whether the driver started the device and it runs.
+    fn running(&self) -> bool {
+        let s = self.common.status;
+        s & status::DRIVER_OK != 0 && s & status::DEVICE_NEEDS_RESET == 0
+    }
+
+    /// `DRIVER_OK`: starts the device; on failure the device asks the driver for a reset.
     fn activate(&mut self) {
+        if let Err(why) = self.start(None) {
+            return self.fail(&why);
+        }
+        // Buffers the driver made available before DRIVER_OK are served now.
+        self.notify_queues();
+    }
+
+    /// Builds the queues the driver described, at `positions` if given (a restore; else at
+    /// the rings' start), and hands them to the device.
+    fn start(&mut self, positions: Option<&[QueuePosition]>) -> Result<(), String> {
         let event_idx = self.common.driver_features & features::RING_EVENT_IDX != 0;
         let mut queues = Vec::with_capacity(self.common.queues.len());
         for (i, s) in self.common.queues.iter().enumerate() {
-            let mut q = match Queue::new(s.max_size) {
-                Ok(q) => q,
-                Err(e) => return self.fail(&format!("queue {i}: {e:?}")),
-            };
+            let mut q = Queue::new(s.max_size).map_err(|e| format!("queue {i}: {e:?}"))?;
             if s.enabled {
-                if let Err(e) = q.try_set_size(s.size) {
-                    return self.fail(&format!("queue {i} size {}: {e:?}", s.size));
-                }
-                let set = q
-                    .try_set_desc_table_address(GuestAddress(s.desc))
+                q.try_set_size(s.size)
+                    .map_err(|e| format!("queue {i} size {}: {e:?}", s.size))?;
+                q.try_set_desc_table_address(GuestAddress(s.desc))
                     .and_then(|()| q.try_set_avail_ring_address(GuestAddress(s.driver)))
-                    .and_then(|()| q.try_set_used_ring_address(GuestAddress(s.device)));
-                if let Err(e) = set {
-                    return self.fail(&format!("queue {i} addresses: {e:?}"));
-                }
+                    .and_then(|()| q.try_set_used_ring_address(GuestAddress(s.device)))
+                    .map_err(|e| format!("queue {i} addresses: {e:?}"))?;
                 q.set_event_idx(event_idx);
+                if let Some(p) = positions.and_then(|p| p.get(i)) {
+                    q.set_next_avail(p.next_avail);
+                    q.set_next_used(p.next_used);
+                }
                 q.set_ready(true);
                 if !q.is_valid(&self.mem) {
-                    return self.fail(&format!("queue {i} does not fit in guest memory"));
+                    return Err(format!("queue {i} does not fit in guest memory"));
                 }
             }
             queues.push(q);
@@ -320,27 +396,219 @@ impl VirtioPci {
             features: self.common.driver_features,
             interrupt: self.interrupt.clone(),
         };
-        let result = self
-            .device
-            .lock()
-            .expect("virtio device lock poisoned")
-            .activate(activation);
-        match result {
-            Ok(()) => {
-                // Buffers the driver made available before DRIVER_OK are served now.
-                for (q, evt) in self.queue_events.iter().enumerate() {
-                    if self.inline {
-                        self.device
-                            .lock()
-                            .expect("virtio device lock poisoned")
-                            .process_queue(q);
-                    } else {
-                        let _ = evt.write(1);
-                    }
-                }
+        self.lock_device()
+            .activate(activation)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Has the device look at every queue: through the queue events (served by the event
+    /// loop), or at once with inline notifications.
+    fn notify_queues(&mut self) {
+        for (q, evt) in self.queue_events.iter().enumerate() {
+            if self.inline {
+                self.lock_device().process_queue(q);
+            } else {
+                let _ = evt.write(1);
             }
-            Err(e) => self.fail(&e.to_string()),
         }
+    }
+
+    /// The function's state for a snapshot, taken while no vCPU runs and the event loop is
+    /// parked (between two of its calls into the device). The configuration space is not in
+    /// it: save it with the PCI root bus ([`devices::pci::PciRoot::save_state`]).
+    pub fn save_state(&self) -> Result<VirtioPciState, StateError> {
+        let running = self.running();
+        let (device_type, positions, device) = {
+            let d = self.lock_device();
+            let positions = if running {
+                d.queue_positions()
+            } else {
+                Vec::new()
+            };
+            (d.device_type(), positions, d.save_state()?)
+        };
+        if running && positions.len() != self.common.queues.len() {
+            return Err(StateError::Invalid(format!(
+                "the {} device reports positions for {} of its {} queues",
+                device_name(device_type),
+                positions.len(),
+                self.common.queues.len()
+            )));
+        }
+        let c = &self.common;
+        let queues = c
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| {
+                let p = positions.get(i).copied().flatten().unwrap_or_default();
+                QueueState {
+                    max_size: q.max_size,
+                    size: q.size,
+                    ready: q.enabled,
+                    msix_vector: q.msix_vector,
+                    desc_table_addr: q.desc,
+                    avail_ring_addr: q.driver,
+                    used_ring_addr: q.device,
+                    next_avail: p.next_avail,
+                    next_used: p.next_used,
+                }
+            })
+            .collect();
+        Ok(VirtioPciState {
+            device_type,
+            device_features: c.device_features,
+            device_feature_select: c.device_feature_select,
+            driver_feature_select: c.driver_feature_select,
+            driver_features: c.driver_features,
+            status: c.status,
+            config_generation: c.config_generation,
+            config_msix_vector: c.config_msix_vector,
+            queue_select: c.queue_select,
+            queues,
+            msix: self.interrupt.msix().save(),
+            isr: self.interrupt.isr.load(Ordering::Acquire),
+            device,
+        })
+    }
+
+    /// Puts back what [`save_state`](Self::save_state) returned, on a function just built
+    /// (by [`new`](Self::new), the driver has not touched it) around a device made from a
+    /// compatible configuration, before any vCPU runs and with guest memory already restored.
+    ///
+    /// Checks first, changing nothing on failure: the device type, the queues and MSI-X table
+    /// sizes, that the new device offers every feature the driver took, then the device's own
+    /// state ([`VirtioDevice::restore_state`]). Then restores the registers, the MSI-X table
+    /// (programming each vector's message), pending bits and ISR, and if the driver had
+    /// started the device, activates it with its queues at the saved positions. Raises no
+    /// interrupt and serves no queue: call [`resume_after_restore`](Self::resume_after_restore)
+    /// for that once the vCPUs' and interrupt controllers' state is back.
+    pub fn restore_state(&mut self, s: &VirtioPciState) -> Result<(), StateError> {
+        self.check_state(s)?;
+        self.lock_device().restore_state(&s.device)?;
+
+        let c = &mut self.common;
+        c.device_feature_select = s.device_feature_select;
+        c.driver_feature_select = s.driver_feature_select;
+        c.driver_features = s.driver_features;
+        c.status = s.status;
+        c.config_generation = s.config_generation;
+        c.config_msix_vector = s.config_msix_vector;
+        c.queue_select = s.queue_select;
+        for (q, saved) in c.queues.iter_mut().zip(&s.queues) {
+            *q = QueueSetup {
+                max_size: q.max_size,
+                size: saved.size,
+                msix_vector: saved.msix_vector,
+                enabled: saved.ready,
+                desc: saved.desc_table_addr,
+                driver: saved.avail_ring_addr,
+                device: saved.used_ring_addr,
+            };
+        }
+        self.interrupt.msix().restore(&s.msix);
+        self.interrupt.isr.store(s.isr, Ordering::Release);
+        self.sync_vectors();
+        if s.running() {
+            let positions: Vec<QueuePosition> = s
+                .queues
+                .iter()
+                .map(|q| QueuePosition {
+                    next_avail: q.next_avail,
+                    next_used: q.next_used,
+                })
+                .collect();
+            if let Err(why) = self.start(Some(&positions)) {
+                self.common.status |= status::DEVICE_NEEDS_RESET;
+                return Err(StateError::Start(why));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `s` can be restored into this function.
+    fn check_state(&self, s: &VirtioPciState) -> Result<(), StateError> {
+        let c = &self.common;
+        let here = self.lock_device().device_type();
+        if s.device_type != here {
+            return Err(StateError::DeviceType {
+                saved: device_name(s.device_type),
+                here: device_name(here),
+            });
+        }
+        if c.status != 0 {
+            return Err(StateError::InUse);
+        }
+        same("number of queues", s.queues.len(), c.queues.len())?;
+        for (saved, q) in s.queues.iter().zip(&c.queues) {
+            same("queue size limit", saved.max_size, q.max_size)?;
+        }
+        self.interrupt
+            .msix()
+            .check(&s.msix)
+            .map_err(StateError::Invalid)?;
+        let vector_ok = |v: u16| v == NO_VECTOR || v < c.msix_entries;
+        if let Some(v) = std::iter::once(s.config_msix_vector)
+            .chain(s.queues.iter().map(|q| q.msix_vector))
+            .find(|&v| !vector_ok(v))
+        {
+            return Err(StateError::Invalid(format!(
+                "MSI-X vector {v} is beyond the table"
+            )));
+        }
+        if s.status & status::FEATURES_OK != 0 {
+            if s.driver_features & features::VERSION_1 == 0 {
+                return Err(StateError::Invalid(
+                    "features accepted without VERSION_1".into(),
+                ));
+            }
+            let missing = s.driver_features & !c.device_features;
+            if missing != 0 {
+                return Err(StateError::Mismatch {
+                    what: "driver's features",
+                    saved: format!("{:#x}", s.driver_features),
+                    here: format!("{:#x} offered (lacks {missing:#x})", c.device_features),
+                });
+            }
+        } else if s.status & status::DRIVER_OK != 0 {
+            return Err(StateError::Invalid("DRIVER_OK without FEATURES_OK".into()));
+        }
+        Ok(())
+    }
+
+    /// After [`restore_state`](Self::restore_state), once the vCPUs' and the interrupt
+    /// controllers' state is restored and before any vCPU runs: has a running device look at
+    /// every queue once (the notifications pending at the snapshot stayed behind in the old
+    /// process's queue events), through the queue events (served when the event loop starts)
+    /// or at once with inline notifications; and re-raises the interrupts that were pending
+    /// (ISR bits: every enabled queue's vector, the configuration vector; MSI-X pending bits
+    /// of vectors no longer masked), so a guest that had not seen them yet does not wait
+    /// forever. A spurious interrupt is harmless to a virtio driver; a lost one is not.
+    pub fn resume_after_restore(&mut self) {
+        let isr = self.interrupt.isr.load(Ordering::Acquire);
+        if self.running() {
+            self.notify_queues();
+        }
+        let mut vectors: Vec<u16> = Vec::new();
+        if isr & 1 != 0 {
+            vectors.extend(
+                self.common
+                    .queues
+                    .iter()
+                    .filter(|q| q.enabled)
+                    .map(|q| q.msix_vector),
+            );
+        }
+        if isr & 2 != 0 {
+            vectors.push(self.common.config_msix_vector);
+        }
+        vectors.sort_unstable();
+        vectors.dedup();
+        let mut msix = self.interrupt.msix();
+        for v in vectors.into_iter().filter(|&v| v != NO_VECTOR) {
+            msix.trigger(v);
+        }
+        msix.send_pending();
     }
 
     #[cold]

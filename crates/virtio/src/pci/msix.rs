@@ -15,6 +15,18 @@ const ENTRY_MASKED: u32 = 1;
 pub const CONTROL_ENABLE: u16 = 1 << 15;
 pub const CONTROL_FUNCTION_MASK: u16 = 1 << 14;
 
+/// The MSI-X state as saved for a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    /// The enable and function-mask bits of the message control word.
+    pub enabled: bool,
+    pub function_masked: bool,
+    /// Each table entry as four dwords: address low, address high, data, vector control.
+    pub table: Vec<[u32; 4]>,
+    /// The pending bits.
+    pub pending: Vec<bool>,
+}
+
 pub struct Msix {
     /// Each entry as four dwords.
     table: Vec<[u32; 4]>,
@@ -39,6 +51,51 @@ impl Msix {
 
     pub fn len(&self) -> usize {
         self.table.len()
+    }
+
+    /// The state for a snapshot.
+    pub fn save(&self) -> MsixState {
+        MsixState {
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+            table: self.table.clone(),
+            pending: self.pending.clone(),
+        }
+    }
+
+    /// Whether `state` fits this table (same number of entries).
+    pub fn check(&self, state: &MsixState) -> Result<(), String> {
+        let n = self.table.len();
+        if state.table.len() != n || state.pending.len() != n {
+            return Err(format!(
+                "{} MSI-X table entries and {} pending bits saved for a table of {n}",
+                state.table.len(),
+                state.pending.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Puts back a checked state and programs each vector with its entry's message, as the
+    /// guest's writes did. Entries the guest never wrote (address and data 0) are left
+    /// unprogrammed. Nothing is sent: see [`send_pending`](Self::send_pending).
+    pub fn restore(&mut self, state: &MsixState) {
+        self.enabled = state.enabled;
+        self.function_masked = state.function_masked;
+        self.table.clone_from(&state.table);
+        self.pending.clone_from(&state.pending);
+        for (e, &[lo, hi, data, _]) in self.table.iter().enumerate() {
+            if lo == 0 && hi == 0 && data == 0 {
+                continue;
+            }
+            let msg = MsiMessage {
+                addr: u64::from(lo) | (u64::from(hi) << 32),
+                data,
+            };
+            if let Err(err) = self.vectors[e].set_message(msg) {
+                tracing::warn!("virtio: cannot program MSI-X vector {e}: {err}");
+            }
+        }
     }
 
     /// The guest wrote the message control word.
@@ -68,7 +125,8 @@ impl Msix {
         }
     }
 
-    fn send_pending(&mut self) {
+    /// Sends the pending vectors that are no longer masked.
+    pub fn send_pending(&mut self) {
         if !self.enabled {
             return;
         }

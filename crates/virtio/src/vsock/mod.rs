@@ -7,12 +7,18 @@
 //! - Guest to host: a guest connection to CID 2 (the host), port P, is connected to the unix
 //!   socket `<uds>_P`; if nothing listens there the guest's connect fails.
 //!
-//! Queues: receive (0; device to driver), transmit (1), event (2; never used: the device
-//! has no events to report). Stream sockets only. Everything runs on the VMM's event loop:
+//! Queues: receive (0; device to driver), transmit (1), event (2; used once after a
+//! snapshot is restored, see below). Stream sockets only. Everything runs on the VMM's event loop:
 //! transmit-queue notifications, receive buffers the driver posts, and the host sockets
 //! (through [`Muxer`]'s epoll descriptor, the device's one back-end descriptor). The
 //! connection state machine and credit handling are described in [`muxer`] and
 //! [`connection`]; packet parsing, where all guest input is checked, in [`packet`].
+//!
+//! Snapshots: connections are host sockets of the process that saved them and cannot follow
+//! the guest into a new one. After a restore the device sends the driver a
+//! `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` on the event queue (as Firecracker does): the guest
+//! resets its connections and reads its CID again, which is the one the restored device was
+//! configured with (a clone's may differ). Listening sockets in the guest survive.
 
 pub mod connection;
 pub mod host;
@@ -26,9 +32,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestMemoryMmap};
 
-use crate::{device_type, features, ActivateError, Activation, VirtioDevice, VirtioInterrupt};
+use crate::state::{decode, encode};
+use crate::{
+    device_type, features, ActivateError, Activation, QueuePosition, StateError, VirtioDevice,
+    VirtioInterrupt,
+};
 use muxer::Muxer;
 use packet::RxBuffer;
 
@@ -37,6 +47,11 @@ const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
 const EVENT: usize = 2;
+/// `virtio_vsock_event.id`: the transport was reset; drop every connection, read the CID
+/// again (virtio 1.2, 5.10.6.7).
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
+/// Length of a `virtio_vsock_event`.
+const EVENT_LEN: u32 = 4;
 /// Smallest CID a guest can have (0-2 are reserved: hypervisor, local, host).
 pub const MIN_GUEST_CID: u64 = 3;
 /// Largest: Linux keeps CIDs in 32 bits and `u32::MAX` means "any".
@@ -104,7 +119,16 @@ struct Queues {
     mem: GuestMemoryMmap,
     rx: Queue,
     tx: Queue,
+    event: Queue,
     interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// The device's state for a snapshot: nothing to restore (connections cannot be), the CID
+/// for the record.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VsockState {
+    guest_cid: u64,
 }
 
 pub struct Vsock {
@@ -113,6 +137,8 @@ pub struct Vsock {
     queues: Option<Queues>,
     /// The transmit queue waits for receive buffers (too many answers are queued).
     tx_stalled: bool,
+    /// Restored from a snapshot: the driver is owed a transport reset event.
+    reset_pending: bool,
     counters: Arc<VsockCounters>,
 }
 
@@ -127,8 +153,51 @@ impl Vsock {
             muxer,
             queues: None,
             tx_stalled: false,
+            reset_pending: false,
             counters,
         })
+    }
+
+    /// The guest's CID (what the configuration space shows).
+    pub fn guest_cid(&self) -> u64 {
+        u64::from_le_bytes(self.config)
+    }
+
+    /// Sends the owed transport reset event, if there is an event buffer for it (else the
+    /// driver's next event buffer gets it).
+    fn send_transport_reset(&mut self) {
+        let Some(q) = self.queues.as_mut().filter(|_| self.reset_pending) else {
+            return;
+        };
+        let mut used = false;
+        while self.reset_pending {
+            let Some(chain) = q.event.pop_descriptor_chain(&q.mem) else {
+                let _ = q.event.enable_notification(&q.mem);
+                break;
+            };
+            let head = chain.head_index();
+            let room = chain
+                .filter(|d| d.is_write_only())
+                .find(|d| d.len() >= EVENT_LEN);
+            let written = room.is_some_and(|d| {
+                q.mem
+                    .write_obj(EVENT_TRANSPORT_RESET.to_le(), d.addr())
+                    .is_ok()
+            });
+            let len = if written { EVENT_LEN } else { 0 };
+            if let Err(e) = q.event.add_used(&q.mem, head, len) {
+                tracing::warn!("vsock: cannot return descriptor chain {head}: {e:?}");
+            }
+            used = true;
+            if written {
+                self.reset_pending = false;
+            } else {
+                self.counters.bad_rx_buffers.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if used && q.event.needs_notification(&q.mem).unwrap_or(true) {
+            q.interrupt.notify_queue(EVENT as u16);
+        }
     }
 
     pub fn counters(&self) -> Arc<VsockCounters> {
@@ -278,7 +347,8 @@ impl VirtioDevice for Vsock {
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         let got = a.queues.len();
         let mut queues = a.queues.into_iter();
-        let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
+        let (Some(rx), Some(tx), Some(event)) = (queues.next(), queues.next(), queues.next())
+        else {
             return Err(ActivateError::QueueCount { want: 3, got });
         };
         if got != 3 || !rx.ready() || !tx.ready() {
@@ -288,6 +358,7 @@ impl VirtioDevice for Vsock {
             mem: a.mem,
             rx,
             tx,
+            event,
             interrupt: a.interrupt,
         });
         self.tx_stalled = false;
@@ -297,10 +368,13 @@ impl VirtioDevice for Vsock {
     fn reset(&mut self) {
         self.queues = None;
         self.tx_stalled = false;
+        self.reset_pending = false;
         self.muxer.reset();
     }
 
     fn process_queue(&mut self, index: usize) {
+        // After a restore the driver hears of the reset before anything else.
+        self.send_transport_reset();
         match index {
             RX => {
                 self.fill_rx();
@@ -309,7 +383,7 @@ impl VirtioDevice for Vsock {
                 }
             }
             TX => self.process_tx(),
-            // The driver posted event buffers; the device never has events for them.
+            // The driver posted event buffers: only a transport reset uses them (above).
             EVENT => {}
             _ => {}
         }
@@ -320,6 +394,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn process_backend(&mut self, _index: usize) {
+        self.send_transport_reset();
         self.muxer.host_events(self.queues.is_some());
         self.fill_rx();
     }
@@ -327,5 +402,37 @@ impl VirtioDevice for Vsock {
     fn pci_class(&self) -> (u8, u8, u8) {
         // Communication controller, "other".
         (0x07, 0x80, 0x00)
+    }
+
+    fn queue_positions(&self) -> Vec<Option<QueuePosition>> {
+        match &self.queues {
+            Some(q) => [&q.rx, &q.tx, &q.event]
+                .into_iter()
+                .map(|q| Some(QueuePosition::of(q)))
+                .collect(),
+            None => vec![None; 3],
+        }
+    }
+
+    fn save_state(&self) -> Result<serde_json::Value, StateError> {
+        encode(
+            "virtio-vsock",
+            &VsockState {
+                guest_cid: self.guest_cid(),
+            },
+        )
+    }
+
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), StateError> {
+        let s: VsockState = decode("virtio-vsock", state)?;
+        if s.guest_cid != self.guest_cid() {
+            tracing::info!(
+                "vsock: guest CID {} (was {}); the guest reads it at the transport reset",
+                self.guest_cid(),
+                s.guest_cid
+            );
+        }
+        self.reset_pending = true;
+        Ok(())
     }
 }

@@ -359,6 +359,7 @@ fn raw_byte_access_bypasses_the_rules_and_clips_at_the_end() {
 fn malformed_writes_are_ignored() {
     let mut c = config();
     c.add_bar(0, 0x1000, BarKind::Mem32).unwrap();
+    c.add_capability(0x11, &[0, 0, 0, 0, 0, 0]).unwrap();
     let before: Vec<u32> = (0..64).map(|r| c.read_reg(r)).collect();
     // Past the register, past the space, absurd offsets: nothing changes.
     c.write_reg(4, 1, &[0xff; 4]);
@@ -399,4 +400,80 @@ fn every_write_of_every_shape_is_safe() {
     // The IDs survived.
     assert_eq!(c.read_reg(0), 0x1041_1af4);
     assert_eq!(c.read_reg(2), 0x0200_0001);
+}
+
+/// A header with a 64-bit BAR and a capability, programmed by a guest.
+fn programmed() -> PciConfiguration {
+    let mut c = config();
+    c.add_bar(0, 0x1000, BarKind::Mem64 { prefetchable: true })
+        .unwrap();
+    c.add_capability(0x11, &[0, 0, 0, 0, 0, 0]).unwrap();
+    write32(&mut c, 4, 0xfebf_1000);
+    write32(&mut c, 5, 0x2);
+    write32(
+        &mut c,
+        1,
+        u32::from(COMMAND_MEMORY_SPACE | COMMAND_BUS_MASTER),
+    );
+    write32(&mut c, 15, 0x0b);
+    write32(&mut c, 0x40 / 4, 0x8001_0000 | 0x0011);
+    c
+}
+
+fn fresh() -> PciConfiguration {
+    let mut c = config();
+    c.add_bar(0, 0x1000, BarKind::Mem64 { prefetchable: true })
+        .unwrap();
+    c.add_capability(0x11, &[0, 0, 0, 0, 0, 0]).unwrap();
+    c
+}
+
+#[test]
+fn a_saved_header_restores_what_the_guest_programmed() {
+    let saved = programmed();
+    let state: PciConfigurationState =
+        serde_json::from_str(&serde_json::to_string(&saved.save_state()).unwrap()).unwrap();
+    let mut c = fresh();
+    c.restore_state(&state).unwrap();
+    for reg in 0..NUM_CONFIG_REGS {
+        assert_eq!(c.read_reg(reg), saved.read_reg(reg), "reg {reg}");
+    }
+    assert_eq!(c.bar_addr(0), Some(0x2_febf_1000));
+    assert!(c.memory_enabled() && c.bus_master());
+}
+
+#[test]
+fn a_header_of_another_function_or_layout_is_refused_unchanged() {
+    let state = programmed().save_state();
+    let mut other = PciConfiguration::new(PciIds {
+        device: 0x1042,
+        ..ids()
+    });
+    assert!(matches!(
+        other.restore_state(&state),
+        Err(PciStateError::Identity {
+            saved_device: 0x1041,
+            device: 0x1042,
+            ..
+        })
+    ));
+    // Same IDs, a 32-bit BAR instead: the BAR type bits differ.
+    let mut c = config();
+    c.add_bar(0, 0x1000, BarKind::Mem32).unwrap();
+    c.add_capability(0x11, &[0, 0, 0, 0, 0, 0]).unwrap();
+    let before = c.save_state();
+    let err = c.restore_state(&state).unwrap_err();
+    assert!(
+        matches!(err, PciStateError::ReadOnly { offset: 0x10, .. }),
+        "{err}"
+    );
+    assert_eq!(c.save_state(), before);
+
+    let short = PciConfigurationState {
+        bytes: vec![0; 100],
+    };
+    assert!(matches!(
+        fresh().restore_state(&short),
+        Err(PciStateError::ConfigLength(100))
+    ));
 }

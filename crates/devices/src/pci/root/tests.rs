@@ -477,3 +477,77 @@ fn hostile_guest_cannot_panic_the_root() {
     assert_eq!(m.read(0, 0), 0x0d57_8086);
     assert_eq!(m.read(1, 0), 0x1041_1af4);
 }
+
+/// A machine with the test device in slot 1 and a plain one in slot 2, BARs programmed and
+/// decoding on.
+fn programmed_machine() -> (Machine, Arc<Mutex<TestDevice>>) {
+    let m = Machine::new();
+    let dev = TestDevice::new(0x10);
+    m.add(dev.clone()).unwrap();
+    m.add(plain()).unwrap();
+    m.write(1, 4, 0xd000_0000);
+    m.write(1, 6, 0xd010_0000);
+    m.write(1, 1, u32::from(COMMAND_MEMORY_SPACE));
+    m.write(0, 15, 0x0a);
+    m.select(2, 0);
+    (m, dev)
+}
+
+#[test]
+fn a_restored_bus_maps_the_bars_where_the_guest_put_them() {
+    let (m, _) = programmed_machine();
+    let state = m.root.lock().unwrap().save_state();
+    let state: PciRootState =
+        serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+
+    // A new VM built the same way: BARs where add_device placed them, decoding off.
+    let m2 = Machine::new();
+    let dev2 = TestDevice::new(0x10);
+    m2.add(dev2.clone()).unwrap();
+    m2.add(plain()).unwrap();
+    assert!(m2.mmio_read(0xd000_0000).is_err());
+    m2.root.lock().unwrap().restore_state(&state).unwrap();
+    assert_eq!(m2.root.lock().unwrap().save_state(), state);
+
+    // The address latch: a data read goes to slot 2, register 0.
+    let mut data = [0u8; 4];
+    m2.pio.read(PORT, &mut data).unwrap();
+    assert_eq!(u32::from_le_bytes(data), 0x8000_1000);
+    assert_eq!(m2.read(0, 15), 0x0a, "host bridge interrupt line");
+    assert_eq!(m2.read(1, 4), 0xd000_0000);
+    assert_eq!(m2.mmio_read(0xd000_0000), Ok(0x10));
+    assert_eq!(m2.mmio_read(0xd010_0000), Ok(0x12));
+    let moves = dev2.lock().unwrap().moves.clone();
+    assert!(moves.contains(&(0, None, Some(0xd000_0000))), "{moves:?}");
+    assert!(moves.contains(&(2, None, Some(0xd010_0000))), "{moves:?}");
+}
+
+#[test]
+fn a_bus_with_other_slots_refuses_the_state_unchanged() {
+    let (m, _) = programmed_machine();
+    let state = m.root.lock().unwrap().save_state();
+
+    let fewer = Machine::new();
+    fewer.add(TestDevice::new(0x10)).unwrap();
+    let before = fewer.root.lock().unwrap().save_state();
+    let err = fewer
+        .root
+        .lock()
+        .unwrap()
+        .restore_state(&state)
+        .unwrap_err();
+    assert!(matches!(err, PciStateError::SlotEmptyHere(2)), "{err}");
+    assert_eq!(fewer.root.lock().unwrap().save_state(), before);
+
+    let swapped = Machine::new();
+    swapped.add(plain()).unwrap();
+    swapped.add(TestDevice::new(0x10)).unwrap();
+    let err = swapped
+        .root
+        .lock()
+        .unwrap()
+        .restore_state(&state)
+        .unwrap_err();
+    assert!(matches!(err, PciStateError::Slot { slot: 1, .. }), "{err}");
+    assert!(std::error::Error::source(&err).is_some());
+}

@@ -1,0 +1,425 @@
+//! Pause, snapshot, restore and clones through the control API, with real guests: Debian's
+//! kernel counting on its serial console on the emulator, and the test guest on KVM.
+//!
+//! The check that matters: the counts printed before the snapshot and after the restore,
+//! put together, are 1, 2, 3, … with nothing lost or repeated.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::mpsc::Receiver;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{fixture, spawn, stream_stdout, wait_for_output, RunResult, TempDir};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A running `ferrovisor run` with its API socket and streamed console.
+struct Vmm {
+    child: Option<Child>,
+    out: Receiver<String>,
+    seen: String,
+    sock: PathBuf,
+}
+
+impl Vmm {
+    fn start(args: &[String], sock: &Path) -> Vmm {
+        let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+        a.extend_from_slice(&["--api-sock", sock.to_str().unwrap()]);
+        let mut child = spawn(&a);
+        let out = stream_stdout(&mut child);
+        let vmm = Vmm {
+            child: Some(child),
+            out,
+            seen: String::new(),
+            sock: sock.to_owned(),
+        };
+        // The socket appears before the guest starts.
+        let start = Instant::now();
+        let mut vmm = vmm;
+        while !sock.exists() {
+            let exited = vmm.child.as_mut().unwrap().try_wait().unwrap().is_some();
+            if exited || start.elapsed() > BOOT_TIMEOUT {
+                let r = common::finish(vmm.child.take().unwrap(), Duration::ZERO);
+                panic!("no API socket at {sock:?}: {}{}", r.stdout, r.stderr);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        vmm
+    }
+
+    /// Waits until the console shows `what`; panics with the output so far if it does not.
+    fn wait_for(&mut self, what: &str) {
+        if !wait_for_output(&self.out, &mut self.seen, what, BOOT_TIMEOUT) {
+            let rest = self.child.take().map(|c| common::finish(c, Duration::ZERO));
+            panic!(
+                "no {what:?} on the console; saw:\n{}\nstderr: {}",
+                self.seen,
+                rest.map(|r| r.stderr).unwrap_or_default()
+            );
+        }
+    }
+
+    /// Waits until the guest has printed `count n` (or more).
+    fn wait_for_count(&mut self, n: u64) {
+        self.wait_for(&format!("count {n}\r\n"));
+    }
+
+    fn ctl(&self, args: &[&str]) -> RunResult {
+        ctl(&self.sock, args)
+    }
+
+    /// Everything the console showed, after the VMM exited (killed if it still runs).
+    fn finish(mut self) -> (String, RunResult) {
+        let child = self.child.take().expect("finish once");
+        let result = common::finish(child, Duration::from_secs(10));
+        while let Ok(chunk) = self.out.recv_timeout(Duration::from_millis(200)) {
+            self.seen.push_str(&chunk);
+        }
+        (std::mem::take(&mut self.seen), result)
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Runs `ferrovisor ctl --sock SOCK ARGS`.
+fn ctl(sock: &Path, args: &[&str]) -> RunResult {
+    let mut a = vec!["ctl", "--sock", sock.to_str().unwrap()];
+    a.extend_from_slice(args);
+    common::run(&a, b"", Duration::from_secs(60))
+}
+
+fn ok(r: &RunResult, what: &str) {
+    assert_eq!(r.code, Some(0), "{what} failed: {}{}", r.stdout, r.stderr);
+}
+
+/// The numbers of the `count N` lines in `out`, in order.
+fn counts(out: &str) -> Vec<u64> {
+    out.lines()
+        .filter_map(|l| {
+            l.trim_end_matches('\r')
+                .strip_prefix("count ")?
+                .parse()
+                .ok()
+        })
+        .collect()
+}
+
+/// Asserts the counts are 1, 2, 3, … and returns the last.
+fn assert_contiguous(out: &str) -> u64 {
+    let c = counts(out);
+    assert!(!c.is_empty(), "no counts in {out:?}");
+    for (i, n) in c.iter().enumerate() {
+        assert_eq!(*n, i as u64 + 1, "count {} out of order in {c:?}", i + 1);
+    }
+    *c.last().unwrap()
+}
+
+/// `run` arguments for Debian's kernel on the emulator counting on the console every `ms`.
+fn counting_linux(memory: &str, cpus: u32, ms: u32, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        "--backend".into(),
+        "emu".into(),
+        "--kernel".into(),
+        fixture("vmlinuz").display().to_string(),
+        "--initrd".into(),
+        fixture("initramfs.cpio.gz").display().to_string(),
+        "--memory".into(),
+        memory.into(),
+        "--cpus".into(),
+        cpus.to_string(),
+        "--cmdline".into(),
+        format!("console=ttyS0 panic=-1 ferrovisor.count={ms}"),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+/// Boots `args`, lets the guest count to `n`, pauses, snapshots into `dir` and kills the VM;
+/// the console output up to the kill.
+fn count_and_snapshot(args: &[String], sock: &Path, dir: &Path, n: u64) -> String {
+    let mut vmm = Vmm::start(args, sock);
+    vmm.wait_for_count(n);
+    ok(&vmm.ctl(&["pause"]), "pause");
+    let info = vmm.ctl(&["info"]);
+    ok(&info, "info");
+    assert!(info.stdout.contains("\"paused\""), "{}", info.stdout);
+    ok(&vmm.ctl(&["snapshot", dir.to_str().unwrap()]), "snapshot");
+    ok(&vmm.ctl(&["kill"]), "kill");
+    let (out, result) = vmm.finish();
+    assert_eq!(result.code, Some(0), "kill: {}", result.stderr);
+    out
+}
+
+/// Restores `dir` with `extra` arguments, waits for `more` counts after the last one in
+/// `before`, and checks the counts of both runs together are contiguous.
+fn restore_and_check(dir: &Path, before: &str, more: u64, extra: &[&str], tag: &str) {
+    let last = *counts(before).last().expect("counts before the snapshot");
+    let tmp = TempDir::new(tag);
+    let sock = tmp.0.join("api.sock");
+    let mut args: Vec<String> = vec!["run".into(), "--restore".into(), dir.display().to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut vmm = Vmm::start(&args, &sock);
+    vmm.wait_for_count(last + more);
+    let (after, _) = vmm.finish();
+    let all = format!("{before}{after}");
+    assert!(assert_contiguous(&all) >= last + more);
+}
+
+/// One snapshot of the 1-vCPU counting guest, shared by the tests that only read it: the
+/// directory and the console output before the snapshot.
+fn counting_snapshot() -> &'static (PathBuf, String) {
+    static SNAP: OnceLock<(PathBuf, String)> = OnceLock::new();
+    SNAP.get_or_init(|| {
+        let tmp = TempDir::new("snap-shared");
+        let dir = tmp.0.join("snap");
+        let out = count_and_snapshot(
+            &counting_linux("256M", 1, 100, &[]),
+            &tmp.0.join("api.sock"),
+            &dir,
+            5,
+        );
+        // Kept for the whole test run: the directory outlives the TempDir's drop.
+        let keep = std::env::temp_dir().join(format!("ferrovisor-snap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&keep);
+        std::fs::rename(&dir, &keep).expect("keep the shared snapshot");
+        (keep, out)
+    })
+}
+
+#[test]
+fn emu_linux_counting_guest_continues_with_the_next_number_after_restore() {
+    let (dir, before) = counting_snapshot();
+    assert_contiguous(before);
+    restore_and_check(dir, before, 5, &[], "restore-1");
+    // A snapshot can be restored again (clones of it, one after another) with the same result.
+    restore_and_check(dir, before, 3, &[], "restore-1b");
+}
+
+#[test]
+fn emu_linux_with_4_vcpus_continues_after_restore() {
+    let tmp = TempDir::new("snap-4cpu");
+    let dir = tmp.0.join("snap");
+    let before = count_and_snapshot(
+        &counting_linux("256M", 4, 100, &[]),
+        &tmp.0.join("api.sock"),
+        &dir,
+        5,
+    );
+    assert!(
+        before.contains("Brought up 1 node, 4 CPUs"),
+        "the guest did not bring up 4 CPUs:\n{before}"
+    );
+    restore_and_check(&dir, &before, 5, &[], "restore-4cpu");
+}
+
+#[test]
+fn emu_linux_3g_guest_restores() {
+    let tmp = TempDir::new("snap-3g");
+    let dir = tmp.0.join("snap");
+    let before = count_and_snapshot(
+        &counting_linux("3G", 1, 100, &[]),
+        &tmp.0.join("api.sock"),
+        &dir,
+        3,
+    );
+    // The memory file is sparse: it holds the pages the guest used, not 3 GiB.
+    let mem = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("memory-"))
+        .expect("a memory file");
+    let meta = mem.metadata().unwrap();
+    assert_eq!(meta.len(), 3 << 30);
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        meta.blocks() * 512 < 1 << 30,
+        "{} bytes allocated",
+        meta.blocks() * 512
+    );
+    restore_and_check(&dir, &before, 3, &[], "restore-3g");
+}
+
+#[test]
+fn requests_invalid_in_the_current_state_are_refused_with_the_reason() {
+    let tmp = TempDir::new("snap-states");
+    let sock = tmp.0.join("api.sock");
+    let mut vmm = Vmm::start(&counting_linux("256M", 1, 100, &[]), &sock);
+    vmm.wait_for_count(1);
+    let dir = tmp.0.join("snap");
+    for (args, what) in [
+        (vec!["snapshot", dir.to_str().unwrap()], "pause"),
+        (vec!["resume"], "running"),
+        (vec!["restore", dir.to_str().unwrap()], "before"),
+    ] {
+        let r = vmm.ctl(&args);
+        assert_eq!(r.code, Some(3), "{args:?}: {}{}", r.stdout, r.stderr);
+        assert!(
+            r.stderr.lines().count() == 1 && r.stderr.contains(what),
+            "{args:?}: {}",
+            r.stderr
+        );
+    }
+    ok(&vmm.ctl(&["pause"]), "pause");
+    let r = vmm.ctl(&["pause"]);
+    assert_eq!(r.code, Some(3), "pause twice: {}", r.stderr);
+    ok(&vmm.ctl(&["resume"]), "resume");
+    ok(&vmm.ctl(&["kill"]), "kill");
+    let (out, result) = vmm.finish();
+    assert_eq!(result.code, Some(0));
+    assert_contiguous(&out);
+    assert!(!dir.exists(), "a refused snapshot wrote {dir:?}");
+}
+
+/// Copies the shared snapshot into `tmp` to damage it.
+fn snapshot_copy(tmp: &TempDir) -> PathBuf {
+    let (dir, _) = counting_snapshot();
+    let copy = tmp.0.join("snap");
+    std::fs::create_dir_all(&copy).unwrap();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+    }
+    copy
+}
+
+fn memory_file(dir: &Path) -> PathBuf {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("memory-")
+        })
+        .expect("a memory file")
+}
+
+#[test]
+fn damaged_snapshots_are_refused_and_nothing_starts() {
+    let tmp = TempDir::new("snap-bad");
+    let dir = snapshot_copy(&tmp);
+    let state = dir.join("state");
+    let good = std::fs::read(&state).unwrap();
+    let refused = |expect: &str| {
+        let r = common::run(
+            &["run", "--restore", dir.to_str().unwrap()],
+            b"",
+            Duration::from_secs(30),
+        );
+        assert_eq!(r.code, Some(2), "{expect}: {}{}", r.stdout, r.stderr);
+        assert_eq!(r.stderr.trim().lines().count(), 1, "{}", r.stderr);
+        assert!(r.stderr.contains(expect), "{expect:?} not in {}", r.stderr);
+        assert!(counts(&r.stdout).is_empty(), "the guest ran: {}", r.stdout);
+    };
+    std::fs::write(&state, &good[..good.len() / 2]).unwrap();
+    refused("truncated");
+    let mut flipped = good.clone();
+    flipped[good.len() / 2] ^= 0x20;
+    std::fs::write(&state, &flipped).unwrap();
+    refused("checksum");
+    let mut other = good.clone();
+    other[8..12].copy_from_slice(&99u32.to_le_bytes());
+    std::fs::write(&state, &other).unwrap();
+    refused("format version 99");
+    std::fs::write(&state, &good).unwrap();
+    let mem = memory_file(&dir);
+    let f = std::fs::OpenOptions::new().write(true).open(&mem).unwrap();
+    f.set_len(4096).unwrap();
+    refused("the state file says");
+    std::fs::remove_file(&mem).unwrap();
+    refused("cannot open");
+    refused_dir(&tmp.0.join("nothing-here"), "cannot open");
+}
+
+fn refused_dir(dir: &Path, expect: &str) {
+    let r = common::run(
+        &["run", "--restore", dir.to_str().unwrap()],
+        b"",
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.code, Some(2), "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains(expect), "{}", r.stderr);
+}
+
+#[test]
+fn kvm_test_guest_counting_continues_after_restore() {
+    if common::skip_without_kvm("kvm_test_guest_counting_continues_after_restore") {
+        return;
+    }
+    let tmp = TempDir::new("snap-kvm");
+    let dir = tmp.0.join("snap");
+    let guest = common::test_guest_bzimage();
+    let args: Vec<String> = [
+        "run",
+        "--backend",
+        "kvm",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 ftg.count=forever ftg.count_ms=20",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut vmm = Vmm::start(&args, &tmp.0.join("api.sock"));
+    vmm.wait_for("ftg: count 20\r\n");
+    ok(&vmm.ctl(&["pause"]), "pause");
+    ok(&vmm.ctl(&["snapshot", dir.to_str().unwrap()]), "snapshot");
+    ok(&vmm.ctl(&["kill"]), "kill");
+    let (before, _) = vmm.finish();
+    let strip = |s: &str| s.replace("ftg: count ", "count ");
+    let before = strip(&before);
+    let last = *counts(&before).last().unwrap();
+    let mut r = Vmm::start(
+        &["run".into(), "--restore".into(), dir.display().to_string()],
+        &tmp.0.join("api2.sock"),
+    );
+    r.wait_for(&format!("ftg: count {}\r\n", last + 20));
+    let (after, _) = r.finish();
+    assert!(assert_contiguous(&format!("{before}{}", strip(&after))) >= last + 20);
+}
+
+#[test]
+fn an_api_only_vmm_is_configured_started_and_killed_through_the_api() {
+    let tmp = TempDir::new("api-only");
+    let sock = tmp.0.join("api.sock");
+    let mut vmm = Vmm::start(&["run".into()], &sock);
+    let info = vmm.ctl(&["info"]);
+    ok(&info, "info");
+    assert!(info.stdout.contains("not-configured"), "{}", info.stdout);
+    let r = vmm.ctl(&["start"]);
+    assert_eq!(r.code, Some(3), "start before config: {}", r.stderr);
+    let config = serde_json::json!({
+        "kernel": fixture("vmlinuz"),
+        "initrd": fixture("initramfs.cpio.gz"),
+        "cmdline": "console=ttyS0 panic=-1 ferrovisor.count=100",
+        "backend": "emu",
+    });
+    let bad = tmp.file("bad.json", br#"{"kernel": "/nonexistent/vmlinuz"}"#);
+    let r = vmm.ctl(&["config", bad.to_str().unwrap()]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("/nonexistent/vmlinuz"), "{}", r.stderr);
+    let good = tmp.file("vm.json", config.to_string().as_bytes());
+    ok(&vmm.ctl(&["config", good.to_str().unwrap()]), "config");
+    ok(&vmm.ctl(&["start"]), "start");
+    vmm.wait_for_count(2);
+    ok(&vmm.ctl(&["kill"]), "kill");
+    let (_, result) = vmm.finish();
+    assert_eq!(result.code, Some(0));
+    assert!(
+        !sock.exists(),
+        "the API socket is removed when the VMM ends"
+    );
+}

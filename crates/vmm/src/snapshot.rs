@@ -1,0 +1,491 @@
+//! The snapshot directory: a versioned, checksummed state file and a memory file.
+//!
+//! ```text
+//! DIR/state    "FVSNAPST" | format version u32 LE | body length u64 LE | CRC-32 of body u32 LE
+//!              | body: the JSON of a `Snapshot`
+//! DIR/memory-N guest RAM, region after region at the offsets the state names; pages that are
+//!              all zeros are holes (the file is sparse). N is unique per snapshot.
+//! ```
+//!
+//! The header is checked before anything is parsed: a file of another format version, a
+//! truncated file or a flipped bit is refused with a message saying which, and nothing starts.
+//! The memory file is written first under its new name, then the state file under a temporary
+//! name renamed over `state`, then older memory files are removed: a crash at any point leaves
+//! a state file that matches its memory file. A VM restored from `DIR` (its memory a private
+//! mapping of the old memory file) can be snapshotted into the same `DIR`: the old file's
+//! pages stay mapped after its name is gone.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use hypervisor::{BackendKind, SavedState};
+use serde::{Deserialize, Serialize};
+
+use crate::config::VmConfig;
+
+/// Version of the state file's layout and of `Snapshot`'s fields. A reader accepts only its
+/// own version: the state of a VM cannot be partly understood.
+pub const FORMAT_VERSION: u32 = 1;
+const MAGIC: &[u8; 8] = b"FVSNAPST";
+const HEADER_LEN: usize = 8 + 4 + 8 + 4;
+/// Bounds what a corrupted length field can make the reader allocate.
+const MAX_BODY_LEN: u64 = 256 << 20;
+pub const STATE_FILE: &str = "state";
+/// Memory files are named `memory-<unique suffix>`.
+pub const MEMORY_FILE_PREFIX: &str = "memory-";
+const PAGE: usize = 4096;
+
+/// Everything a snapshot holds besides guest memory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// The Ferrovisor version that wrote it (informational).
+    pub ferrovisor_version: String,
+    /// Host wall-clock time when it was taken, ns since the Unix epoch: how far a restore
+    /// that refreshes the guest clock moves it.
+    pub created_unix_ns: u64,
+    pub backend: BackendKind,
+    /// The configuration the VM was built from (restore builds the same machine from it).
+    pub config: VmConfig,
+    pub memory: MemoryLayout,
+    pub vm: SavedState,
+    /// One per vCPU, by ID.
+    pub vcpus: Vec<SavedState>,
+    pub devices: DeviceStates,
+}
+
+/// Where each guest RAM region is in the memory file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemoryLayout {
+    /// The memory file's name in the snapshot directory. Each snapshot gets a new name, so a
+    /// state file never describes a memory file written by another snapshot.
+    pub file: String,
+    pub regions: Vec<RegionLayout>,
+    /// The memory file's length: a file of another length is refused.
+    pub file_len: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionLayout {
+    pub guest_addr: u64,
+    pub len: u64,
+    pub file_offset: u64,
+}
+
+impl MemoryLayout {
+    /// Regions packed one after another in the file `file`, in the order given.
+    pub fn packed(file: String, regions: impl IntoIterator<Item = (u64, u64)>) -> Self {
+        let mut file_offset = 0;
+        let regions = regions
+            .into_iter()
+            .map(|(guest_addr, len)| {
+                let r = RegionLayout {
+                    guest_addr,
+                    len,
+                    file_offset,
+                };
+                file_offset += len;
+                r
+            })
+            .collect();
+        MemoryLayout {
+            file,
+            regions,
+            file_len: file_offset,
+        }
+    }
+}
+
+/// The devices' states.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceStates {
+    pub serial: devices::legacy::serial::SerialState,
+    pub rtc: devices::legacy::rtc::RtcState,
+    pub i8042: devices::legacy::i8042::I8042State,
+    /// The PCI root bus (configuration address latch).
+    pub pci: serde_json::Value,
+    /// The virtio-pci functions in the order they were plugged in.
+    pub virtio: Vec<serde_json::Value>,
+}
+
+/// What can go wrong reading or writing a snapshot. Every message names the file and what to
+/// do.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("cannot {what} {path:?}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0:?} is not a Ferrovisor snapshot state file (wrong magic bytes)")]
+    NotASnapshot(PathBuf),
+    #[error("{path:?} is snapshot format version {found}; this Ferrovisor reads version {FORMAT_VERSION} only (take the snapshot again with this version)")]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path:?} is truncated: {what}; the snapshot is incomplete, take it again")]
+    Truncated { path: PathBuf, what: String },
+    #[error("{0:?} is corrupted (checksum mismatch); the snapshot cannot be used")]
+    Checksum(PathBuf),
+    #[error("{path:?} cannot be parsed: {why}")]
+    Parse { path: PathBuf, why: String },
+    #[error("the memory file {path:?} is {found} bytes; the state file says {expected}; the snapshot is incomplete or from elsewhere")]
+    MemorySize {
+        path: PathBuf,
+        expected: u64,
+        found: u64,
+    },
+    #[error("the snapshot is for the {found:?} back end; this VM would run on {expected:?} (use --backend {found_lower})")]
+    Backend {
+        expected: BackendKind,
+        found: BackendKind,
+        found_lower: &'static str,
+    },
+}
+
+impl SnapshotError {
+    fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
+        move |source| SnapshotError::Io {
+            what,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Writes `snapshot`'s state file into `dir` (created if missing).
+pub fn write_state(dir: &Path, snapshot: &Snapshot) -> Result<(), SnapshotError> {
+    fs::create_dir_all(dir).map_err(SnapshotError::io("create the directory", dir))?;
+    let body = serde_json::to_vec(snapshot).map_err(|e| SnapshotError::Parse {
+        path: dir.join(STATE_FILE),
+        why: e.to_string(),
+    })?;
+    let mut bytes = Vec::with_capacity(HEADER_LEN + body.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    bytes.extend_from_slice(&(body.len() as u64).to_le_bytes());
+    bytes.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    bytes.extend_from_slice(&body);
+    write_atomically(&dir.join(STATE_FILE), |f| f.write_all(&bytes))
+}
+
+/// Removes the memory files in `dir` other than `keep` (left by earlier snapshots).
+pub fn remove_stale_memory(dir: &Path, keep: &str) -> Result<(), SnapshotError> {
+    let entries = fs::read_dir(dir).map_err(SnapshotError::io("list", dir))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(MEMORY_FILE_PREFIX) && name != keep {
+            let path = entry.path();
+            fs::remove_file(&path).map_err(SnapshotError::io("remove", &path))?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads and checks `dir`'s state file.
+pub fn read_state(dir: &Path) -> Result<Snapshot, SnapshotError> {
+    let path = dir.join(STATE_FILE);
+    let mut file = File::open(&path).map_err(SnapshotError::io("open", &path))?;
+    let mut header = [0u8; HEADER_LEN];
+    let got = read_up_to(&mut file, &mut header).map_err(SnapshotError::io("read", &path))?;
+    if got < MAGIC.len() || &header[..8] != MAGIC {
+        return Err(if got < MAGIC.len() && MAGIC.starts_with(&header[..got]) {
+            SnapshotError::Truncated {
+                path,
+                what: format!("{got} bytes, not even a header"),
+            }
+        } else {
+            SnapshotError::NotASnapshot(path)
+        });
+    }
+    if got < HEADER_LEN {
+        return Err(SnapshotError::Truncated {
+            path,
+            what: format!("{got} bytes of a {HEADER_LEN}-byte header"),
+        });
+    }
+    let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    if version != FORMAT_VERSION {
+        return Err(SnapshotError::Version {
+            path,
+            found: version,
+        });
+    }
+    let len = u64::from_le_bytes(header[12..20].try_into().expect("8 bytes"));
+    let crc = u32::from_le_bytes(header[20..24].try_into().expect("4 bytes"));
+    if len > MAX_BODY_LEN {
+        return Err(SnapshotError::Parse {
+            path,
+            why: format!("the header claims a {len}-byte body"),
+        });
+    }
+    let mut body = vec![0u8; len as usize];
+    let got = read_up_to(&mut file, &mut body).map_err(SnapshotError::io("read", &path))?;
+    if got < body.len() {
+        return Err(SnapshotError::Truncated {
+            path,
+            what: format!("{got} of {len} body bytes"),
+        });
+    }
+    if crc32fast::hash(&body) != crc {
+        return Err(SnapshotError::Checksum(path));
+    }
+    serde_json::from_slice(&body).map_err(|e| SnapshotError::Parse {
+        path,
+        why: e.to_string(),
+    })
+}
+
+/// Reads until `buf` is full or the file ends; how many bytes were read.
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Writes a file through a temporary name in the same directory, synced, then renamed over
+/// `path`.
+fn write_atomically(
+    path: &Path,
+    fill: impl FnOnce(&mut File) -> io::Result<()>,
+) -> Result<(), SnapshotError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(SnapshotError::io("create", &tmp))?;
+    fill(&mut file).map_err(SnapshotError::io("write", &tmp))?;
+    file.sync_all().map_err(SnapshotError::io("sync", &tmp))?;
+    fs::rename(&tmp, path).map_err(SnapshotError::io("rename into place", path))?;
+    Ok(())
+}
+
+/// One guest RAM region as the host sees it: `len` bytes at `host`.
+#[derive(Clone, Copy, Debug)]
+pub struct HostRegion {
+    pub host: *const u8,
+    pub len: usize,
+}
+
+/// Writes guest memory into `dir`'s memory file as `layout` places it, leaving all-zero
+/// pages as holes.
+///
+/// # Safety
+/// Each region's `host .. host + len` must be readable, and nothing may write to it while
+/// this runs (the vCPUs and the device threads are stopped).
+pub unsafe fn write_memory(
+    dir: &Path,
+    layout: &MemoryLayout,
+    regions: &[HostRegion],
+) -> Result<(), SnapshotError> {
+    fs::create_dir_all(dir).map_err(SnapshotError::io("create the directory", dir))?;
+    let path = dir.join(&layout.file);
+    write_atomically(&path, |file| {
+        file.set_len(layout.file_len)?;
+        for (r, host) in layout.regions.iter().zip(regions) {
+            // SAFETY: the caller guarantees the range is readable and not written meanwhile.
+            let bytes = unsafe { std::slice::from_raw_parts(host.host, host.len) };
+            write_nonzero_pages(file, r.file_offset, bytes)?;
+        }
+        Ok(())
+    })
+}
+
+/// Writes the pages of `bytes` that are not all zeros at `offset..` of `file` (whose length is
+/// already set, so the rest read as zeros), merging neighbouring pages into one write.
+fn write_nonzero_pages(file: &File, offset: u64, bytes: &[u8]) -> io::Result<()> {
+    let mut run_start: Option<usize> = None;
+    let mut at = 0;
+    while at < bytes.len() {
+        let end = (at + PAGE).min(bytes.len());
+        let zero = bytes[at..end].iter().all(|&b| b == 0);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(at),
+            (true, Some(s)) => {
+                file.write_all_at(&bytes[s..at], offset + s as u64)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+        at = end;
+    }
+    if let Some(s) = run_start {
+        file.write_all_at(&bytes[s..], offset + s as u64)?;
+    }
+    Ok(())
+}
+
+/// Opens `dir`'s memory file for a restore and checks its length against `layout`.
+pub fn open_memory(dir: &Path, layout: &MemoryLayout) -> Result<File, SnapshotError> {
+    if layout.file.contains('/') || !layout.file.starts_with(MEMORY_FILE_PREFIX) {
+        return Err(SnapshotError::Parse {
+            path: dir.join(STATE_FILE),
+            why: format!("{:?} is not a memory file name", layout.file),
+        });
+    }
+    let path = dir.join(&layout.file);
+    let file = File::open(&path).map_err(SnapshotError::io("open", &path))?;
+    let found = file
+        .metadata()
+        .map_err(SnapshotError::io("stat", &path))?
+        .len();
+    if found != layout.file_len {
+        return Err(SnapshotError::MemorySize {
+            path,
+            expected: layout.file_len,
+            found,
+        });
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Snapshot {
+        let config = VmConfig::new(PathBuf::from("/k"));
+        Snapshot {
+            ferrovisor_version: "test".into(),
+            created_unix_ns: 1,
+            backend: BackendKind::Emu,
+            config,
+            memory: MemoryLayout::packed("memory-1".into(), [(0, 8192), (1 << 20, 4096)]),
+            vm: SavedState {
+                backend: BackendKind::Emu,
+                state: serde_json::json!({"x": 1}),
+            },
+            vcpus: vec![],
+            devices: DeviceStates {
+                serial: Default::default(),
+                rtc: devices::legacy::rtc::RtcState {
+                    offset_ns: "0".into(),
+                    index: 0,
+                    cmos: vec![0; 128],
+                },
+                i8042: devices::legacy::i8042::I8042State {
+                    control: 0,
+                    output: None,
+                    awaiting_ctr: false,
+                },
+                pci: serde_json::Value::Null,
+                virtio: vec![],
+            },
+        }
+    }
+
+    fn tempdir() -> PathBuf {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("fv-snap-test-{}-{n}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn state_round_trips_and_packs_regions() {
+        let dir = tempdir();
+        let s = sample();
+        assert_eq!(s.memory.regions[1].file_offset, 8192);
+        assert_eq!(s.memory.file_len, 12288);
+        write_state(&dir, &s).unwrap();
+        let back = read_state(&dir).unwrap();
+        assert_eq!(back.memory, s.memory);
+        assert_eq!(back.vm, s.vm);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_state_files_are_refused_with_what_is_wrong() {
+        let dir = tempdir();
+        write_state(&dir, &sample()).unwrap();
+        let path = dir.join(STATE_FILE);
+        let good = fs::read(&path).unwrap();
+        let check = |bytes: &[u8], expect: &str| {
+            fs::write(&path, bytes).unwrap();
+            let err = read_state(&dir).unwrap_err().to_string();
+            assert!(err.contains(expect), "{err:?} should contain {expect:?}");
+        };
+        check(&good[..good.len() - 1], "truncated");
+        check(&good[..10], "truncated");
+        check(&good[..3], "truncated");
+        check(b"hello world, not a snapshot", "not a Ferrovisor snapshot");
+        let mut flipped = good.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        check(&flipped, "checksum");
+        let mut other_version = good.clone();
+        other_version[8..12].copy_from_slice(&7u32.to_le_bytes());
+        check(&other_version, "format version 7");
+        let mut huge = good.clone();
+        huge[12..20].copy_from_slice(&u64::MAX.to_le_bytes());
+        check(&huge, "claims");
+        fs::remove_file(&path).unwrap();
+        assert!(read_state(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot open"));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn memory_is_written_sparse_and_checked_for_size() {
+        let dir = tempdir();
+        let mut a = vec![0u8; 4 * PAGE];
+        a[PAGE + 5] = 7;
+        a[3 * PAGE] = 9;
+        let b = vec![1u8; PAGE];
+        let layout = MemoryLayout::packed(
+            "memory-2".into(),
+            [(0, a.len() as u64), (1 << 20, b.len() as u64)],
+        );
+        let regions = [
+            HostRegion {
+                host: a.as_ptr(),
+                len: a.len(),
+            },
+            HostRegion {
+                host: b.as_ptr(),
+                len: b.len(),
+            },
+        ];
+        // SAFETY: the vectors are alive and not written during the call.
+        unsafe { write_memory(&dir, &layout, &regions) }.unwrap();
+        let file = open_memory(&dir, &layout).unwrap();
+        let mut back = vec![0u8; layout.file_len as usize];
+        file.read_exact_at(&mut back, 0).unwrap();
+        assert_eq!(&back[..a.len()], &a[..]);
+        assert_eq!(&back[a.len()..], &b[..]);
+        let wrong = MemoryLayout {
+            file_len: layout.file_len + 1,
+            ..layout.clone()
+        };
+        let err = open_memory(&dir, &wrong).unwrap_err().to_string();
+        assert!(err.contains("bytes; the state file says"), "{err}");
+        let evil = MemoryLayout {
+            file: "../../etc/passwd".into(),
+            ..layout.clone()
+        };
+        let err = open_memory(&dir, &evil).unwrap_err().to_string();
+        assert!(err.contains("not a memory file name"), "{err}");
+        fs::write(dir.join("memory-old"), b"x").unwrap();
+        remove_stale_memory(&dir, "memory-2").unwrap();
+        assert!(!dir.join("memory-old").exists());
+        assert!(dir.join("memory-2").exists());
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
