@@ -82,7 +82,7 @@ struct RunArgs {
     /// Resume the VM saved in this snapshot directory instead of booting. --disk, --net and
     /// --vsock then replace the snapshot's devices of that kind (same number of each), so
     /// clones of one snapshot get their own.
-    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "config", "rng", "balloon", "deterministic", "backend"])]
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "config", "rng", "balloon", "deterministic"])]
     restore: Option<PathBuf>,
     /// With --restore: leave the restored VM paused (resume it through the API).
     #[arg(long, requires = "restore")]
@@ -125,6 +125,7 @@ impl RunArgs {
                     dir,
                     resume: !self.paused,
                     refresh_clock: self.refresh_clock,
+                    backend: self.backend,
                     overrides,
                 }),
                 api_sock,

@@ -167,7 +167,13 @@ fn restore_and_check(dir: &Path, before: &str, more: u64, extra: &[&str], tag: &
     let last = *counts(before).last().expect("counts before the snapshot");
     let tmp = TempDir::new(tag);
     let sock = tmp.0.join("api.sock");
-    let mut args: Vec<String> = vec!["run".into(), "--restore".into(), dir.display().to_string()];
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--restore".into(),
+        dir.display().to_string(),
+        "--backend".into(),
+        "emu".into(),
+    ];
     args.extend(extra.iter().map(|s| s.to_string()));
     let mut vmm = Vmm::start(&args, &sock);
     vmm.wait_for_count(last + more);
@@ -314,7 +320,13 @@ fn damaged_snapshots_are_refused_and_nothing_starts() {
     let good = std::fs::read(&state).unwrap();
     let refused = |expect: &str| {
         let r = common::run(
-            &["run", "--restore", dir.to_str().unwrap()],
+            &[
+                "run",
+                "--restore",
+                dir.to_str().unwrap(),
+                "--backend",
+                "emu",
+            ],
             b"",
             Duration::from_secs(30),
         );
@@ -340,17 +352,23 @@ fn damaged_snapshots_are_refused_and_nothing_starts() {
     refused("the state file says");
     std::fs::remove_file(&mem).unwrap();
     refused("cannot open");
-    refused_dir(&tmp.0.join("nothing-here"), "cannot open");
-}
-
-fn refused_dir(dir: &Path, expect: &str) {
+    std::fs::write(&state, &good).unwrap();
+    // An emulator snapshot on KVM (common::run asks for kvm by default).
     let r = common::run(
         &["run", "--restore", dir.to_str().unwrap()],
         b"",
         Duration::from_secs(30),
     );
     assert_eq!(r.code, Some(2), "{}{}", r.stdout, r.stderr);
-    assert!(r.stderr.contains(expect), "{}", r.stderr);
+    assert!(r.stderr.contains("only be restored there"), "{}", r.stderr);
+    let missing = tmp.0.join("nothing-here");
+    let r = common::run(
+        &["run", "--restore", missing.to_str().unwrap()],
+        b"",
+        Duration::from_secs(30),
+    );
+    assert_eq!(r.code, Some(2), "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("cannot open"), "{}", r.stderr);
 }
 
 #[test]
@@ -383,7 +401,13 @@ fn kvm_test_guest_counting_continues_after_restore() {
     let before = strip(&before);
     let last = *counts(&before).last().unwrap();
     let mut r = Vmm::start(
-        &["run".into(), "--restore".into(), dir.display().to_string()],
+        &[
+            "run".into(),
+            "--restore".into(),
+            dir.display().to_string(),
+            "--backend".into(),
+            "kvm".into(),
+        ],
         &tmp.0.join("api2.sock"),
     );
     r.wait_for(&format!("ftg: count {}\r\n", last + 20));

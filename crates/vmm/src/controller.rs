@@ -43,6 +43,8 @@ pub struct RestoreRequest {
     /// Move the guest clock forward by the time that passed since the snapshot was taken.
     /// Without it the guest continues at the saved time (exact, but its clock lags).
     pub refresh_clock: bool,
+    /// The back end the user asked for, if any: it must be the snapshot's (or auto).
+    pub backend: Option<config::Backend>,
     pub overrides: Overrides,
 }
 
@@ -186,6 +188,18 @@ impl Controller {
         request: &RestoreRequest,
         snapshot: snapshot::Snapshot,
     ) -> Result<(), VmmError> {
+        let asked = match request.backend {
+            Some(config::Backend::Kvm) => Some(BackendKind::Kvm),
+            Some(config::Backend::Emu) => Some(BackendKind::Emu),
+            Some(config::Backend::Auto) | None => None,
+        };
+        if let Some(asked) = asked.filter(|&a| a != snapshot.backend) {
+            return Err(VmmError::Snapshot(snapshot::SnapshotError::Backend {
+                expected: asked,
+                found: snapshot.backend,
+                found_lower: vm::backend_name(snapshot.backend),
+            }));
+        }
         let mut config = snapshot.config.clone();
         request.overrides.apply(&mut config)?;
         config.validate(config::MAX_VCPUS, config::host_memory_bytes())?;
@@ -377,6 +391,7 @@ impl Controller {
             dir: PathBuf::from(r.dir),
             resume: r.resume,
             refresh_clock: false,
+            backend: None,
             overrides,
         };
         let snapshot = load_snapshot(&request.dir).map_err(|e| vmm_error_to_api(&e))?;

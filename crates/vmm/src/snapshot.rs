@@ -140,7 +140,7 @@ pub enum SnapshotError {
         expected: u64,
         found: u64,
     },
-    #[error("the snapshot is for the {found:?} back end; this VM would run on {expected:?} (use --backend {found_lower})")]
+    #[error("the snapshot was taken on the {found_lower} back end and can only be restored there, not on {expected:?} (use --backend {found_lower} or auto)")]
     Backend {
         expected: BackendKind,
         found: BackendKind,

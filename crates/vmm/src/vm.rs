@@ -614,7 +614,7 @@ fn restore_devices(
     Ok(())
 }
 
-fn backend_name(kind: BackendKind) -> &'static str {
+pub(crate) fn backend_name(kind: BackendKind) -> &'static str {
     match kind {
         BackendKind::Kvm => "kvm",
         BackendKind::Emu => "emu",
