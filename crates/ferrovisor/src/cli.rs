@@ -84,6 +84,11 @@ struct RunArgs {
     /// clones of one snapshot get their own.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["kernel", "initrd", "cmdline", "cpus", "memory", "config", "rng", "balloon", "deterministic"])]
     restore: Option<PathBuf>,
+    /// Queue this file's bytes on the serial console before the guest runs, as if typed at
+    /// once (with --deterministic, or a deterministic snapshot, the same input then gives the
+    /// same output on every run).
+    #[arg(long, value_name = "FILE")]
+    console_input: Option<PathBuf>,
     /// With --restore: leave the restored VM paused (resume it through the API).
     #[arg(long, requires = "restore")]
     paused: bool,
@@ -113,6 +118,15 @@ impl RunArgs {
     /// What to start: a VM to boot, a snapshot to restore, or an API socket to wait on.
     fn into_launch(self) -> Result<vmm::controller::Launch, UsageError> {
         let api_sock = self.api_sock.clone();
+        let console_input = self
+            .console_input
+            .as_ref()
+            .map(|p| {
+                std::fs::read(p).map_err(|e| {
+                    UsageError(format!("cannot read the console input file {p:?}: {e}"))
+                })
+            })
+            .transpose()?;
         if let Some(dir) = self.restore.clone() {
             let overrides = vmm::controller::Overrides {
                 disks: (!self.disk.is_empty()).then_some(self.disk),
@@ -129,11 +143,13 @@ impl RunArgs {
                     overrides,
                 }),
                 api_sock,
+                console_input,
             });
         }
         if api_sock.is_some() && self.kernel.is_none() && self.config.is_none() {
             return Ok(vmm::controller::Launch {
                 api_sock,
+                console_input,
                 ..Default::default()
             });
         }
@@ -141,6 +157,7 @@ impl RunArgs {
             config: Some(self.into_config()?),
             restore: None,
             api_sock,
+            console_input,
         })
     }
 

@@ -447,3 +447,142 @@ fn an_api_only_vmm_is_configured_started_and_killed_through_the_api() {
         "the API socket is removed when the VMM ends"
     );
 }
+
+/// Boots Debian's kernel on the emulator with a shell on the console (`extra` arguments
+/// after), waits for the prompt, snapshots it into `dir` and kills it.
+fn shell_snapshot(tmp: &TempDir, dir: &Path, extra: &[&str]) {
+    let mut args = counting_linux("256M", 1, 0, extra);
+    let cmdline = args.iter().position(|a| a == "--cmdline").unwrap() + 1;
+    args[cmdline] = "console=ttyS0 panic=-1 ferrovisor.shell=1".into();
+    let mut vmm = Vmm::start(&args, &tmp.0.join("shell.sock"));
+    vmm.wait_for("FERROVISOR-GUEST-READY");
+    vmm.wait_for(" # ");
+    ok(&vmm.ctl(&["pause"]), "pause");
+    ok(&vmm.ctl(&["snapshot", dir.to_str().unwrap()]), "snapshot");
+    ok(&vmm.ctl(&["kill"]), "kill");
+    let _ = vmm.finish();
+}
+
+/// Starts `ferrovisor run --restore DIR` with `input` queued on the console.
+fn clone_with_input(dir: &Path, tmp: &TempDir, name: &str, input: &str, extra: &[&str]) -> Child {
+    let input_file = tmp.file(&format!("{name}.in"), input.as_bytes());
+    let mut a = vec![
+        "run",
+        "--restore",
+        dir.to_str().unwrap(),
+        "--backend",
+        "emu",
+        "--console-input",
+        input_file.to_str().unwrap(),
+    ];
+    a.extend_from_slice(extra);
+    let mut child = spawn(&a);
+    drop(child.stdin.take());
+    child
+}
+
+#[test]
+fn twenty_clones_of_one_snapshot_each_answer_on_their_own_console() {
+    let tmp = TempDir::new("snap-clones");
+    let dir = tmp.0.join("snap");
+    shell_snapshot(&tmp, &dir, &[]);
+    let clones: Vec<Child> = (0..20)
+        .map(|i| {
+            let input = format!("echo clone-{i}-$((6 * 7))\npoweroff -f\n");
+            clone_with_input(&dir, &tmp, &format!("clone{i}"), &input, &[])
+        })
+        .collect();
+    for (i, c) in clones.into_iter().enumerate() {
+        let r = common::finish(c, Duration::from_secs(180));
+        assert_eq!(r.code, Some(0), "clone {i}: {}", r.stderr);
+        let want = format!("clone-{i}-42");
+        assert!(
+            r.stdout.lines().any(|l| l.trim_end() == want),
+            "clone {i} did not answer {want:?}:\n{}",
+            r.stdout
+        );
+    }
+}
+
+#[test]
+fn deterministic_clones_given_the_same_input_print_identical_bytes() {
+    let tmp = TempDir::new("snap-det");
+    let dir = tmp.0.join("snap");
+    shell_snapshot(&tmp, &dir, &["--deterministic", "--rng"]);
+    // Time, entropy and a little work: what could differ between runs.
+    let input = "cat /proc/uptime; date; head -c 16 /dev/hwrng | od -An -tx1; \
+                 head -c 16 /dev/urandom | od -An -tx1; i=0; while [ $i -lt 300 ]; do \
+                 i=$((i + 1)); done; echo done-$i; poweroff -f\n";
+    let outs: Vec<RunResult> = (0..3)
+        .map(|i| clone_with_input(&dir, &tmp, &format!("det{i}"), input, &[]))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|c| common::finish(c, Duration::from_secs(180)))
+        .collect();
+    for r in &outs {
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        assert!(r.stdout.contains("done-300"), "{}", r.stdout);
+    }
+    assert_eq!(outs[0].stdout, outs[1].stdout, "clones 0 and 1 differ");
+    assert_eq!(outs[0].stdout, outs[2].stdout, "clones 0 and 2 differ");
+}
+
+#[test]
+fn disk_writes_before_and_after_a_snapshot_are_both_on_the_disk() {
+    let tmp = TempDir::new("snap-disk");
+    let root = common::root_copy(&tmp);
+    let sock = tmp.0.join("api.sock");
+    let args = common::root_guest_args(&root, "256M", &[]);
+    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
+    a.extend_from_slice(&["--api-sock", sock.to_str().unwrap()]);
+    let mut child = spawn(&a);
+    let out = stream_stdout(&mut child);
+    let mut seen = String::new();
+    assert!(
+        wait_for_output(&out, &mut seen, "FERROVISOR-ROOT-READY", BOOT_TIMEOUT),
+        "{seen}"
+    );
+    {
+        use std::io::Write;
+        let stdin = child.stdin.as_mut().unwrap();
+        stdin
+            .write_all(b"echo before-snap > /before.txt; sync; echo WROTE-$((1 + 1))\n")
+            .unwrap();
+    }
+    assert!(
+        wait_for_output(&out, &mut seen, "WROTE-2", BOOT_TIMEOUT),
+        "{seen}"
+    );
+    let dir = tmp.0.join("snap");
+    ok(&ctl(&sock, &["pause"]), "pause");
+    ok(
+        &ctl(&sock, &["snapshot", dir.to_str().unwrap()]),
+        "snapshot",
+    );
+    ok(&ctl(&sock, &["kill"]), "kill");
+    let _ = common::finish(child, Duration::from_secs(10));
+
+    let clone = clone_with_input(
+        &dir,
+        &tmp,
+        "disk",
+        "echo after-snap > /after.txt; sync; cat /before.txt; poweroff -f\n",
+        &[],
+    );
+    let r = common::finish(clone, Duration::from_secs(120));
+    assert_eq!(r.code, Some(0), "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("before-snap"), "{}", r.stdout);
+    for (file, want) in [("/before.txt", "before-snap"), ("/after.txt", "after-snap")] {
+        let o = std::process::Command::new("debugfs")
+            .args(["-R", &format!("cat {file}")])
+            .arg(&root)
+            .output()
+            .expect("debugfs (e2fsprogs) is needed for this test");
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).trim(),
+            want,
+            "{file}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}

@@ -162,6 +162,18 @@ pub struct DiskConfig {
     pub serial: Option<String>,
 }
 
+impl DiskConfig {
+    /// The serial the guest reads: the one given, or the image's file name.
+    pub fn effective_serial(&self) -> String {
+        self.serial.clone().unwrap_or_else(|| {
+            self.path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
+    }
+}
+
 /// A MAC address, written `52:54:00:12:34:56`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct MacAddr(pub [u8; 6]);

@@ -32,6 +32,11 @@ pub struct Launch {
     /// Serve the control API on this unix socket. Without `config` or `restore`, the VMM
     /// waits there to be configured.
     pub api_sock: Option<PathBuf>,
+    /// Bytes queued on the serial console before the guest runs, as if typed at once. The
+    /// guest takes them when it reads the UART, so in deterministic mode the same input gives
+    /// the same output on every run (input typed while the guest runs arrives whenever the
+    /// host delivers it).
+    pub console_input: Option<Vec<u8>>,
 }
 
 /// A restore: which snapshot, and what to change about the machine it describes.
@@ -82,7 +87,16 @@ impl Overrides {
             }
             Ok(())
         }
+        // The guest has seen each disk's serial: a clone's copy keeps it unless told otherwise.
+        let serials: Vec<String> = config
+            .disks
+            .iter()
+            .map(DiskConfig::effective_serial)
+            .collect();
         replace("disk", &mut config.disks, &self.disks)?;
+        for (disk, serial) in config.disks.iter_mut().zip(serials) {
+            disk.serial.get_or_insert(serial);
+        }
         replace("network interface", &mut config.nets, &self.nets)?;
         if let Some(v) = &self.vsock {
             if config.vsock.is_none() {
@@ -136,6 +150,7 @@ pub fn launch(launch: Launch) -> Result<Outcome, VmmError> {
         vm: None,
         events: tx,
         console: console_target,
+        console_input: launch.console_input,
     };
     if let Some((request, snapshot)) = restore {
         c.restore(&request, snapshot)?;
@@ -157,9 +172,25 @@ struct Controller {
     vm: Option<Vm>,
     events: Sender<VmEvent>,
     console: console::ConsoleTarget,
+    /// Input for the first VM built (see [`Launch::console_input`]).
+    console_input: Option<Vec<u8>>,
 }
 
 impl Controller {
+    /// Queues the launch's console input for the VM just built, before its vCPUs run.
+    fn queue_console_input(&mut self) {
+        if let Some(bytes) = self.console_input.take() {
+            if let Some((serial, input)) =
+                &*self.console.lock().expect("console target lock poisoned")
+            {
+                input.send(&bytes);
+                // Fill the receive FIFO (and raise its interrupt) now; the guest pulls the
+                // rest in as it reads, at points of its own instruction stream.
+                serial.lock().expect("serial lock poisoned").pull_input();
+            }
+        }
+    }
+
     /// Boots the configured VM.
     fn boot(&mut self) -> Result<(), VmmError> {
         let config = self.config.clone().expect("boot needs a config");
@@ -176,6 +207,7 @@ impl Controller {
             self.events.clone(),
             &self.console,
         )?;
+        self.queue_console_input();
         vm.start()?;
         self.hv = Some(hv);
         self.vm = Some(vm);
@@ -226,6 +258,7 @@ impl Controller {
             self.events.clone(),
             &self.console,
         )?;
+        self.queue_console_input();
         if request.resume {
             vm.start()?;
         }
@@ -449,6 +482,21 @@ mod tests {
         };
         let err = o.apply(&mut c).unwrap_err().to_string();
         assert!(err.contains("2 disk"), "{err}");
+        let mut c = config();
+        let o = Overrides {
+            disks: Some(vec![
+                "path=/copy/a".parse().unwrap(),
+                "path=/copy/b,serial=mine".parse().unwrap(),
+            ]),
+            ..Default::default()
+        };
+        o.apply(&mut c).unwrap();
+        assert_eq!(
+            c.disks[0].serial.as_deref(),
+            Some("a"),
+            "a copy keeps the serial"
+        );
+        assert_eq!(c.disks[1].serial.as_deref(), Some("mine"));
         let mut c = VmConfig::new("/k".into());
         let o = Overrides {
             vsock: Some("cid=3,uds=/tmp/v".parse().unwrap()),
