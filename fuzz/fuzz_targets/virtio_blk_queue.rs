@@ -50,7 +50,8 @@ use virtio::block::{Block, BlockCounters};
 use virtio::{features, Activation, VirtioDevice};
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use hypervisor::GuestMemoryMmap;
 
 const DESC_TABLE: u64 = 0x0;
 const AVAIL: u64 = 0x100;

@@ -21,7 +21,8 @@ use virtio::block::request::{
     parse, ranges, Range, Request, RequestType, Segment, MAX_DATA, RANGE_LEN,
 };
 use virtio_bindings::virtio_blk::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use hypervisor::GuestMemoryMmap;
 
 const HEADER: u64 = 16;
 

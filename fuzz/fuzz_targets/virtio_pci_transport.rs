@@ -51,7 +51,8 @@ use virtio::block::Block;
 use virtio::pci::VirtioPci;
 use virtio::VirtioDevice;
 use virtio_bindings::virtio_blk::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use hypervisor::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// BAR 0 layout (from the capabilities the transport offers; checked at start).

@@ -26,7 +26,8 @@ use virtio::vsock::packet::{
     classify, read_tx, Header, Op, PacketError, RxBuffer, Verdict, HEADER_LEN, HOST_CID,
     MAX_PAYLOAD, TYPE_STREAM,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
+use hypervisor::GuestMemoryMmap;
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);

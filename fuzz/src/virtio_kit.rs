@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use virtio::VirtioInterrupt;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use hypervisor::GuestRegionMmap;
+use vm_memory::{Bytes, GuestAddress, MmapRegion};
+use hypervisor::GuestMemoryMmap;
 
 /// Guest RAM of the targets: two adjacent regions (a buffer may run from one into the next,
 /// which the host sees as two mappings), a hole, and a third region; 64 KiB in all.

@@ -4,8 +4,9 @@
 use hypervisor::x86_64::bits::{
     CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED,
 };
+use hypervisor::GuestMemoryMmap;
 use hypervisor::{DescriptorTable, Regs, Segment, Sregs};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::layout::{
     APIC_START, BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START,

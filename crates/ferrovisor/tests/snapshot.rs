@@ -586,3 +586,117 @@ fn disk_writes_before_and_after_a_snapshot_are_both_on_the_disk() {
         );
     }
 }
+
+/// Allocated bytes of `dir`'s memory file.
+fn memory_allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(memory_file(dir)).unwrap().blocks() * 512
+}
+
+/// Takes a full snapshot then two diffs while `vmm` counts (pausing for each, resuming
+/// between), killing it after the last; the console output and the three directories.
+fn full_then_two_diffs(
+    mut vmm: Vmm,
+    tmp: &TempDir,
+    prefix: &str,
+    step: u64,
+) -> (String, [PathBuf; 3]) {
+    let dirs = ["a", "b", "c"].map(|n| tmp.0.join(n));
+    let mut at = step;
+    for (i, dir) in dirs.iter().enumerate() {
+        vmm.wait_for(&format!("{prefix}count {at}\r\n"));
+        ok(&vmm.ctl(&["pause"]), "pause");
+        let d = dir.to_str().unwrap();
+        let args: Vec<&str> = if i == 0 {
+            vec!["snapshot", d]
+        } else {
+            vec!["snapshot", "--diff", d]
+        };
+        ok(&vmm.ctl(&args), "snapshot");
+        if i < 2 {
+            ok(&vmm.ctl(&["resume"]), "resume");
+        }
+        at += step;
+    }
+    // A diff into a directory the chain uses would destroy it.
+    let r = vmm.ctl(&["snapshot", "--diff", dirs[1].to_str().unwrap()]);
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("new directory"), "{}", r.stderr);
+    ok(&vmm.ctl(&["kill"]), "kill");
+    (vmm.finish().0, dirs)
+}
+
+#[test]
+fn emu_diff_snapshot_chain_of_three_restores_and_holds_only_written_pages() {
+    let tmp = TempDir::new("snap-diff");
+    let sock = tmp.0.join("api.sock");
+    let vmm = Vmm::start(&counting_linux("256M", 1, 100, &[]), &sock);
+    let (before, [a, b, c]) = full_then_two_diffs(vmm, &tmp, "", 3);
+    let full = memory_allocated(&a);
+    for d in [&b, &c] {
+        let diff = memory_allocated(d);
+        assert!(
+            diff * 8 < full,
+            "a diff holds {diff} bytes, the full snapshot {full}"
+        );
+    }
+    // The last diff restores to where the guest was when it was taken.
+    restore_and_check(&c, &before, 3, &[], "restore-diff");
+    // Restoring the middle one goes back to its own point: the counts up to its pause.
+    let upto = |out: &str, n: u64| -> String {
+        let end = out
+            .find(&format!("count {}\r\n", n + 1))
+            .unwrap_or(out.len());
+        out[..end].to_string()
+    };
+    let r = common::run(
+        &["run", "--restore", b.to_str().unwrap(), "--backend", "emu"],
+        b"",
+        Duration::from_secs(4),
+    );
+    let first_after_b = *counts(&r.stdout)
+        .first()
+        .expect("the restored guest counts");
+    let joined = format!("{}{}", upto(&before, first_after_b - 1), r.stdout);
+    assert_contiguous(&joined);
+}
+
+#[test]
+fn kvm_diff_snapshot_chain_of_three_restores() {
+    if common::skip_without_kvm("kvm_diff_snapshot_chain_of_three_restores") {
+        return;
+    }
+    let tmp = TempDir::new("snap-kvm-diff");
+    let guest = common::test_guest_bzimage();
+    let args: Vec<String> = [
+        "run",
+        "--backend",
+        "kvm",
+        "--kernel",
+        guest.to_str().unwrap(),
+        "--cmdline",
+        "console=ttyS0 ftg.count=forever ftg.count_ms=20",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let vmm = Vmm::start(&args, &tmp.0.join("api.sock"));
+    let (before, [a, _, c]) = full_then_two_diffs(vmm, &tmp, "ftg: ", 10);
+    assert!(memory_allocated(&c) < memory_allocated(&a));
+    let strip = |s: &str| s.replace("ftg: count ", "count ");
+    let before = strip(&before);
+    let last = *counts(&before).last().unwrap();
+    let mut r = Vmm::start(
+        &[
+            "run".into(),
+            "--restore".into(),
+            c.display().to_string(),
+            "--backend".into(),
+            "kvm".into(),
+        ],
+        &tmp.0.join("api2.sock"),
+    );
+    r.wait_for(&format!("ftg: count {}\r\n", last + 10));
+    let (after, _) = r.finish();
+    assert_contiguous(&format!("{before}{}", strip(&after)));
+}

@@ -15,6 +15,13 @@ use std::sync::Arc;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
+/// Guest RAM as the VMM maps it: vm-memory's mmap regions with a dirty bitmap, which marks
+/// every page the VMM's own code (devices, boot loading) writes through vm-memory, for diff
+/// snapshots; pages the vCPUs write are tracked by the back end ([`Vm::take_dirty_log`]).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
+
 pub use x86_64::{CpuidEntry, DescriptorTable, Fpu, MsrEntry, Regs, Segment, Sregs};
 
 /// Which back end runs the vCPUs.

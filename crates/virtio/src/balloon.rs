@@ -35,8 +35,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use hypervisor::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::state::{decode, encode, same};
@@ -591,6 +592,9 @@ fn host_range(mem: &GuestMemoryMmap, first: u64, count: u64) -> Option<*mut u8> 
     let addr = first.checked_shl(PAGE_SHIFT)?;
     let len = usize::try_from(count.checked_shl(PAGE_SHIFT)?).ok()?;
     let slice = GuestMemoryBackend::get_slice(mem, GuestAddress(addr), len).ok()?;
+    // Discarded pages read back as zeros (or as the snapshot file's bytes, for memory a
+    // restore mapped privately): their contents change, as if written.
+    vm_memory::bitmap::Bitmap::mark_dirty(slice.bitmap(), 0, len);
     let ptr = slice.ptr_guard_mut().as_ptr();
     // Guest RAM is mapped page-aligned; anything else is not a page to discard.
     (ptr as usize)
@@ -1173,7 +1177,7 @@ mod tests {
         use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
         use virtio_queue::mock::MockSplitQueue;
 
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
         // Page 0x20 holds data that must read as zeros after the discard.
         mem.write_slice(&[0x5a; 4096], GuestAddress(0x20 << 12))
             .unwrap();

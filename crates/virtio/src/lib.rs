@@ -15,8 +15,8 @@
 
 use std::sync::Arc;
 
+use hypervisor::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 pub mod balloon;
 pub mod block;
@@ -141,6 +141,11 @@ pub(crate) fn guest_iovecs(
     for (addr, len) in bufs {
         for slice in mem.get_slices(addr, len, access).map_err(bad)? {
             let slice = slice.map_err(bad)?;
+            if access.allow(vm_memory::Permissions::Write) {
+                // The device will write here behind vm-memory's back: record it for diff
+                // snapshots as vm-memory's own writes are.
+                vm_memory::bitmap::Bitmap::mark_dirty(slice.bitmap(), 0, slice.len());
+            }
             out.push(libc::iovec {
                 iov_base: slice.ptr_guard_mut().as_ptr().cast(),
                 iov_len: slice.len(),

@@ -1,8 +1,9 @@
 //! virtio-rng (virtio 1.2, 5.4): an entropy source fed from the host's `getrandom`. The driver
 //! posts device-writable buffers; each is filled (up to [`MAX_FILL`] bytes) and returned.
 
+use hypervisor::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use crate::state::{decode, encode};
 use crate::{

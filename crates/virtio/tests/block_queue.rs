@@ -13,13 +13,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hypervisor::GuestMemoryMmap;
 use virtio::block::Block;
 use virtio::{features, Activation, VirtioDevice, VirtioInterrupt};
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 mod support;
 
@@ -603,12 +604,13 @@ mod transport {
     use std::sync::{Arc, Mutex};
 
     use devices::pci::PciDevice;
+    use hypervisor::GuestMemoryMmap;
     use hypervisor::{MsiMessage, Vm};
     use virtio::block::Block;
     use virtio::pci::VirtioPci;
     use virtio::VirtioDevice;
     use virtio_bindings::virtio_blk::*;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::support::FakeVm;
     use super::{header, memory, TempImage, SECTOR};

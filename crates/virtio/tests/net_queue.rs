@@ -8,11 +8,12 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use hypervisor::GuestMemoryMmap;
 use virtio::net::{Net, SeqPacket, MAX_RX_FRAME, VNET_HDR_LEN};
 use virtio::{features, Activation, VirtioDevice, VirtioInterrupt};
 use virtio_bindings::virtio_net::*;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use hypervisor::GuestMemoryMmap;
 use hypervisor::MsiMessage;
 use support::{copy_memory, memory, Machine, Ring, Snapshot, DEVICE_CFG, MSIX_TABLE, NOTIFY};
 use virtio::balloon::Balloon;
@@ -21,7 +22,7 @@ use virtio::vsock::Vsock;
 use virtio::{features, StateError, VirtioDevice};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_net::*;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const SECTOR: usize = 512;
 /// Request buffers live from here on (rings are below, 0x4000 per queue).

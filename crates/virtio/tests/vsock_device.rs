@@ -10,13 +10,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use hypervisor::GuestMemoryMmap;
 use virtio::vsock::muxer::MAX_CONTROL_BACKLOG;
 use virtio::vsock::packet::{shutdown, Header, Op, HEADER_LEN, HOST_CID, TYPE_STREAM};
 use virtio::vsock::Vsock;
 use virtio::{features, Activation, VirtioDevice, VirtioInterrupt};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;

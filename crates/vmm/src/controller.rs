@@ -356,16 +356,8 @@ impl Controller {
             ApiRequest::Pause => (done(self.vm_mut().pause()), None),
             ApiRequest::Resume => (done(self.vm_mut().start()), None),
             ApiRequest::Snapshot(s) => {
-                if s.diff {
-                    return (
-                        Err(ApiError::bad_request(
-                            "diff snapshots are not supported yet; take a full snapshot (diff: false)",
-                        )),
-                        None,
-                    );
-                }
                 let dir = PathBuf::from(&s.dir);
-                (done(self.vm_mut().snapshot(&dir)), None)
+                (done(self.vm_mut().snapshot(&dir, s.diff)), None)
             }
             ApiRequest::Restore(r) => (self.restore_from_api(r), None),
             ApiRequest::Kill => {

@@ -131,6 +131,8 @@ pub enum VmmError {
     MapSnapshotMemory(String),
     #[error("cannot save the VM: {0}")]
     SaveState(String),
+    #[error("cannot take this snapshot: {0}")]
+    SnapshotRefused(String),
     #[error("cannot restore the VM: {0}")]
     RestoreState(String),
     #[error("cannot serve the control API")]
@@ -164,7 +166,10 @@ impl VmmError {
             ),
             VmmError::AllocateMemory(_) => true,
             VmmError::Vsock(e) => e.is_usage_error(),
-            VmmError::Snapshot(_) | VmmError::RestoreState(_) | VmmError::Api(_) => true,
+            VmmError::Snapshot(_)
+            | VmmError::RestoreState(_)
+            | VmmError::SnapshotRefused(_)
+            | VmmError::Api(_) => true,
             VmmError::Balloon(e) => e.is_usage_error(),
             _ => false,
         }

@@ -66,7 +66,25 @@ pub struct MemoryLayout {
     pub regions: Vec<RegionLayout>,
     /// The memory file's length: a file of another length is refused.
     pub file_len: u64,
+    /// For a diff snapshot: the snapshot it builds on and which pages this one's memory file
+    /// holds; `None` for a full snapshot, whose file holds every page.
+    #[serde(default)]
+    pub diff: Option<DiffMemory>,
 }
+
+/// What a diff snapshot's memory file holds: the pages written since its parent was taken.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffMemory {
+    /// The snapshot directory this one builds on (full or diff), as an absolute path.
+    pub parent: PathBuf,
+    /// Runs of pages in this snapshot's memory file, `(first page, count)` in file page
+    /// numbers, sorted. Every other page is the parent's.
+    pub runs: Vec<(u64, u64)>,
+}
+
+/// The longest chain of diff snapshots a restore follows (a guard against cycles).
+pub const MAX_CHAIN: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,6 +114,7 @@ impl MemoryLayout {
             file,
             regions,
             file_len: file_offset,
+            diff: None,
         }
     }
 }
@@ -304,6 +323,100 @@ pub unsafe fn write_memory(
         }
         Ok(())
     })
+}
+
+/// Writes the pages of guest memory that `runs` names (file page numbers, as in
+/// [`DiffMemory::runs`]) into `dir`'s memory file, for a diff snapshot. Pages outside the
+/// runs are holes, read from the parent on restore.
+///
+/// # Safety
+/// As [`write_memory`].
+pub unsafe fn write_memory_runs(
+    dir: &Path,
+    layout: &MemoryLayout,
+    regions: &[HostRegion],
+    runs: &[(u64, u64)],
+) -> Result<(), SnapshotError> {
+    fs::create_dir_all(dir).map_err(SnapshotError::io("create the directory", dir))?;
+    let path = dir.join(&layout.file);
+    write_atomically(&path, |file| {
+        file.set_len(layout.file_len)?;
+        for &(first, count) in runs {
+            let (start, end) = (first * PAGE as u64, (first + count) * PAGE as u64);
+            for (r, host) in layout.regions.iter().zip(regions) {
+                let (lo, hi) = (start.max(r.file_offset), end.min(r.file_offset + r.len));
+                if lo >= hi {
+                    continue;
+                }
+                let at = (lo - r.file_offset) as usize;
+                // SAFETY: `at..at + (hi - lo)` lies within the region, which the caller
+                // guarantees readable and not written meanwhile.
+                let bytes =
+                    unsafe { std::slice::from_raw_parts(host.host.add(at), (hi - lo) as usize) };
+                file.write_all_at(bytes, lo)?;
+            }
+        }
+        Ok(())
+    })
+}
+
+/// `(first, count)` runs of the set bits of per-region page bitmaps, as file page numbers of
+/// `layout`.
+pub fn dirty_runs(layout: &MemoryLayout, bitmaps: &[Vec<u64>]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (r, bits) in layout.regions.iter().zip(bitmaps) {
+        let base = r.file_offset / PAGE as u64;
+        let pages = r.len / PAGE as u64;
+        for (w, word) in bits.iter().enumerate() {
+            let mut word = *word;
+            while word != 0 {
+                let bit = u64::from(word.trailing_zeros());
+                word &= word - 1;
+                let page = w as u64 * 64 + bit;
+                if page >= pages {
+                    break;
+                }
+                match runs.last_mut() {
+                    Some((first, count)) if *first + *count == base + page => *count += 1,
+                    _ => runs.push((base + page, 1)),
+                }
+            }
+        }
+    }
+    runs
+}
+
+/// The snapshots a restore of `dir` reads memory from, base (full) first: `dir` itself when
+/// it is full, else its chain of parents. Each must describe the same memory layout.
+pub fn memory_chain(
+    dir: &Path,
+    snapshot: &Snapshot,
+) -> Result<Vec<(PathBuf, MemoryLayout)>, SnapshotError> {
+    let mut chain = vec![(dir.to_owned(), snapshot.memory.clone())];
+    while let Some(diff) = chain.last().and_then(|(_, l)| l.diff.clone()) {
+        if chain.len() > MAX_CHAIN {
+            return Err(SnapshotError::Parse {
+                path: dir.join(STATE_FILE),
+                why: format!("its chain of diff snapshots is longer than {MAX_CHAIN} (a cycle?)"),
+            });
+        }
+        let parent = read_state(&diff.parent)?;
+        let (a, b) = (&parent.memory, &snapshot.memory);
+        if a.regions.len() != b.regions.len()
+            || a.file_len != b.file_len
+            || a.regions.iter().zip(&b.regions).any(|(x, y)| {
+                x.guest_addr != y.guest_addr || x.len != y.len || x.file_offset != y.file_offset
+            })
+        {
+            return Err(SnapshotError::Parse {
+                path: diff.parent.join(STATE_FILE),
+                why: "its memory layout differs from the diff snapshot built on it".into(),
+            });
+        }
+        chain.push((diff.parent.clone(), parent.memory));
+    }
+    chain.reverse();
+    Ok(chain)
 }
 
 /// Writes the pages of `bytes` that are not all zeros at `offset..` of `file` (whose length is

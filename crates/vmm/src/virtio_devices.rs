@@ -5,6 +5,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use devices::pci::{PciDevice, PciRoot};
+use hypervisor::GuestMemoryMmap;
 use virtio::balloon::Balloon;
 use virtio::block::Block;
 use virtio::net::{Net, Tap};
@@ -12,7 +13,6 @@ use virtio::pci::VirtioPci;
 use virtio::rng::Rng;
 use virtio::vsock::Vsock;
 use virtio::VirtioDevice;
-use vm_memory::GuestMemoryMmap;
 
 use crate::config::VmConfig;
 use crate::event_loop::EventLoop;

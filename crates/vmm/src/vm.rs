@@ -4,7 +4,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
@@ -20,9 +20,10 @@ use devices::legacy::serial::{COM1_BASE, COM1_IRQ, SERIAL_PORT_LEN};
 use devices::legacy::{Rtc, Serial, I8042};
 use devices::pci::{PciRoot, PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN};
 use devices::{GuestEvent, GuestEventSink, InterruptLine};
+use hypervisor::GuestMemoryMmap;
 use hypervisor::{BackendKind, Fpu, Hypervisor, IrqLine, MemoryRegion, Vcpu};
 use virtio::pci::VirtioPci;
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::signal::Killable;
 
 use crate::config::{ConfigError, VmConfig};
@@ -86,6 +87,11 @@ pub struct Vm {
     config: VmConfig,
     backend: BackendKind,
     state: RunState,
+    /// The snapshot directories this VM's memory matches as of the last snapshot or restore,
+    /// base first: what a diff snapshot builds on. Empty until the first one.
+    chain: Vec<PathBuf>,
+    /// The back end logs the pages the vCPUs write (since the last snapshot or restore).
+    dirty_logging: bool,
 }
 
 /// How a VM starts: booting a kernel, or from a snapshot.
@@ -208,12 +214,15 @@ fn load_guest(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<BootCpuState, 
 }
 
 /// Guest RAM mapped privately (copy-on-write) from a snapshot's memory file: nothing is read
-/// until the guest touches it, so this takes the same time for any memory size.
+/// until the guest touches it, so this takes the same time for any memory size. For a diff
+/// snapshot the base of its chain is mapped and each diff's pages are copied over it, oldest
+/// first. Returns the memory and the chain's directories.
 fn map_memory_file(
     dir: &Path,
-    layout: &snapshot::MemoryLayout,
+    snapshot: &Snapshot,
     regions: &[(vm_memory::GuestAddress, usize)],
-) -> Result<GuestMemoryMmap, VmmError> {
+) -> Result<(GuestMemoryMmap, Vec<PathBuf>), VmmError> {
+    let layout = &snapshot.memory;
     let matches = layout.regions.len() == regions.len()
         && layout
             .regions
@@ -226,9 +235,11 @@ fn map_memory_file(
             why: "its memory regions do not match its configured memory size".into(),
         }));
     }
-    let file = Arc::new(snapshot::open_memory(dir, layout).map_err(VmmError::Snapshot)?);
+    let chain = snapshot::memory_chain(dir, snapshot).map_err(VmmError::Snapshot)?;
+    let (base_dir, base) = &chain[0];
+    let file = Arc::new(snapshot::open_memory(base_dir, base).map_err(VmmError::Snapshot)?);
     let mut mapped = Vec::with_capacity(regions.len());
-    for r in &layout.regions {
+    for r in &base.regions {
         let mapping = vm_memory::MmapRegion::build(
             Some(vm_memory::FileOffset::from_arc(file.clone(), r.file_offset)),
             r.len as usize,
@@ -241,7 +252,50 @@ fn map_memory_file(
                 .ok_or_else(|| VmmError::MapSnapshotMemory("region overflows".into()))?;
         mapped.push(region);
     }
-    GuestMemoryMmap::from_regions(mapped).map_err(|e| VmmError::MapSnapshotMemory(e.to_string()))
+    let mem = GuestMemoryMmap::from_regions(mapped)
+        .map_err(|e| VmmError::MapSnapshotMemory(e.to_string()))?;
+    for (diff_dir, diff) in &chain[1..] {
+        apply_diff(&mem, diff_dir, diff)?;
+    }
+    let dirs = chain
+        .iter()
+        .map(|(d, _)| d.canonicalize().unwrap_or_else(|_| d.clone()))
+        .collect();
+    Ok((mem, dirs))
+}
+
+/// Copies a diff snapshot's pages over `mem`.
+fn apply_diff(
+    mem: &GuestMemoryMmap,
+    dir: &Path,
+    layout: &snapshot::MemoryLayout,
+) -> Result<(), VmmError> {
+    use std::os::unix::fs::FileExt;
+    let file = snapshot::open_memory(dir, layout).map_err(VmmError::Snapshot)?;
+    let runs = layout.diff.as_ref().map_or(&[][..], |d| &d.runs[..]);
+    let page = 4096u64;
+    for &(first, count) in runs {
+        let (start, end) = (first * page, (first + count) * page);
+        for (r, region) in layout.regions.iter().zip(mem.iter()) {
+            let (lo, hi) = (start.max(r.file_offset), end.min(r.file_offset + r.len));
+            if lo >= hi {
+                continue;
+            }
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(lo - r.file_offset))
+                .map_err(VmmError::GuestMemory)?;
+            // SAFETY: `host .. host + (hi - lo)` lies within the region's mapping (checked
+            // above against its length), which no vCPU or device uses yet.
+            let bytes = unsafe { std::slice::from_raw_parts_mut(host, (hi - lo) as usize) };
+            file.read_exact_at(bytes, lo)
+                .map_err(|source| VmmError::OpenFile {
+                    what: "diff snapshot memory file",
+                    path: dir.join(&layout.file),
+                    source,
+                })?;
+        }
+    }
+    Ok(())
 }
 
 impl Vm {
@@ -254,6 +308,7 @@ impl Vm {
         console: &ConsoleTarget,
     ) -> Result<Vm, VmmError> {
         let vm = hv.create_vm().map_err(VmmError::Hypervisor)?;
+        let mut chain = Vec::new();
         let regions: Vec<_> = arch::e820::ram_regions(config.memory.bytes)
             .into_iter()
             .map(|(addr, len)| (addr, len as usize))
@@ -270,7 +325,9 @@ impl Vm {
                         found_lower: backend_name(snapshot.backend),
                     }));
                 }
-                map_memory_file(dir, &snapshot.memory, &regions)?
+                let (mem, dirs) = map_memory_file(dir, snapshot, &regions)?;
+                chain = dirs;
+                mem
             }
         };
         for (slot, region) in mem.iter().enumerate() {
@@ -393,7 +450,7 @@ impl Vm {
             }
         }
         let device_loop = device_loop.start().map_err(VmmError::EventLoop)?;
-        Ok(Vm {
+        let mut vm = Vm {
             device_loop,
             threads: Vec::new(),
             vcpus,
@@ -411,7 +468,34 @@ impl Vm {
             stop,
             config: config.clone(),
             state: RunState::Created,
-        })
+            chain: Vec::new(),
+            dirty_logging: false,
+        };
+        if !chain.is_empty() {
+            vm.track_changes_since(chain);
+        }
+        Ok(vm)
+    }
+
+    /// Starts a new record of changed pages: guest memory now matches the snapshots `chain`.
+    /// Called with no vCPU running.
+    fn track_changes_since(&mut self, chain: Vec<PathBuf>) {
+        let started = if self.dirty_logging {
+            self.vm.take_dirty_log().map(drop)
+        } else {
+            self.vm.start_dirty_log()
+        };
+        match started {
+            Ok(()) => self.dirty_logging = true,
+            Err(e) => {
+                tracing::warn!("cannot log dirty pages ({e}); diff snapshots are unavailable");
+                self.dirty_logging = false;
+            }
+        }
+        for region in self.mem.iter() {
+            std::ops::Deref::deref(region).bitmap().reset();
+        }
+        self.chain = chain;
     }
 
     pub fn state(&self) -> RunState {
@@ -479,8 +563,31 @@ impl Vm {
         }
     }
 
-    /// Writes a snapshot of this paused VM into `dir`.
-    pub fn snapshot(&mut self, dir: &Path) -> Result<(), VmmError> {
+    /// Writes a snapshot of this paused VM into `dir`: all of memory, or with `diff` only
+    /// the pages changed since the last snapshot or restore (which it builds on).
+    pub fn snapshot(&mut self, dir: &Path, diff: bool) -> Result<(), VmmError> {
+        let canonical = |d: &Path| {
+            std::fs::create_dir_all(d)
+                .and_then(|()| d.canonicalize())
+                .map_err(|source| VmmError::OpenFile {
+                    what: "snapshot directory",
+                    path: d.to_owned(),
+                    source,
+                })
+        };
+        let dir_abs = canonical(dir)?;
+        if diff {
+            if self.chain.is_empty() || !self.dirty_logging {
+                return Err(VmmError::SnapshotRefused(
+                    "a diff snapshot builds on an earlier snapshot of this VM (or the one it was restored from); take a full snapshot first".into(),
+                ));
+            }
+            if self.chain.contains(&dir_abs) {
+                return Err(VmmError::SnapshotRefused(format!(
+                    "{dir:?} holds a snapshot this diff builds on; write the diff into a new directory"
+                )));
+            }
+        }
         if self.vcpus.len() != self.config.cpus as usize {
             return Err(VmmError::RestoreState(
                 "a vCPU thread failed; the VM cannot be saved".into(),
@@ -495,7 +602,7 @@ impl Vm {
             .collect::<Result<Vec<_>, _>>()
             .map_err(VmmError::Hypervisor)?;
         let devices = self.save_devices()?;
-        let memory = snapshot::MemoryLayout::packed(
+        let mut memory = snapshot::MemoryLayout::packed(
             format!("{}{created_unix_ns}", snapshot::MEMORY_FILE_PREFIX),
             self.mem.iter().map(|r| (r.start_addr().0, r.len())),
         );
@@ -511,11 +618,23 @@ impl Vm {
                     .map_err(VmmError::GuestMemory)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        if diff {
+            let runs = snapshot::dirty_runs(&memory, &self.changed_pages()?);
+            memory.diff = Some(snapshot::DiffMemory {
+                parent: self.chain.last().expect("checked above").clone(),
+                runs,
+            });
+        }
         // SAFETY: the regions are `self.mem`'s mappings, alive while `self` is; no vCPU runs
         // (they are all parked in `self.vcpus`) and the device loop is parked, so nothing
         // writes guest memory while it is copied.
-        unsafe { snapshot::write_memory(dir, &memory, &host_regions) }
-            .map_err(VmmError::Snapshot)?;
+        unsafe {
+            match &memory.diff {
+                Some(d) => snapshot::write_memory_runs(dir, &memory, &host_regions, &d.runs),
+                None => snapshot::write_memory(dir, &memory, &host_regions),
+            }
+        }
+        .map_err(VmmError::Snapshot)?;
         let snap = Snapshot {
             ferrovisor_version: env!("CARGO_PKG_VERSION").to_string(),
             created_unix_ns,
@@ -528,7 +647,26 @@ impl Vm {
         };
         snapshot::write_state(dir, &snap).map_err(VmmError::Snapshot)?;
         snapshot::remove_stale_memory(dir, &snap.memory.file).map_err(VmmError::Snapshot)?;
+        let mut chain = if diff { self.chain.clone() } else { Vec::new() };
+        chain.push(dir_abs);
+        self.track_changes_since(chain);
         Ok(())
+    }
+
+    /// Pages changed since the last snapshot or restore, per region: those the vCPUs wrote
+    /// (the back end's log) and those the VMM wrote (vm-memory's bitmaps). Clears both.
+    fn changed_pages(&self) -> Result<Vec<Vec<u64>>, VmmError> {
+        let mut pages = self.vm.take_dirty_log().map_err(VmmError::Hypervisor)?;
+        for (bits, region) in pages.iter_mut().zip(self.mem.iter()) {
+            let vmm = std::ops::Deref::deref(region).bitmap().get_and_reset();
+            if bits.len() < vmm.len() {
+                bits.resize(vmm.len(), 0);
+            }
+            for (b, v) in bits.iter_mut().zip(vmm) {
+                *b |= v;
+            }
+        }
+        Ok(pages)
     }
 
     fn save_devices(&self) -> Result<DeviceStates, VmmError> {

@@ -7,7 +7,9 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use vm_memory::{GuestMemoryMmap, Permissions};
+use vm_memory::Permissions;
+
+use hypervisor::GuestMemoryMmap;
 
 use super::request::{Segment, SECTOR_SIZE};
 

@@ -14,8 +14,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use hypervisor::GuestMemoryMmap;
 use virtio_bindings::virtio_blk::*;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 use crate::state::{decode, encode, same};
 use crate::{

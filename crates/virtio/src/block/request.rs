@@ -214,7 +214,7 @@ pub fn ranges<M: GuestMemory>(mem: &M, data: &[Segment], max: usize) -> Option<V
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::GuestMemoryMmap;
+    use hypervisor::GuestMemoryMmap;
 
     use super::*;
 

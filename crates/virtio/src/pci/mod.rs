@@ -21,8 +21,9 @@ use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use devices::pci::{BarKind, PciConfiguration, PciDevice, PciError, PciIds};
+use hypervisor::GuestMemoryMmap;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::state::{device_name, same};

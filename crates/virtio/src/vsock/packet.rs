@@ -372,7 +372,7 @@ pub fn classify(h: &Header, guest_cid: u64) -> Verdict {
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::GuestMemoryMmap;
+    use hypervisor::GuestMemoryMmap;
 
     use super::*;
 

@@ -12,10 +12,11 @@ use std::sync::{Arc, Mutex};
 use devices::bus::Bus;
 use devices::pci::{PciRoot, PciRootState};
 use devices::BusDevice;
+use hypervisor::GuestMemoryMmap;
 use hypervisor::{HypervisorError, IrqLine, MemoryRegion, MsiMessage, MsiVector, Vcpu, Vm};
 use virtio::pci::{VirtioPci, VirtioPciState};
 use virtio::VirtioDevice;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 /// An MSI vector that records its messages and what it sent.
