@@ -700,3 +700,39 @@ fn kvm_diff_snapshot_chain_of_three_restores() {
     let (after, _) = r.finish();
     assert_contiguous(&format!("{before}{}", strip(&after)));
 }
+
+#[test]
+fn refresh_clock_moves_the_guest_clock_to_now_and_without_it_time_stands_still() {
+    let tmp = TempDir::new("snap-clock");
+    let dir = tmp.0.join("snap");
+    shell_snapshot(&tmp, &dir, &[]);
+    let taken = unix_now();
+    std::thread::sleep(Duration::from_secs(4));
+    let input = "echo now=$(date +%s)\npoweroff -f\n";
+    let guest_now = |extra: &[&str], name: &str| -> (u64, u64) {
+        let c = clone_with_input(&dir, &tmp, name, input, extra);
+        let r = common::finish(c, Duration::from_secs(120));
+        assert_eq!(r.code, Some(0), "{}", r.stderr);
+        let now = common::console_value(&r.stdout, "now")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no now= line in {}", r.stdout));
+        (now, unix_now())
+    };
+    let (stale, host) = guest_now(&[], "stale");
+    assert!(
+        stale + 3 <= host && stale <= taken + 2,
+        "without --refresh-clock the guest should be at the snapshot's time: guest {stale}, snapshot {taken}, host {host}"
+    );
+    let (fresh, host) = guest_now(&["--refresh-clock"], "fresh");
+    assert!(
+        fresh + 2 >= host && fresh <= host,
+        "with --refresh-clock the guest should be at the host's time: guest {fresh}, host {host}"
+    );
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}

@@ -281,11 +281,14 @@ fn write_atomically(
     path: &Path,
     fill: impl FnOnce(&mut File) -> io::Result<()>,
 ) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
+    // Owner-only: the files hold all of the guest's memory and state (keys, passwords).
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(0o600)
         .open(&tmp)
         .map_err(SnapshotError::io("create", &tmp))?;
     fill(&mut file).map_err(SnapshotError::io("write", &tmp))?;
@@ -517,6 +520,9 @@ mod tests {
         assert_eq!(s.memory.regions[1].file_offset, 8192);
         assert_eq!(s.memory.file_len, 12288);
         write_state(&dir, &s).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir.join(STATE_FILE)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "snapshots are owner-only");
         let back = read_state(&dir).unwrap();
         assert_eq!(back.memory, s.memory);
         assert_eq!(back.vm, s.vm);
