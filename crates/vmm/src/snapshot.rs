@@ -210,11 +210,23 @@ pub fn remove_stale_memory(dir: &Path, keep: &str) -> Result<(), SnapshotError> 
 /// Reads and checks `dir`'s state file.
 pub fn read_state(dir: &Path) -> Result<Snapshot, SnapshotError> {
     let path = dir.join(STATE_FILE);
-    let mut file = File::open(&path).map_err(SnapshotError::io("open", &path))?;
-    let mut header = [0u8; HEADER_LEN];
-    let got = read_up_to(&mut file, &mut header).map_err(SnapshotError::io("read", &path))?;
-    if got < MAGIC.len() || &header[..8] != MAGIC {
-        return Err(if got < MAGIC.len() && MAGIC.starts_with(&header[..got]) {
+    let file = File::open(&path).map_err(SnapshotError::io("open", &path))?;
+    // A header and the largest body one may announce, at most; the rest of a longer file is
+    // never read. The buffer grows with what the file holds, not with what its header claims.
+    let mut bytes = Vec::new();
+    file.take(HEADER_LEN as u64 + MAX_BODY_LEN)
+        .read_to_end(&mut bytes)
+        .map_err(SnapshotError::io("read", &path))?;
+    parse_state(&bytes, &path)
+}
+
+/// Checks and parses the bytes of a state file (`path` names it in errors): what
+/// [`read_state`] does once it has read the file. Bytes after the body are ignored.
+pub fn parse_state(bytes: &[u8], path: &Path) -> Result<Snapshot, SnapshotError> {
+    let path = path.to_owned();
+    let got = bytes.len();
+    if got < MAGIC.len() || &bytes[..8] != MAGIC {
+        return Err(if got < MAGIC.len() && MAGIC.starts_with(bytes) {
             SnapshotError::Truncated {
                 path,
                 what: format!("{got} bytes, not even a header"),
@@ -229,50 +241,36 @@ pub fn read_state(dir: &Path) -> Result<Snapshot, SnapshotError> {
             what: format!("{got} bytes of a {HEADER_LEN}-byte header"),
         });
     }
-    let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if version != FORMAT_VERSION {
         return Err(SnapshotError::Version {
             path,
             found: version,
         });
     }
-    let len = u64::from_le_bytes(header[12..20].try_into().expect("8 bytes"));
-    let crc = u32::from_le_bytes(header[20..24].try_into().expect("4 bytes"));
+    let len = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+    let crc = u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes"));
     if len > MAX_BODY_LEN {
         return Err(SnapshotError::Parse {
             path,
             why: format!("the header claims a {len}-byte body"),
         });
     }
-    let mut body = vec![0u8; len as usize];
-    let got = read_up_to(&mut file, &mut body).map_err(SnapshotError::io("read", &path))?;
-    if got < body.len() {
+    let rest = &bytes[HEADER_LEN..];
+    // Cannot truncate: bounded by MAX_BODY_LEN just above.
+    let Some(body) = rest.get(..len as usize) else {
         return Err(SnapshotError::Truncated {
             path,
-            what: format!("{got} of {len} body bytes"),
+            what: format!("{} of {len} body bytes", rest.len()),
         });
-    }
-    if crc32fast::hash(&body) != crc {
+    };
+    if crc32fast::hash(body) != crc {
         return Err(SnapshotError::Checksum(path));
     }
-    serde_json::from_slice(&body).map_err(|e| SnapshotError::Parse {
+    serde_json::from_slice(body).map_err(|e| SnapshotError::Parse {
         path,
         why: e.to_string(),
     })
-}
-
-/// Reads until `buf` is full or the file ends; how many bytes were read.
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// Writes a file through a temporary name in the same directory, synced, then renamed over
@@ -302,6 +300,9 @@ fn write_atomically(
 pub struct HostRegion {
     pub host: *const u8,
     pub len: usize,
+    /// Private anonymous memory: a page the host never backed reads as zeros, so it need
+    /// not be read at all (for a file mapping it would read as the file's bytes).
+    pub anonymous: bool,
 }
 
 /// Writes guest memory into `dir`'s memory file as `layout` places it, leaving all-zero
@@ -322,10 +323,56 @@ pub unsafe fn write_memory(
         for (r, host) in layout.regions.iter().zip(regions) {
             // SAFETY: the caller guarantees the range is readable and not written meanwhile.
             let bytes = unsafe { std::slice::from_raw_parts(host.host, host.len) };
-            write_nonzero_pages(file, r.file_offset, bytes)?;
+            match host.anonymous.then(|| resident_pages(host)).flatten() {
+                // Only the pages the guest touched: reading the others would make the host
+                // back each one, for zeros.
+                Some(resident) => {
+                    for (first, count) in runs_of(&resident) {
+                        let (lo, hi) = (first * PAGE, ((first + count) * PAGE).min(bytes.len()));
+                        write_nonzero_pages(file, r.file_offset + lo as u64, &bytes[lo..hi])?;
+                    }
+                }
+                None => write_nonzero_pages(file, r.file_offset, bytes)?,
+            }
         }
         Ok(())
     })
+}
+
+/// Which pages of `region` the host has backed (`mincore`), one flag per page; `None` if it
+/// cannot tell.
+fn resident_pages(region: &HostRegion) -> Option<Vec<bool>> {
+    if !(region.host as usize).is_multiple_of(PAGE) {
+        return None;
+    }
+    let mut vec = vec![0u8; region.len.div_ceil(PAGE)];
+    // SAFETY: the range is a mapping the caller vouches for (page-aligned, checked above);
+    // mincore writes one byte per page into `vec`, which has room for all of them.
+    let r = unsafe {
+        libc::mincore(
+            region.host as *mut libc::c_void,
+            region.len,
+            vec.as_mut_ptr(),
+        )
+    };
+    (r == 0).then(|| vec.iter().map(|b| b & 1 == 1).collect())
+}
+
+/// `(first, count)` runs of the set flags.
+fn runs_of(flags: &[bool]) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut start = None;
+    for (i, &f) in flags.iter().chain(std::iter::once(&false)).enumerate() {
+        match (f, start) {
+            (true, None) => start = Some(i),
+            (false, Some(s)) => {
+                runs.push((s, i - s));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    runs
 }
 
 /// Writes the pages of guest memory that `runs` names (file page numbers, as in
@@ -521,7 +568,10 @@ mod tests {
         assert_eq!(s.memory.file_len, 12288);
         write_state(&dir, &s).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(dir.join(STATE_FILE)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.join(STATE_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600, "snapshots are owner-only");
         let back = read_state(&dir).unwrap();
         assert_eq!(back.memory, s.memory);
@@ -562,6 +612,46 @@ mod tests {
     }
 
     #[test]
+    fn only_the_pages_an_anonymous_mapping_backs_are_read() {
+        let len = 64 * PAGE;
+        // SAFETY: a new private anonymous mapping, unmapped at the end of the test.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let mem = p.cast::<u8>();
+        // SAFETY: offsets inside the mapping.
+        unsafe {
+            *mem.add(3 * PAGE + 1) = 5;
+            *mem.add(40 * PAGE) = 6;
+        }
+        let region = HostRegion {
+            host: mem,
+            len,
+            anonymous: true,
+        };
+        let resident = resident_pages(&region).unwrap();
+        assert_eq!(runs_of(&resident), vec![(3, 1), (40, 1)]);
+        let dir = tempdir();
+        let layout = MemoryLayout::packed("memory-3".into(), [(0, len as u64)]);
+        // SAFETY: the mapping is alive and not written during the call.
+        unsafe { write_memory(&dir, &layout, &[region]) }.unwrap();
+        let back = fs::read(dir.join("memory-3")).unwrap();
+        assert_eq!((back[3 * PAGE + 1], back[40 * PAGE]), (5, 6));
+        assert_eq!(back.iter().map(|&b| u32::from(b)).sum::<u32>(), 11);
+        // SAFETY: unmaps the mapping made above; nothing uses it any more.
+        unsafe { libc::munmap(p, len) };
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn memory_is_written_sparse_and_checked_for_size() {
         let dir = tempdir();
         let mut a = vec![0u8; 4 * PAGE];
@@ -576,10 +666,12 @@ mod tests {
             HostRegion {
                 host: a.as_ptr(),
                 len: a.len(),
+                anonymous: false,
             },
             HostRegion {
                 host: b.as_ptr(),
                 len: b.len(),
+                anonymous: false,
             },
         ];
         // SAFETY: the vectors are alive and not written during the call.

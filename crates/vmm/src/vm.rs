@@ -614,6 +614,7 @@ impl Vm {
                     .map(|host| snapshot::HostRegion {
                         host,
                         len: r.len() as usize,
+                        anonymous: r.file_offset().is_none(),
                     })
                     .map_err(VmmError::GuestMemory)
             })
