@@ -795,6 +795,45 @@ static u32 start_aps(u32 bsp_id)
 	return n;
 }
 
+/* ------------------------------------------------------------------ keyboard */
+/*
+ * A VMM asks for a graceful shutdown by typing Ctrl-Alt-Del on the i8042's keyboard. Polled:
+ * the keyboard interrupt stays off. With the controller's scancode translation on (the power-on
+ * state), the codes are set 1: Ctrl 0x1d, Alt 0x38, Delete 0xe0 0x53, bit 7 set on release.
+ */
+static int kbd_ctrl, kbd_alt, kbd_extended;
+
+static int ctrl_alt_del_typed(void)
+{
+	/* No controller (QEMU microvm): the port floats to 0xff, "output full" forever. At most
+	 * a few bytes are read per call, so a missing or stuck controller cannot hang the count. */
+	for (int n = 0; n < 16; n++) {
+		u8 status = inb(0x64);
+		if (status == 0xff || !(status & 1))
+			break;
+		u8 b = inb(0x60);
+		if (b == 0xe0) {
+			kbd_extended = 1;
+			continue;
+		}
+		int down = !(b & 0x80), extended = kbd_extended;
+		kbd_extended = 0;
+		switch (b & 0x7f) {
+		case 0x1d:
+			kbd_ctrl = down;
+			break;
+		case 0x38:
+			kbd_alt = down;
+			break;
+		case 0x53:
+			if (extended && down && kbd_ctrl && kbd_alt)
+				return 1;
+			break;
+		}
+	}
+	return 0;
+}
+
 /* ------------------------------------------------------------------ main */
 static u64 fnv1a64(u64 a, u64 n)
 {
@@ -958,6 +997,10 @@ void ftg_main(int kind, u64 info)
 	for (u64 i = 1; forever || i <= count; i++) {
 		if (i > 1 && count_ms)
 			sleep_ms(count_ms, ok);
+		if (ctrl_alt_del_typed()) {
+			pr("ftg: shutdown request\n");
+			do_action("poweroff", 1);
+		}
 		pr("ftg: count %u\n", i);
 	}
 

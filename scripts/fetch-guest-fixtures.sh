@@ -19,7 +19,10 @@
 #   fixtures.sha256    sha256sum of the above
 #
 # The initramfs /init mounts proc, sys, devtmpfs and tmpfs, prints FERROVISOR-GUEST-READY
-# on the console and runs `poweroff -f`. Kernel command line switches:
+# on the console and runs `poweroff -f`. At any point a graceful-shutdown request (the VMM
+# types Ctrl-Alt-Del; /init sets /proc/sys/kernel/ctrl-alt-del to 0 first thing, so the kernel
+# sends it SIGINT) makes it print FERROVISOR-SHUTDOWN, sync and `poweroff -f`, within a count
+# interval or a shell session too. Kernel command line switches:
 #   ferrovisor.modules=1   insmod the virtio modules (lib/modules/<release>/modules.load)
 #                          before the marker
 #   ferrovisor.shell=1     after the marker, an interactive shell on the console instead
@@ -34,7 +37,10 @@
 #                          powers off.
 # rootfs.ext4's /sbin/init mounts what is not mounted yet, prints FERROVISOR-ROOT-READY and
 # "root: <its /proc/mounts line for />", then honours ferrovisor.shell=1 the same way and
-# powers off (after remounting / read-only). Boot a copy of rootfs.ext4: a read-write mount
+# powers off (after remounting / read-only). A shutdown request there prints
+# FERROVISOR-SHUTDOWN, stops every other process (TERM, then KILL), syncs, remounts /
+# read-only and powers off. (Between the initramfs's exec of switch_root and the root's init
+# setting its trap, a request is lost: the VMM's timeout covers that.) Boot a copy of rootfs.ext4: a read-write mount
 # changes the image, and a changed image fails fixtures.sha256 (the next run rebuilds it).
 #
 # Fast when nothing changed: if the outputs exist, verify against fixtures.sha256 and VERSION
@@ -44,7 +50,7 @@
 set -euo pipefail
 
 # Bump when the content of the outputs changes for the same packages (init script, layout).
-FIXTURE_FORMAT=5
+FIXTURE_FORMAT=6
 META_PKG=linux-image-cloud-amd64
 BUSYBOX_PKG=busybox-static
 MODULES=(virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev
@@ -70,7 +76,7 @@ for arg in "$@"; do
     case "$arg" in
         --force) force=1 ;;
         --update) update=1 ;;
-        -h|--help) sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,49p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "fetch-guest-fixtures: unknown option: $arg" >&2; exit 2 ;;
         *) [ -z "$dir" ] || { echo "fetch-guest-fixtures: more than one DIR" >&2; exit 2; }
            dir=$arg ;;
@@ -263,6 +269,15 @@ cat >"$st/init" <<'EOF'
 # Ferrovisor test initramfs (scripts/fetch-guest-fixtures.sh).
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
 mount -t proc proc /proc
+# Graceful shutdown: the VMM types Ctrl-Alt-Del. With ctrl-alt-del at 0 the kernel sends SIGINT
+# to PID 1 (this script) instead of rebooting at once.
+echo 0 >/proc/sys/kernel/ctrl-alt-del
+shutdown_request() {
+    echo FERROVISOR-SHUTDOWN
+    sync
+    poweroff -f
+}
+trap shutdown_request INT
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
@@ -346,13 +361,25 @@ if [ -n "$count_ms" ]; then
     while :; do
         i=$((i + 1))
         echo "count $i"
-        usleep $((count_ms * 1000))
+        # A trap runs only once a foreground command has ended, but it interrupts `wait`.
+        usleep $((count_ms * 1000)) &
+        wait $!
     done
 fi
 
 case "$cmdline" in
 *" ferrovisor.shell=1 "*)
-    setsid cttyhack sh || sh </dev/console >/dev/console 2>&1
+    # The shell runs apart from this script, which waits in `wait` so that a shutdown request
+    # is taken at once (a trap does not run while sh waits for a foreground command). It is
+    # started detached by `setsid setsid`, not with `&`: a background job would have SIGINT
+    # ignored, and Ctrl-C would not work in the shell. Its end comes back as SIGUSR1.
+    trap 'poweroff -f' USR1
+    setsid setsid sh -c \
+        'setsid cttyhack sh || sh </dev/console >/dev/console 2>&1; kill -USR1 1'
+    while :; do
+        sleep 3600 &
+        wait $!
+    done
     ;;
 esac
 poweroff -f
@@ -378,6 +405,23 @@ cat >"$rs/sbin/init" <<'EOF'
 # here with ferrovisor.root=DEV, after moving its /dev, /proc and /sys mounts in.
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root
 [ -e /proc/self ] || mount -t proc proc /proc
+# Graceful shutdown: the VMM types Ctrl-Alt-Del, which (with ctrl-alt-del at 0, as the
+# initramfs left it) the kernel turns into SIGINT for PID 1, this script.
+echo 0 >/proc/sys/kernel/ctrl-alt-del
+# Leave the file system clean: sync, and remount / read-only unless something holds it busy.
+power_off() {
+    sync
+    mount -o remount,ro / 2>/dev/null
+    poweroff -f
+}
+shutdown_request() {
+    echo FERROVISOR-SHUTDOWN
+    kill -TERM -1 2>/dev/null
+    sleep 0.2
+    kill -KILL -1 2>/dev/null
+    power_off
+}
+trap shutdown_request INT
 mounted() { grep -q "^[^ ]* $1 " /proc/mounts; }
 mounted /sys || mount -t sysfs sysfs /sys
 mounted /dev || mount -t devtmpfs devtmpfs /dev
@@ -389,13 +433,18 @@ echo "root: $(grep ' / ' /proc/mounts | tail -n1)"
 
 case "$cmdline" in
 *" ferrovisor.shell=1 "*)
-    setsid cttyhack sh || sh </dev/console >/dev/console 2>&1
+    # As in the initramfs: the shell runs detached, with its signals at their defaults, and
+    # this script waits where a shutdown request can interrupt it.
+    trap power_off USR1
+    setsid setsid sh -c \
+        'setsid cttyhack sh || sh </dev/console >/dev/console 2>&1; kill -USR1 1'
+    while :; do
+        sleep 3600 &
+        wait $!
+    done
     ;;
 esac
-# Leave the file system clean when nothing holds it busy.
-sync
-mount -o remount,ro / 2>/dev/null
-poweroff -f
+power_off
 EOF
 chmod 0755 "$rs/sbin/init"
 python3 "$tool" ext4 "$rs" "$out/rootfs.ext4" "$ROOTFS_SIZE" "$ROOTFS_LABEL" "$ROOTFS_UUID" \

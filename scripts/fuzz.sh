@@ -4,13 +4,14 @@
 #
 #   scripts/fuzz.sh [-t SECONDS] [-j JOBS] [--build-only] [TARGET[=SECONDS]...]
 #
-#   -t SECONDS    time per emulator target (default 60); each virtio and vsock target runs
-#                 half as long (at least 1 s), so CI's `-t 60` takes 2 x 60 + 5 x 30 s
+#   -t SECONDS    time per emulator target (default 60); each virtio, vsock and parser
+#                 (api_http, snapshot_state) target runs half as long (at least 1 s), so CI's
+#                 `-t 60` takes 2 x 60 + 7 x 30 s
 #   -j JOBS       parallel libFuzzer jobs per target (default 1)
 #   --build-only  build, run nothing
 #   TARGET        emu_exec, emu_decode_block, virtio_blk_request, virtio_blk_queue,
-#                 virtio_pci_transport, virtio_net, vsock_packet (default: all); TARGET=SECONDS runs it
-#                 that long
+#                 virtio_pci_transport, virtio_net, vsock_packet, api_http, snapshot_state
+#                 (default: all); TARGET=SECONDS runs it that long
 #
 # No nightly and no cargo-fuzz: the targets are built with plain `cargo build --release` and
 # the SanitizerCoverage flags cargo-fuzz passes (without a sanitizer, which needs nightly),
@@ -27,7 +28,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 FUZZ="$ROOT/fuzz"
 ALL_TARGETS=(emu_exec emu_decode_block virtio_blk_request virtio_blk_queue virtio_pci_transport
-             virtio_net vsock_packet)
+             virtio_net vsock_packet api_http snapshot_state)
 
 secs=60
 jobs=1
@@ -38,7 +39,7 @@ while [ $# -gt 0 ]; do
         -t) secs=${2:?-t needs a number of seconds}; shift 2 ;;
         -j) jobs=${2:?-j needs a number}; shift 2 ;;
         --build-only) build_only=1; shift ;;
-        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "fuzz.sh: unknown option: $1" >&2; exit 2 ;;
         *) targets+=("$1"); shift ;;
     esac
@@ -46,7 +47,7 @@ done
 [ ${#targets[@]} -gt 0 ] || targets=("${ALL_TARGETS[@]}")
 case "$secs" in ''|*[!0-9]*) echo "fuzz.sh: -t wants whole seconds" >&2; exit 2 ;; esac
 # Seconds per target: TARGET=SECONDS, else -t for the emulator targets and half of it for the
-# virtio ones.
+# virtio, vsock and parser ones.
 declare -A time_of=()
 names=()
 for arg in "${targets[@]}"; do
@@ -56,7 +57,7 @@ for arg in "${targets[@]}"; do
         case "${time_of[$t]}" in ''|*[!0-9]*) echo "fuzz.sh: $arg: whole seconds" >&2; exit 2 ;; esac
     else
         case "$t" in
-            virtio_*|vsock_*) time_of[$t]=$(( secs / 2 > 0 ? secs / 2 : 1 )) ;;
+            virtio_*|vsock_*|api_*|snapshot_*) time_of[$t]=$(( secs / 2 > 0 ? secs / 2 : 1 )) ;;
             *) time_of[$t]=$secs ;;
         esac
     fi
@@ -108,11 +109,14 @@ for t in "${targets[@]}"; do
     mkdir -p "$corpus" "$artifacts" "$logdir"
     before=$(find "$artifacts" -maxdepth 1 -type f | sort)
     echo "fuzz.sh: running $t for ${time_of[$t]}s (corpus $corpus)"
+    # A real one-vCPU snapshot state file is about 7 KiB; everything else fits in 4 KiB.
+    max_len=4096
+    [ "$t" != snapshot_state ] || max_len=16384
     args=(
         -max_total_time="${time_of[$t]}"
         -timeout=20
         -rss_limit_mb=4096
-        -max_len=4096
+        -max_len="$max_len"
         -print_final_stats=1
         -artifact_prefix="$artifacts/"
     )

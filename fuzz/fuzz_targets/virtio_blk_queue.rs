@@ -44,6 +44,7 @@ use std::sync::Arc;
 use ferrovisor_fuzz::virtio_kit::{
     fill, image, memory, snapshot, trace, CountingInterrupt, Desc, Input, F_INDIRECT, F_WRITE,
 };
+use hypervisor::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
 use virtio::block::request::{parse, RequestType, RANGE_LEN, SECTOR_SIZE};
 use virtio::block::{Block, BlockCounters};
@@ -51,7 +52,6 @@ use virtio::{features, Activation, VirtioDevice};
 use virtio_bindings::virtio_blk::*;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use hypervisor::GuestMemoryMmap;
 
 const DESC_TABLE: u64 = 0x0;
 const AVAIL: u64 = 0x100;

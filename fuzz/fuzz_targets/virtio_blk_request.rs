@@ -16,13 +16,13 @@
 #![no_main]
 
 use ferrovisor_fuzz::virtio_kit::{fill, in_ram, memory_with_big, Desc, Input};
+use hypervisor::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
 use virtio::block::request::{
     parse, ranges, Range, Request, RequestType, Segment, MAX_DATA, RANGE_LEN,
 };
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestAddress};
-use hypervisor::GuestMemoryMmap;
 
 const HEADER: u64 = 16;
 

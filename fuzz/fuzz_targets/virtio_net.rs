@@ -33,13 +33,13 @@ use std::sync::Arc;
 use ferrovisor_fuzz::virtio_kit::{
     fill, in_ram, memory_with_big, CountingInterrupt, Input, BIG_BASE,
 };
+use hypervisor::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
 use virtio::net::{Net, SeqPacket, MAX_RX_FRAME, MAX_TX_LEN, VNET_HDR_LEN};
 use virtio::{features, Activation, VirtioDevice};
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use hypervisor::GuestMemoryMmap;
 
 const RINGS: [u64; 2] = [0x0, 0x300];
 const SCRATCH: u64 = 0x800;

@@ -45,6 +45,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::pci::PciDevice;
 use ferrovisor_fuzz::virtio_kit::{fill, image, memory, trace, Input};
+use hypervisor::GuestMemoryMmap;
 use hypervisor::{Hypervisor, MemoryRegion, MsiMessage, MsiVector, Vcpu, Vm};
 use libfuzzer_sys::fuzz_target;
 use virtio::block::Block;
@@ -52,7 +53,6 @@ use virtio::pci::VirtioPci;
 use virtio::VirtioDevice;
 use virtio_bindings::virtio_blk::*;
 use vm_memory::{Bytes, GuestAddress};
-use hypervisor::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 /// BAR 0 layout (from the capabilities the transport offers; checked at start).

@@ -21,13 +21,13 @@
 #![no_main]
 
 use ferrovisor_fuzz::virtio_kit::{fill, in_ram, memory_with_big, snapshot, Desc, Input};
+use hypervisor::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
 use virtio::vsock::packet::{
     classify, read_tx, Header, Op, PacketError, RxBuffer, Verdict, HEADER_LEN, HOST_CID,
     MAX_PAYLOAD, TYPE_STREAM,
 };
 use vm_memory::{Bytes, GuestAddress};
-use hypervisor::GuestMemoryMmap;
 
 fuzz_target!(|data: &[u8]| {
     let mut input = Input::new(data);

@@ -12,10 +12,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-use virtio::VirtioInterrupt;
-use hypervisor::GuestRegionMmap;
-use vm_memory::{Bytes, GuestAddress, MmapRegion};
 use hypervisor::GuestMemoryMmap;
+use hypervisor::GuestRegionMmap;
+use virtio::VirtioInterrupt;
+use vm_memory::{Bytes, GuestAddress, MmapRegion};
 
 /// Guest RAM of the targets: two adjacent regions (a buffer may run from one into the next,
 /// which the host sees as two mappings), a hole, and a third region; 64 KiB in all.

@@ -191,7 +191,7 @@ impl Client {
         self.put("/api/v1/vm/resume", None)
     }
 
-    /// `PUT /vm/shutdown`: the ACPI power button, then a kill after `timeout_s` seconds (the
+    /// `PUT /vm/shutdown`: Ctrl-Alt-Del on the guest keyboard, then a kill after `timeout_s` seconds (the
     /// VMM's default when `None`). The client waits at least that long, plus a margin, for the
     /// answer.
     pub fn shutdown(&self, timeout_s: Option<u64>) -> Result<(), ClientError> {

@@ -47,7 +47,7 @@ pub enum CtlCommand {
     Pause,
     /// Restart a paused VM's vCPUs.
     Resume,
-    /// Press the ACPI power button; kill the VM if it has not powered off after the timeout.
+    /// Type Ctrl-Alt-Del on the guest keyboard; kill the VM if it has not powered off after the timeout.
     Shutdown {
         /// Seconds to wait for the guest to power off [default: the VMM's].
         #[arg(long, value_name = "S")]

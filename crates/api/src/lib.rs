@@ -40,3 +40,19 @@ pub use types::{
     ApiError, ApiErrorKind, ApiRequest, ApiResponse, PingResponse, RestoreConfig, ShutdownConfig,
     SnapshotConfig, VmBackend, VmInfo, VmState,
 };
+
+/// Reads one request off `stream` exactly as the server does (header and body limits,
+/// `Content-Length` framing, `Expect: 100-continue`), for the fuzz target `fuzz/api_http`;
+/// not part of the API. `Ok((method, path without query, body))`; `Err(Some(e))`: the server
+/// answers `e`; `Err(None)`: it answers nothing (the peer sent nothing, or the socket failed).
+#[doc(hidden)]
+pub fn read_request_for_fuzzing(
+    stream: &mut std::os::unix::net::UnixStream,
+    deadline: std::time::Instant,
+) -> Result<(String, String, Vec<u8>), Option<ApiError>> {
+    match http::read_request(stream, deadline) {
+        Ok(r) => Ok((r.method, r.path, r.body)),
+        Err(http::ReadError::Reply(e)) => Err(Some(e)),
+        Err(http::ReadError::Closed | http::ReadError::Io) => Err(None),
+    }
+}

@@ -24,7 +24,7 @@ pub enum ApiRequest {
     Pause,
     /// `PUT /api/v1/vm/resume`: restart the vCPUs of a paused VM.
     Resume,
-    /// `PUT /api/v1/vm/shutdown`: press the ACPI power button, kill after a timeout.
+    /// `PUT /api/v1/vm/shutdown`: Ctrl-Alt-Del on the guest keyboard, kill after a timeout.
     Shutdown(ShutdownConfig),
     /// `PUT /api/v1/vm/kill`: stop the VM at once.
     Kill,
@@ -82,7 +82,7 @@ impl ApiRequest {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShutdownConfig {
-    /// Seconds to wait for the guest to power off after the ACPI power button before killing it;
+    /// Seconds to wait for the guest to power off after Ctrl-Alt-Del before killing it;
     /// `None` leaves the choice to the VMM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<u64>,

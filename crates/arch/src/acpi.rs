@@ -5,8 +5,9 @@
 //! 16-byte aligned:
 //!
 //! 1. the RSDP (revision 2) at [`layout::RSDP_START`], pointing at the XSDT;
-//! 2. the DSDT: `\_S5_`, the COM1 and CMOS RTC devices, the PCI root bridge (when there is a
-//!    PCI MMIO window) and one processor device per vCPU;
+//! 2. the DSDT: `\_S5_`, the COM1 and CMOS RTC devices, the i8042's keyboard port (when
+//!    there is one), the PCI root bridge (when there is a PCI MMIO window) and one processor
+//!    device per vCPU;
 //! 3. the FADT: hardware-reduced, with the sleep control/status and reset registers as 8-bit
 //!    System I/O generic addresses, `X_DSDT` pointing at the DSDT;
 //! 4. the MADT: local APIC address, one Processor Local APIC per vCPU, one I/O APIC and the
@@ -17,6 +18,12 @@
 //! ACPI rather than guessing; its `_CRS` names ISA IRQ 8 as real PCs and QEMU do, although the
 //! VMM's RTC raises no interrupts (no alarms or periodic ticks; reading and setting the time need
 //! none).
+//!
+//! The keyboard `\_SB_.PS2K` (`PNP0303`) names the i8042's two ports and ISA IRQ 1. Linux's
+//! i8042 driver looks for it: without it, it probes the ports directly and asks for IRQ 1 as a
+//! legacy IRQ number, which does not exist on a hardware-reduced platform (no 8259), so the
+//! driver fails. With it, the IRQ is mapped through ACPI like COM1's, and since no PS/2 mouse
+//! (`PNP0F13`) is declared, the driver does not probe the AUX port either.
 //!
 //! The PCI root bridge `\_SB_.PCI0` (`PNP0A08`, compatible with `PNP0A03`) is bus 0 of segment
 //! 0, reached through configuration mechanism #1 at ports `0xCF8`–`0xCFF` (there is no MCFG
@@ -36,8 +43,8 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{Aml, AmlSink};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 use hypervisor::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
 use crate::layout;
 
@@ -102,8 +109,30 @@ impl PciMmioWindow {
     }
 }
 
-/// The platform's ACPI-visible configuration: vCPU count, fixed-hardware ports, COM1, the RTC
-/// and the PCI root bridge.
+/// The i8042 keyboard controller's keyboard port, as the DSDT declares it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ps2Keyboard {
+    /// The data port (one byte).
+    pub data_port: u16,
+    /// The status/command port (one byte).
+    pub command_port: u16,
+    /// ISA IRQ of the keyboard port, `0..=15`.
+    pub irq: u8,
+}
+
+impl Ps2Keyboard {
+    /// The PC's: ports `0x60` and `0x64`, IRQ 1.
+    pub fn platform() -> Self {
+        Ps2Keyboard {
+            data_port: 0x60,
+            command_port: 0x64,
+            irq: 1,
+        }
+    }
+}
+
+/// The platform's ACPI-visible configuration: vCPU count, fixed-hardware ports, COM1, the RTC,
+/// the keyboard and the PCI root bridge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AcpiConfig {
     /// Number of vCPUs, `1..=`[`MAX_VCPUS`]. vCPU `i` has APIC ID and ACPI processor UID `i`.
@@ -126,6 +155,8 @@ pub struct AcpiConfig {
     pub rtc_port: u16,
     /// ISA IRQ the RTC is described with, `0..=15`.
     pub rtc_irq: u8,
+    /// The i8042's keyboard port, `\_SB_.PS2K`; `None`: no keyboard in the DSDT.
+    pub ps2_keyboard: Option<Ps2Keyboard>,
     /// The MMIO window of the PCI root bridge `\_SB_.PCI0`; `None`: no PCI bus, and no
     /// `PCI0` device in the DSDT.
     pub pci_mmio: Option<PciMmioWindow>,
@@ -145,6 +176,7 @@ impl AcpiConfig {
             com1_irq: 4,
             rtc_port: 0x70,
             rtc_irq: 8,
+            ps2_keyboard: Some(Ps2Keyboard::platform()),
             pci_mmio: Some(PciMmioWindow::platform()),
         }
     }
@@ -248,7 +280,11 @@ fn validate(cfg: &AcpiConfig) -> Result<(), AcpiError> {
     if cfg.s5_sleep_type > 7 {
         return Err(AcpiError::InvalidSleepType(cfg.s5_sleep_type));
     }
-    for (device, irq) in [("COM1", cfg.com1_irq), ("RTC", cfg.rtc_irq)] {
+    let keyboard_irq = cfg.ps2_keyboard.map(|k| ("PS2K", k.irq));
+    for (device, irq) in [("COM1", cfg.com1_irq), ("RTC", cfg.rtc_irq)]
+        .into_iter()
+        .chain(keyboard_irq)
+    {
         if irq > 15 {
             return Err(AcpiError::InvalidIrq { device, irq });
         }
@@ -382,8 +418,8 @@ impl Aml for IrqNoFlags {
     }
 }
 
-/// The DSDT: `\_S5_`, `\_SB_.COM1`, `\_SB_.RTC_`, `\_SB_.PCI0` if there is a PCI window, and
-/// one ACPI 6 processor device per vCPU.
+/// The DSDT: `\_S5_`, `\_SB_.COM1`, `\_SB_.RTC_`, `\_SB_.PS2K` if there is a keyboard,
+/// `\_SB_.PCI0` if there is a PCI window, and one ACPI 6 processor device per vCPU.
 fn build_dsdt(cfg: &AcpiConfig) -> Sdt {
     let mut dsdt = Sdt::new(
         *b"DSDT",
@@ -403,6 +439,9 @@ fn build_dsdt(cfg: &AcpiConfig) -> Sdt {
 
     let mut sb = com1_device(cfg);
     sb.extend_from_slice(&rtc_device(cfg));
+    if let Some(keyboard) = cfg.ps2_keyboard {
+        sb.extend_from_slice(&keyboard_device(keyboard));
+    }
     if let Some(window) = cfg.pci_mmio {
         sb.extend_from_slice(&pci_root_device(window));
     }
@@ -438,6 +477,26 @@ fn rtc_device(cfg: &AcpiConfig) -> Vec<u8> {
         vec![
             &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0B00")),
             &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io, &irq])),
+        ],
+    )
+    .to_bytes()
+}
+
+/// `Device (PS2K)`: the i8042's keyboard port, a PC/AT enhanced keyboard (`PNP0303`): the data
+/// and command ports (one byte each, in that order, as Linux's i8042 driver expects) and ISA IRQ
+/// `irq`.
+fn keyboard_device(keyboard: Ps2Keyboard) -> Vec<u8> {
+    let data = aml::IO::new(keyboard.data_port, keyboard.data_port, 1, 1);
+    let command = aml::IO::new(keyboard.command_port, keyboard.command_port, 1, 1);
+    let irq = IrqNoFlags(keyboard.irq);
+    aml::Device::new(
+        "PS2K".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303")),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&data, &command, &irq]),
+            ),
         ],
     )
     .to_bytes()

@@ -433,6 +433,30 @@ fn vsock_tells_the_guest_to_reset_its_connections_and_shows_the_new_cid() {
     assert_eq!(event.pop_used(&b.mem), None);
 }
 
+#[test]
+fn a_restored_vsock_goes_on_with_the_host_ports_after_those_handed_out_before() {
+    use virtio::VirtioDevice;
+    let dir = Temp::dir("vsock-ports");
+    let port_in = |state: &serde_json::Value| state["next_host_port"].as_u64();
+    let a = Vsock::new(3, &dir.0.join("a.sock")).unwrap();
+    let mut state = a.save_state().unwrap();
+    assert_eq!(
+        port_in(&state),
+        Some(1 << 30),
+        "a fresh device starts the range"
+    );
+    // As if 5 host connections had been made before the snapshot.
+    state["next_host_port"] = serde_json::json!((1u64 << 30) + 5);
+    let mut b = Vsock::new(3, &dir.0.join("b.sock")).unwrap();
+    b.restore_state(&state).unwrap();
+    assert_eq!(port_in(&b.save_state().unwrap()), Some((1 << 30) + 5));
+    // A state written before the field existed restores with the range's start.
+    let mut c = Vsock::new(3, &dir.0.join("c.sock")).unwrap();
+    c.restore_state(&serde_json::json!({"guest_cid": 3}))
+        .unwrap();
+    assert_eq!(port_in(&c.save_state().unwrap()), Some(1 << 30));
+}
+
 /// A frame channel that records the offloads set on it.
 struct Recording {
     io: SeqPacket,

@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use api::{
     ApiCall, ApiError, ApiRequest, ApiResponse, PingResponse, RestoreConfig, VmBackend, VmInfo,
@@ -21,6 +22,10 @@ use crate::console;
 use crate::snapshot;
 use crate::vm::{self, RunState, Start, Vm};
 use crate::{choose_backend, Outcome, VmEvent, VmmError};
+
+/// How long a graceful shutdown waits for the guest to power off when the request names no
+/// timeout.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_S: u64 = 30;
 
 /// What this VMM process is asked to do when it starts.
 #[derive(Debug, Default)]
@@ -277,11 +282,17 @@ impl Controller {
             match event {
                 VmEvent::Api(call) => {
                     let ApiCall { request, reply } = *call;
+                    if let (ApiRequest::Shutdown(cfg), Some(_)) = (&request, &self.vm) {
+                        let timeout = Duration::from_secs(
+                            cfg.timeout_s.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_S),
+                        );
+                        return Ok(self.shutdown(events, timeout, reply));
+                    }
                     let (answer, end) = self.handle(request);
                     let _ = reply.send(answer);
                     if let Some(end) = end {
                         // Let the connection thread write the reply before the process ends.
-                        std::thread::sleep(std::time::Duration::from_millis(50));
+                        std::thread::sleep(Duration::from_millis(50));
                         return Ok(end);
                     }
                 }
@@ -317,6 +328,52 @@ impl Controller {
                 }
             }
         }
+    }
+
+    /// Asks the guest to shut down (Ctrl-Alt-Del) and waits for it to power off, killing it
+    /// after `timeout`. Other API requests meanwhile are refused; the reply goes out when the
+    /// VM has ended either way.
+    fn shutdown(
+        &mut self,
+        events: &Receiver<VmEvent>,
+        timeout: Duration,
+        reply: mpsc::Sender<Result<ApiResponse, ApiError>>,
+    ) -> Outcome {
+        let vm = self.vm_mut();
+        // A paused guest cannot react: run it.
+        if let Err(e) = vm.start() {
+            tracing::warn!("cannot resume the VM to shut it down: {e}");
+        }
+        if let Err(e) = vm.request_shutdown() {
+            // The guest's keyboard driver is not up (yet): only the timeout is left.
+            tracing::warn!("the shutdown request did not reach the guest: {e}");
+        }
+        let deadline = Instant::now() + timeout;
+        let outcome = loop {
+            match events.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(VmEvent::Api(call)) => {
+                    let _ = call.reply.send(Err(ApiError::conflict(
+                        "the VM is shutting down; wait for it to end",
+                    )));
+                }
+                // A reset: the guest answered Ctrl-Alt-Del before its init took it over (the
+                // kernel then reboots at once). Either way the guest is done.
+                Ok(VmEvent::Reset(_)) | Ok(VmEvent::PowerOff) => break VmEvent::PowerOff,
+                Ok(other) => break other,
+                Err(_) => {
+                    eprintln!(
+                        "ferrovisor: the guest did not power off within {}s of the shutdown request; killed",
+                        timeout.as_secs()
+                    );
+                    break VmEvent::Killed;
+                }
+            }
+        };
+        self.vm = None;
+        let _ = reply.send(Ok(ApiResponse::NoContent));
+        // Let the connection thread write the reply before the process ends.
+        std::thread::sleep(Duration::from_millis(50));
+        outcome
     }
 
     fn state(&self) -> VmState {
@@ -364,13 +421,11 @@ impl Controller {
                 self.vm = None;
                 (Ok(ApiResponse::NoContent), Some(Outcome::Killed))
             }
-            ApiRequest::Shutdown(_) => (
-                Err(ApiError::new(
-                    api::ApiErrorKind::Conflict,
-                    "graceful shutdown is not available yet (no ACPI power button); use kill, or power off from inside the guest",
-                )),
-                None,
-            ),
+            // With a VM, `serve` handles it (it waits for the VM to end); without one it is
+            // refused by `allowed_in` above.
+            ApiRequest::Shutdown(_) => {
+                (Err(ApiError::conflict("there is no VM to shut down")), None)
+            }
         }
     }
 

@@ -14,7 +14,7 @@ use arch::boot::{BootCpuState, EntryProtocol};
 use arch::linux::InitrdRegion;
 use devices::acpi::{AcpiPm, ACPI_PM_PORT_LEN, ACPI_SLEEP_CONTROL_PORT};
 use devices::bus::Bus;
-use devices::legacy::i8042::{I8042_DATA_PORT, I8042_PORT_LEN};
+use devices::legacy::i8042::{I8042Error, I8042_DATA_PORT, I8042_KEYBOARD_IRQ, I8042_PORT_LEN};
 use devices::legacy::rtc::{RTC_INDEX_PORT, RTC_PORT_LEN};
 use devices::legacy::serial::{COM1_BASE, COM1_IRQ, SERIAL_PORT_LEN};
 use devices::legacy::{Rtc, Serial, I8042};
@@ -367,7 +367,14 @@ impl Vm {
                 .map_err(VmmError::Bus)
         };
         insert(serial.clone(), COM1_BASE, SERIAL_PORT_LEN)?;
-        let i8042 = Arc::new(Mutex::new(I8042::new(sink.clone())));
+        // A PS/2 keyboard behind the i8042: the graceful-shutdown request is Ctrl-Alt-Del on it.
+        let kbd_irq = vm
+            .irq_line(I8042_KEYBOARD_IRQ)
+            .map_err(VmmError::Hypervisor)?;
+        let i8042 = Arc::new(Mutex::new(I8042::with_keyboard(
+            sink.clone(),
+            Arc::new(Irq(kbd_irq)),
+        )));
         insert(i8042.clone(), I8042_DATA_PORT, I8042_PORT_LEN)?;
         // The RTC shows the guest's wall clock. It holds the VM weakly: the bus is dropped after
         // the guest memory, and the hypervisor VM must not outlive the memory it maps.
@@ -500,6 +507,15 @@ impl Vm {
 
     pub fn state(&self) -> RunState {
         self.state
+    }
+
+    /// Types Ctrl-Alt-Del on the guest's keyboard: the graceful-shutdown request (Linux
+    /// signals its init, which powers off).
+    pub fn request_shutdown(&self) -> Result<(), I8042Error> {
+        self.i8042
+            .lock()
+            .expect("i8042 lock poisoned")
+            .send_ctrl_alt_del()
     }
 
     pub fn backend(&self) -> BackendKind {
@@ -694,6 +710,8 @@ impl Vm {
             )
             .map_err(|e| e.to_string()),
         )?;
+        // One guard for both: a second lock() in this expression would wait for the first.
+        let i8042 = self.i8042.lock().expect("i8042 lock poisoned");
         Ok(DeviceStates {
             serial: self
                 .serial
@@ -701,7 +719,8 @@ impl Vm {
                 .expect("serial lock poisoned")
                 .save_state(),
             rtc: self.rtc.lock().expect("rtc lock poisoned").save_state(),
-            i8042: self.i8042.lock().expect("i8042 lock poisoned").save_state(),
+            i8042: i8042.save_state(),
+            i8042_keyboard: i8042.save_keyboard_state(),
             pci,
             virtio,
         })
@@ -727,10 +746,13 @@ fn restore_devices(
         .expect("rtc lock poisoned")
         .restore_state(&saved.rtc)
         .map_err(|e| bad(&e))?;
-    i8042
-        .lock()
-        .expect("i8042 lock poisoned")
-        .restore_state(&saved.i8042);
+    {
+        let mut i8042 = i8042.lock().expect("i8042 lock poisoned");
+        i8042.restore_state(&saved.i8042);
+        i8042
+            .restore_keyboard_state(&saved.i8042_keyboard)
+            .map_err(|e| bad(&e))?;
+    }
     if saved.virtio.len() != virtio.len() {
         return Err(VmmError::RestoreState(format!(
             "the snapshot has {} virtio devices; the configuration gives {}",

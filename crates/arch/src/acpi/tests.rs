@@ -284,7 +284,7 @@ fn count(haystack: &[u8], needle: &[u8]) -> usize {
 }
 
 #[test]
-fn dsdt_has_s5_com1_rtc_and_processors() {
+fn dsdt_has_s5_com1_rtc_keyboard_and_processors() {
     for vcpus in [1u8, 4, MAX_VCPUS] {
         let (_mem, t) = build(vcpus);
         let d = &t.dsdt.bytes;
@@ -334,6 +334,19 @@ fn dsdt_has_s5_com1_rtc_and_processors() {
             0x79, 0x00, // EndTag
         ];
         assert!(find(rtc_body, &io_irq).is_some(), "RTC _CRS");
+
+        // Keyboard: Device (PS2K) { _HID EISAID ("PNP0303"), _CRS { IO, IO, IRQNoFlags } }
+        let kbd = device_body(aml, b"PS2K").expect("no PS2K");
+        let hid = find(kbd, b"_HID\x0c").expect("no PS2K _HID");
+        // EISAID("PNP0303") = 0x0303d041.
+        assert_eq!(u32_at(kbd, hid + 5), 0x0303_d041);
+        let io_io_irq = [
+            0x47, 0x01, 0x60, 0x00, 0x60, 0x00, 0x01, 0x01, // IO (Decode16, 0x60, 0x60, 1, 1)
+            0x47, 0x01, 0x64, 0x00, 0x64, 0x00, 0x01, 0x01, // IO (Decode16, 0x64, 0x64, 1, 1)
+            0x22, 0x02, 0x00, // IRQNoFlags () { 1 }
+            0x79, 0x00, // EndTag
+        ];
+        assert!(find(kbd, &io_io_irq).is_some(), "PS2K _CRS");
 
         // One Device (Cxxx) { Name (_HID, "ACPI0007"), Name (_UID, i) } per vCPU.
         assert_eq!(count(aml, b"ACPI0007\0"), vcpus as usize);
@@ -435,6 +448,19 @@ fn dsdt_has_no_pci_root_bridge_without_a_window() {
 }
 
 #[test]
+fn dsdt_has_no_keyboard_without_one() {
+    let mem = guest_memory();
+    let cfg = AcpiConfig {
+        ps2_keyboard: None,
+        ..AcpiConfig::default()
+    };
+    let t = parse(&mem, create_acpi_tables(&mem, &cfg).unwrap());
+    let aml = &t.dsdt.bytes[36..];
+    assert!(find(aml, b"PS2K").is_none());
+    assert!(find(aml, b"COM1").is_some() && find(aml, b"PCI0").is_some());
+}
+
+#[test]
 fn pci_window_may_end_at_4_gib() {
     let mem = guest_memory();
     let cfg = AcpiConfig {
@@ -501,6 +527,20 @@ fn rejects_bad_configs() {
         err.to_string(),
         "invalid RTC IRQ 255: must be an ISA IRQ (0..=15)"
     );
+    let cfg = AcpiConfig {
+        ps2_keyboard: Some(Ps2Keyboard {
+            irq: 16,
+            ..Ps2Keyboard::platform()
+        }),
+        ..AcpiConfig::default()
+    };
+    assert!(matches!(
+        create_acpi_tables(&mem, &cfg),
+        Err(AcpiError::InvalidIrq {
+            device: "PS2K",
+            irq: 16
+        })
+    ));
     for (start, len_bytes) in [(0xc000_0000, 0), (0xc000_0000, 0x4000_0001), (u64::MAX, 2)] {
         let cfg = AcpiConfig {
             pci_mmio: Some(PciMmioWindow {
@@ -568,6 +608,14 @@ fn default_config_matches_the_platform() {
     assert_eq!((cfg.reset_value, cfg.s5_sleep_type), (1, 5));
     assert_eq!((cfg.com1_port, cfg.com1_irq), (0x3f8, 4));
     assert_eq!((cfg.rtc_port, cfg.rtc_irq), (0x70, 8));
+    assert_eq!(
+        cfg.ps2_keyboard,
+        Some(Ps2Keyboard {
+            data_port: 0x60,
+            command_port: 0x64,
+            irq: 1
+        })
+    );
     assert_eq!(
         cfg.pci_mmio,
         Some(PciMmioWindow {

@@ -130,6 +130,11 @@ struct Queues {
 #[serde(deny_unknown_fields)]
 struct VsockState {
     guest_cid: u64,
+    /// The next host port the muxer hands out: the guest may still hold sockets on the
+    /// ports handed out before the snapshot (they are reset, but a program may not have
+    /// closed them yet), so a restored device must not hand those out again at once.
+    #[serde(default)]
+    next_host_port: Option<u32>,
 }
 
 pub struct Vsock {
@@ -420,6 +425,7 @@ impl VirtioDevice for Vsock {
             "virtio-vsock",
             &VsockState {
                 guest_cid: self.guest_cid(),
+                next_host_port: Some(self.muxer.next_host_port()),
             },
         )
     }
@@ -432,6 +438,9 @@ impl VirtioDevice for Vsock {
                 self.guest_cid(),
                 s.guest_cid
             );
+        }
+        if let Some(port) = s.next_host_port {
+            self.muxer.set_next_host_port(port);
         }
         self.reset_pending = true;
         Ok(())

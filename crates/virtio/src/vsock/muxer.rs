@@ -604,6 +604,16 @@ impl Muxer {
         }
     }
 
+    /// The host port the next host-initiated connection gets (if free), for a snapshot.
+    pub(crate) fn next_host_port(&self) -> u32 {
+        self.next_port
+    }
+
+    /// Continues handing out host ports from `port` (clamped to the ephemeral range).
+    pub(crate) fn set_next_host_port(&mut self, port: u32) {
+        self.next_port = port.clamp(EPHEMERAL_BASE, u32::MAX - 1);
+    }
+
     /// A host port no connection uses.
     fn ephemeral_port(&mut self) -> u32 {
         loop {
