@@ -7,100 +7,15 @@
 mod common;
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use common::netns::{NetNs, HOST_IP, HOST_PEER, TAP};
 use common::*;
 
 const ROOT_MARKER: &str = "FERROVISOR-ROOT-READY";
 const TIMEOUT: Duration = Duration::from_secs(900);
 const SIZE: usize = 100 << 20;
-const HOST_IP: &str = "10.0.2.1";
-
-/// The host end: `recv PORT` prints "RECV <bytes> <md5>" after the peer closes; `send PORT
-/// FILE` sends the file, half-closes and drains (closing with unread data would reset the
-/// connection and lose the tail).
-const HOST_PEER: &str = r#"
-import hashlib, socket, sys
-mode, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("10.0.2.1", port))
-s.listen(1)
-print("LISTENING", flush=True)
-c, _ = s.accept()
-if mode == "recv":
-    h, n = hashlib.md5(), 0
-    while True:
-        b = c.recv(1 << 20)
-        if not b:
-            break
-        h.update(b)
-        n += len(b)
-    print("RECV", n, h.hexdigest(), flush=True)
-else:
-    with open(sys.argv[3], "rb") as f:
-        while True:
-            b = f.read(1 << 20)
-            if not b:
-                break
-            c.sendall(b)
-    c.shutdown(socket.SHUT_WR)
-    while c.recv(1 << 16):
-        pass
-    print("SENT", flush=True)
-c.close()
-"#;
-
-/// A network namespace with a tap, deleted (with the tap) on drop.
-struct NetNs(String);
-
-impl NetNs {
-    fn create(name: &str) -> Result<NetNs, String> {
-        let ip = |args: &[&str]| -> Result<(), String> {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "ip {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))
-            }
-        };
-        ip(&["netns", "add", name])?;
-        let ns = NetNs(name.to_string());
-        ip(&[
-            "-n", name, "tuntap", "add", "dev", "fvtap0", "mode", "tap", "vnet_hdr",
-        ])?;
-        ip(&["-n", name, "addr", "add", "10.0.2.1/24", "dev", "fvtap0"])?;
-        ip(&["-n", name, "link", "set", "fvtap0", "up"])?;
-        ip(&["-n", name, "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// `ip netns exec NS` + `args`, piped.
-    fn spawn(&self, args: &[&str]) -> Child {
-        Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start a program in the test's network namespace")
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 fn md5_of(path: &std::path::Path) -> String {
     let out = Command::new("md5sum").arg(path).output().expect("md5sum");
@@ -113,28 +28,10 @@ fn md5_of(path: &std::path::Path) -> String {
 
 #[test]
 fn a_100_mib_tcp_transfer_each_way_over_tap_arrives_intact() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED: network namespaces and taps need root");
-        return;
-    }
-    // A namespace left by a run that was killed (its guard never dropped) is in the way of
-    // nothing, but is cleared here so they do not pile up.
-    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let name = line.split_whitespace().next().unwrap_or("");
-            let pid = name
-                .strip_prefix("fvtest-")
-                .and_then(|p| p.parse::<u32>().ok());
-            if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
-                let _ = Command::new("ip").args(["netns", "del", name]).status();
-            }
-        }
-    }
-    let ns = match NetNs::create(&format!("fvtest-{}", std::process::id())) {
+    let ns = match NetNs::for_test("fvtest-") {
         Ok(ns) => ns,
         Err(e) => {
-            println!("SKIPPED: cannot make a network namespace with a tap: {e}");
+            println!("SKIPPED: {e}");
             return;
         }
     };
@@ -164,7 +61,7 @@ fn a_100_mib_tcp_transfer_each_way_over_tap_arrives_intact() {
     let args = root_guest_args(
         &root,
         "256M",
-        &["--disk", &data_disk, "--net", "tap=fvtap0"],
+        &["--disk", &data_disk, "--net", &format!("tap={TAP}")],
     );
     let mut argv = vec![bin];
     argv.extend(args.iter().map(String::as_str));

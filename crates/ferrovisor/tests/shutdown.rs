@@ -8,15 +8,12 @@
 
 mod common;
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin};
-use std::sync::mpsc::Receiver;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
-use common::{fixture, spawn, stream_stdout, wait_for_output, RunResult, TempDir};
+use common::vmm::Vmm;
+use common::TempDir;
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// What `ctl shutdown` gives the guest before the VMM kills it.
 const SHUTDOWN_TIMEOUT_S: &str = "30";
 /// Linux's last line when it powers off through ACPI S5.
@@ -24,100 +21,12 @@ const LINUX_POWER_DOWN: &str = "reboot: Power down";
 /// What the fixtures' init scripts print when they take the shutdown request.
 const INIT_SHUTDOWN: &str = "FERROVISOR-SHUTDOWN";
 
-/// A running `ferrovisor run` with its API socket, its console input and streamed output.
-struct Vmm {
-    child: Option<Child>,
-    stdin: Option<ChildStdin>,
-    out: Receiver<String>,
-    seen: String,
-    sock: PathBuf,
-}
-
-impl Vmm {
-    fn start(args: &[String], sock: &Path) -> Vmm {
-        let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
-        a.extend_from_slice(&["--api-sock", sock.to_str().unwrap()]);
-        let mut child = spawn(&a);
-        let out = stream_stdout(&mut child);
-        let stdin = child.stdin.take();
-        let mut vmm = Vmm {
-            child: Some(child),
-            stdin,
-            out,
-            seen: String::new(),
-            sock: sock.to_owned(),
-        };
-        let start = Instant::now();
-        while !sock.exists() {
-            let exited = vmm.child.as_mut().unwrap().try_wait().unwrap().is_some();
-            if exited || start.elapsed() > BOOT_TIMEOUT {
-                let r = common::finish(vmm.child.take().unwrap(), Duration::ZERO);
-                panic!("no API socket at {sock:?}: {}{}", r.stdout, r.stderr);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        vmm
-    }
-
-    /// Waits until the console shows `what`; panics with the output so far if it does not.
-    fn wait_for(&mut self, what: &str) {
-        if !wait_for_output(&self.out, &mut self.seen, what, BOOT_TIMEOUT) {
-            let rest = self.child.take().map(|c| common::finish(c, Duration::ZERO));
-            panic!(
-                "no {what:?} on the console; saw:\n{}\nstderr: {}",
-                self.seen,
-                rest.map(|r| r.stderr).unwrap_or_default()
-            );
-        }
-    }
-
-    /// Types `bytes` on the guest's console.
-    fn type_in(&mut self, bytes: &[u8]) {
-        let stdin = self.stdin.as_mut().expect("console input");
-        stdin.write_all(bytes).unwrap();
-        stdin.flush().unwrap();
-    }
-
-    /// Runs `ferrovisor ctl --sock SOCK shutdown --timeout 30`.
-    fn shutdown(&self) -> RunResult {
-        let a = [
-            "ctl",
-            "--sock",
-            self.sock.to_str().unwrap(),
-            "shutdown",
-            "--timeout",
-            SHUTDOWN_TIMEOUT_S,
-        ];
-        common::run(&a, b"", Duration::from_secs(90))
-    }
-
-    /// Everything the console showed and how the VMM ended (killed if it still runs).
-    fn finish(mut self) -> (String, RunResult) {
-        drop(self.stdin.take());
-        let child = self.child.take().expect("finish once");
-        let result = common::finish(child, Duration::from_secs(60));
-        while let Ok(chunk) = self.out.recv_timeout(Duration::from_millis(200)) {
-            self.seen.push_str(&chunk);
-        }
-        (std::mem::take(&mut self.seen), result)
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// Sends the shutdown request and checks that the guest printed `message` and the VMM exited
 /// 0; returns the console output after `message`.
 fn shut_down(vmm: Vmm, message: &str) -> String {
-    let r = vmm.shutdown();
+    let r = vmm.shutdown(SHUTDOWN_TIMEOUT_S);
     assert_eq!(r.code, Some(0), "ctl shutdown: {}{}", r.stdout, r.stderr);
-    let (out, result) = vmm.finish();
+    let (out, result) = vmm.finish(Duration::from_secs(60));
     assert_eq!(result.code, Some(0), "the VMM: {result}\nconsole:\n{out}");
     let at = out
         .find(message)
@@ -138,31 +47,14 @@ fn shut_down_linux(mut vmm: Vmm) -> String {
 }
 
 /// `run` arguments for Debian's kernel and the initramfs on the emulator.
-fn linux_args(cmdline: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "run".into(),
-        "--backend".into(),
-        "emu".into(),
-        "--kernel".into(),
-        fixture("vmlinuz").display().to_string(),
-        "--initrd".into(),
-        fixture("initramfs.cpio.gz").display().to_string(),
-        "--memory".into(),
-        "256M".into(),
-        "--cmdline".into(),
-        format!("console=ttyS0 panic=-1 {cmdline}"),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+fn linux_args(cmdline: &str) -> Vec<String> {
+    common::initramfs_guest_args("256M", cmdline, &[])
 }
 
 #[test]
 fn emu_linux_counting_guest_powers_off_on_shutdown_request() {
     let tmp = TempDir::new("shutdown-count");
-    let mut vmm = Vmm::start(
-        &linux_args("ferrovisor.count=100", &[]),
-        &tmp.0.join("api.sock"),
-    );
+    let mut vmm = Vmm::start(&linux_args("ferrovisor.count=100"), &tmp.0.join("api.sock"));
     // Counting means /init has set its trap and turned ctrl-alt-del into a signal.
     vmm.wait_for("count 3\r\n");
     let out = shut_down_linux(vmm);
@@ -175,10 +67,7 @@ fn emu_linux_counting_guest_powers_off_on_shutdown_request() {
 #[test]
 fn emu_linux_shell_powers_off_on_shutdown_request_and_keeps_ctrl_c() {
     let tmp = TempDir::new("shutdown-shell");
-    let mut vmm = Vmm::start(
-        &linux_args("ferrovisor.shell=1", &[]),
-        &tmp.0.join("api.sock"),
-    );
+    let mut vmm = Vmm::start(&linux_args("ferrovisor.shell=1"), &tmp.0.join("api.sock"));
     vmm.wait_for("FERROVISOR-GUEST-READY");
     // The shell still takes Ctrl-C: it is not a background job of /init with SIGINT ignored.
     vmm.type_in(b"sleep 1000\n");
@@ -230,19 +119,7 @@ fn emu_linux_root_fs_is_left_clean_on_shutdown_request() {
 #[test]
 fn emu_test_guest_counting_powers_off_on_shutdown_request() {
     let tmp = TempDir::new("shutdown-ftg");
-    let guest = common::test_guest_bzimage();
-    let args: Vec<String> = [
-        "run",
-        "--backend",
-        "emu",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cmdline",
-        "console=ttyS0 ftg.count=forever ftg.count_ms=20",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = common::counting_test_guest_args("emu");
     let mut vmm = Vmm::start(&args, &tmp.0.join("api.sock"));
     vmm.wait_for("ftg: count 5\r\n");
     let after = shut_down(vmm, "ftg: shutdown request\r\n");

@@ -8,99 +8,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::mpsc::Receiver;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{fixture, spawn, stream_stdout, wait_for_output, RunResult, TempDir};
+use common::vmm::{ok, Vmm};
+use common::{fixture, spawn, RunResult, TempDir};
 
-const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// A running `ferrovisor run` with its API socket and streamed console.
-struct Vmm {
-    child: Option<Child>,
-    out: Receiver<String>,
-    seen: String,
-    sock: PathBuf,
-}
-
-impl Vmm {
-    fn start(args: &[String], sock: &Path) -> Vmm {
-        let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
-        a.extend_from_slice(&["--api-sock", sock.to_str().unwrap()]);
-        let mut child = spawn(&a);
-        let out = stream_stdout(&mut child);
-        let vmm = Vmm {
-            child: Some(child),
-            out,
-            seen: String::new(),
-            sock: sock.to_owned(),
-        };
-        // The socket appears before the guest starts.
-        let start = Instant::now();
-        let mut vmm = vmm;
-        while !sock.exists() {
-            let exited = vmm.child.as_mut().unwrap().try_wait().unwrap().is_some();
-            if exited || start.elapsed() > BOOT_TIMEOUT {
-                let r = common::finish(vmm.child.take().unwrap(), Duration::ZERO);
-                panic!("no API socket at {sock:?}: {}{}", r.stdout, r.stderr);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        vmm
-    }
-
-    /// Waits until the console shows `what`; panics with the output so far if it does not.
-    fn wait_for(&mut self, what: &str) {
-        if !wait_for_output(&self.out, &mut self.seen, what, BOOT_TIMEOUT) {
-            let rest = self.child.take().map(|c| common::finish(c, Duration::ZERO));
-            panic!(
-                "no {what:?} on the console; saw:\n{}\nstderr: {}",
-                self.seen,
-                rest.map(|r| r.stderr).unwrap_or_default()
-            );
-        }
-    }
-
-    /// Waits until the guest has printed `count n` (or more).
-    fn wait_for_count(&mut self, n: u64) {
-        self.wait_for(&format!("count {n}\r\n"));
-    }
-
-    fn ctl(&self, args: &[&str]) -> RunResult {
-        ctl(&self.sock, args)
-    }
-
-    /// Everything the console showed, after the VMM exited (killed if it still runs).
-    fn finish(mut self) -> (String, RunResult) {
-        let child = self.child.take().expect("finish once");
-        let result = common::finish(child, Duration::from_secs(10));
-        while let Ok(chunk) = self.out.recv_timeout(Duration::from_millis(200)) {
-            self.seen.push_str(&chunk);
-        }
-        (std::mem::take(&mut self.seen), result)
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Runs `ferrovisor ctl --sock SOCK ARGS`.
-fn ctl(sock: &Path, args: &[&str]) -> RunResult {
-    let mut a = vec!["ctl", "--sock", sock.to_str().unwrap()];
-    a.extend_from_slice(args);
-    common::run(&a, b"", Duration::from_secs(60))
-}
-
-fn ok(r: &RunResult, what: &str) {
-    assert_eq!(r.code, Some(0), "{what} failed: {}{}", r.stdout, r.stderr);
-}
+/// How long a VMM that is still running is given to end before it is killed.
+const FINISH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The numbers of the `count N` lines in `out`, in order.
 fn counts(out: &str) -> Vec<u64> {
@@ -125,24 +40,13 @@ fn assert_contiguous(out: &str) -> u64 {
 }
 
 /// `run` arguments for Debian's kernel on the emulator counting on the console every `ms`.
-fn counting_linux(memory: &str, cpus: u32, ms: u32, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "run".into(),
-        "--backend".into(),
-        "emu".into(),
-        "--kernel".into(),
-        fixture("vmlinuz").display().to_string(),
-        "--initrd".into(),
-        fixture("initramfs.cpio.gz").display().to_string(),
-        "--memory".into(),
-        memory.into(),
-        "--cpus".into(),
-        cpus.to_string(),
-        "--cmdline".into(),
-        format!("console=ttyS0 panic=-1 ferrovisor.count={ms}"),
-    ];
-    a.extend(extra.iter().map(|s| s.to_string()));
-    a
+fn counting_linux(memory: &str, cpus: u32, ms: u32) -> Vec<String> {
+    let cpus = cpus.to_string();
+    common::initramfs_guest_args(
+        memory,
+        &format!("ferrovisor.count={ms}"),
+        &["--cpus", &cpus],
+    )
 }
 
 /// Boots `args`, lets the guest count to `n`, pauses, snapshots into `dir` and kills the VM;
@@ -156,30 +60,40 @@ fn count_and_snapshot(args: &[String], sock: &Path, dir: &Path, n: u64) -> Strin
     assert!(info.stdout.contains("\"paused\""), "{}", info.stdout);
     ok(&vmm.ctl(&["snapshot", dir.to_str().unwrap()]), "snapshot");
     ok(&vmm.ctl(&["kill"]), "kill");
-    let (out, result) = vmm.finish();
+    let (out, result) = vmm.finish(FINISH_TIMEOUT);
     assert_eq!(result.code, Some(0), "kill: {}", result.stderr);
     out
 }
 
-/// Restores `dir` with `extra` arguments, waits for `more` counts after the last one in
-/// `before`, and checks the counts of both runs together are contiguous.
-fn restore_and_check(dir: &Path, before: &str, more: u64, extra: &[&str], tag: &str) {
-    let last = *counts(before).last().expect("counts before the snapshot");
+/// Restores `dir` on `backend` (API socket `sock`), waits for the guest to count `more` past
+/// the last count in `before` (its `PREFIXcount N` lines), and checks that the counts of both
+/// runs together are 1, 2, 3, …: the last count before the snapshot and the last of all.
+fn restore_and_count(
+    backend: &str,
+    prefix: &str,
+    dir: &Path,
+    before: &str,
+    more: u64,
+    sock: &Path,
+) -> (u64, u64) {
+    let strip = |s: &str| s.replace(&format!("{prefix}count "), "count ");
+    let before = strip(before);
+    let last = *counts(&before).last().expect("counts before the snapshot");
+    let mut vmm = Vmm::start(&common::restore_args(dir, backend, &[] as &[&str]), sock);
+    vmm.wait_for(&format!("{prefix}count {}\r\n", last + more));
+    let (after, _) = vmm.finish(FINISH_TIMEOUT);
+    (
+        last,
+        assert_contiguous(&format!("{before}{}", strip(&after))),
+    )
+}
+
+/// Restores `dir` on the emulator, waits for `more` counts after the last one in `before`, and
+/// checks the counts of both runs together are contiguous.
+fn restore_and_check(dir: &Path, before: &str, more: u64, tag: &str) {
     let tmp = TempDir::new(tag);
-    let sock = tmp.0.join("api.sock");
-    let mut args: Vec<String> = vec![
-        "run".into(),
-        "--restore".into(),
-        dir.display().to_string(),
-        "--backend".into(),
-        "emu".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let mut vmm = Vmm::start(&args, &sock);
-    vmm.wait_for_count(last + more);
-    let (after, _) = vmm.finish();
-    let all = format!("{before}{after}");
-    assert!(assert_contiguous(&all) >= last + more);
+    let (last, all) = restore_and_count("emu", "", dir, before, more, &tmp.0.join("api.sock"));
+    assert!(all >= last + more);
 }
 
 /// One snapshot of the 1-vCPU counting guest, shared by the tests that only read it: the
@@ -190,7 +104,7 @@ fn counting_snapshot() -> &'static (PathBuf, String) {
         let tmp = TempDir::new("snap-shared");
         let dir = tmp.0.join("snap");
         let out = count_and_snapshot(
-            &counting_linux("256M", 1, 100, &[]),
+            &counting_linux("256M", 1, 100),
             &tmp.0.join("api.sock"),
             &dir,
             5,
@@ -207,9 +121,9 @@ fn counting_snapshot() -> &'static (PathBuf, String) {
 fn emu_linux_counting_guest_continues_with_the_next_number_after_restore() {
     let (dir, before) = counting_snapshot();
     assert_contiguous(before);
-    restore_and_check(dir, before, 5, &[], "restore-1");
+    restore_and_check(dir, before, 5, "restore-1");
     // A snapshot can be restored again (clones of it, one after another) with the same result.
-    restore_and_check(dir, before, 3, &[], "restore-1b");
+    restore_and_check(dir, before, 3, "restore-1b");
 }
 
 #[test]
@@ -217,7 +131,7 @@ fn emu_linux_with_4_vcpus_continues_after_restore() {
     let tmp = TempDir::new("snap-4cpu");
     let dir = tmp.0.join("snap");
     let before = count_and_snapshot(
-        &counting_linux("256M", 4, 100, &[]),
+        &counting_linux("256M", 4, 100),
         &tmp.0.join("api.sock"),
         &dir,
         5,
@@ -226,7 +140,7 @@ fn emu_linux_with_4_vcpus_continues_after_restore() {
         before.contains("Brought up 1 node, 4 CPUs"),
         "the guest did not bring up 4 CPUs:\n{before}"
     );
-    restore_and_check(&dir, &before, 5, &[], "restore-4cpu");
+    restore_and_check(&dir, &before, 5, "restore-4cpu");
 }
 
 #[test]
@@ -234,7 +148,7 @@ fn emu_linux_3g_guest_restores() {
     let tmp = TempDir::new("snap-3g");
     let dir = tmp.0.join("snap");
     let before = count_and_snapshot(
-        &counting_linux("3G", 1, 100, &[]),
+        &counting_linux("3G", 1, 100),
         &tmp.0.join("api.sock"),
         &dir,
         3,
@@ -253,14 +167,14 @@ fn emu_linux_3g_guest_restores() {
         "{} bytes allocated",
         meta.blocks() * 512
     );
-    restore_and_check(&dir, &before, 3, &[], "restore-3g");
+    restore_and_check(&dir, &before, 3, "restore-3g");
 }
 
 #[test]
 fn requests_invalid_in_the_current_state_are_refused_with_the_reason() {
     let tmp = TempDir::new("snap-states");
     let sock = tmp.0.join("api.sock");
-    let mut vmm = Vmm::start(&counting_linux("256M", 1, 100, &[]), &sock);
+    let mut vmm = Vmm::start(&counting_linux("256M", 1, 100), &sock);
     vmm.wait_for_count(1);
     let dir = tmp.0.join("snap");
     for (args, what) in [
@@ -281,7 +195,7 @@ fn requests_invalid_in_the_current_state_are_refused_with_the_reason() {
     assert_eq!(r.code, Some(3), "pause twice: {}", r.stderr);
     ok(&vmm.ctl(&["resume"]), "resume");
     ok(&vmm.ctl(&["kill"]), "kill");
-    let (out, result) = vmm.finish();
+    let (out, result) = vmm.finish(FINISH_TIMEOUT);
     assert_eq!(result.code, Some(0));
     assert_contiguous(&out);
     assert!(!dir.exists(), "a refused snapshot wrote {dir:?}");
@@ -378,41 +292,16 @@ fn kvm_test_guest_counting_continues_after_restore() {
     }
     let tmp = TempDir::new("snap-kvm");
     let dir = tmp.0.join("snap");
-    let guest = common::test_guest_bzimage();
-    let args: Vec<String> = [
-        "run",
-        "--backend",
-        "kvm",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cmdline",
-        "console=ttyS0 ftg.count=forever ftg.count_ms=20",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = common::counting_test_guest_args("kvm");
     let mut vmm = Vmm::start(&args, &tmp.0.join("api.sock"));
     vmm.wait_for("ftg: count 20\r\n");
     ok(&vmm.ctl(&["pause"]), "pause");
     ok(&vmm.ctl(&["snapshot", dir.to_str().unwrap()]), "snapshot");
     ok(&vmm.ctl(&["kill"]), "kill");
-    let (before, _) = vmm.finish();
-    let strip = |s: &str| s.replace("ftg: count ", "count ");
-    let before = strip(&before);
-    let last = *counts(&before).last().unwrap();
-    let mut r = Vmm::start(
-        &[
-            "run".into(),
-            "--restore".into(),
-            dir.display().to_string(),
-            "--backend".into(),
-            "kvm".into(),
-        ],
-        &tmp.0.join("api2.sock"),
-    );
-    r.wait_for(&format!("ftg: count {}\r\n", last + 20));
-    let (after, _) = r.finish();
-    assert!(assert_contiguous(&format!("{before}{}", strip(&after))) >= last + 20);
+    let (before, _) = vmm.finish(FINISH_TIMEOUT);
+    let (last, all) =
+        restore_and_count("kvm", "ftg: ", &dir, &before, 20, &tmp.0.join("api2.sock"));
+    assert!(all >= last + 20);
 }
 
 #[test]
@@ -440,7 +329,7 @@ fn an_api_only_vmm_is_configured_started_and_killed_through_the_api() {
     ok(&vmm.ctl(&["start"]), "start");
     vmm.wait_for_count(2);
     ok(&vmm.ctl(&["kill"]), "kill");
-    let (_, result) = vmm.finish();
+    let (_, result) = vmm.finish(FINISH_TIMEOUT);
     assert_eq!(result.code, Some(0));
     assert!(
         !sock.exists(),
@@ -451,16 +340,16 @@ fn an_api_only_vmm_is_configured_started_and_killed_through_the_api() {
 /// Boots Debian's kernel on the emulator with a shell on the console (`extra` arguments
 /// after), waits for the prompt, snapshots it into `dir` and kills it.
 fn shell_snapshot(tmp: &TempDir, dir: &Path, extra: &[&str]) {
-    let mut args = counting_linux("256M", 1, 0, extra);
-    let cmdline = args.iter().position(|a| a == "--cmdline").unwrap() + 1;
-    args[cmdline] = "console=ttyS0 panic=-1 ferrovisor.shell=1".into();
+    let mut a = vec!["--cpus", "1"];
+    a.extend_from_slice(extra);
+    let args = common::initramfs_guest_args("256M", "ferrovisor.shell=1", &a);
     let mut vmm = Vmm::start(&args, &tmp.0.join("shell.sock"));
     vmm.wait_for("FERROVISOR-GUEST-READY");
     vmm.wait_for(" # ");
     ok(&vmm.ctl(&["pause"]), "pause");
     ok(&vmm.ctl(&["snapshot", dir.to_str().unwrap()]), "snapshot");
     ok(&vmm.ctl(&["kill"]), "kill");
-    let _ = vmm.finish();
+    let _ = vmm.finish(FINISH_TIMEOUT);
 }
 
 /// Starts `ferrovisor run --restore DIR` with `input` queued on the console.
@@ -533,34 +422,15 @@ fn disk_writes_before_and_after_a_snapshot_are_both_on_the_disk() {
     let root = common::root_copy(&tmp);
     let sock = tmp.0.join("api.sock");
     let args = common::root_guest_args(&root, "256M", &[]);
-    let mut a: Vec<&str> = args.iter().map(String::as_str).collect();
-    a.extend_from_slice(&["--api-sock", sock.to_str().unwrap()]);
-    let mut child = spawn(&a);
-    let out = stream_stdout(&mut child);
-    let mut seen = String::new();
-    assert!(
-        wait_for_output(&out, &mut seen, "FERROVISOR-ROOT-READY", BOOT_TIMEOUT),
-        "{seen}"
-    );
-    {
-        use std::io::Write;
-        let stdin = child.stdin.as_mut().unwrap();
-        stdin
-            .write_all(b"echo before-snap > /before.txt; sync; echo WROTE-$((1 + 1))\n")
-            .unwrap();
-    }
-    assert!(
-        wait_for_output(&out, &mut seen, "WROTE-2", BOOT_TIMEOUT),
-        "{seen}"
-    );
+    let mut vmm = Vmm::start(&args, &sock);
+    vmm.wait_for("FERROVISOR-ROOT-READY");
+    vmm.type_in(b"echo before-snap > /before.txt; sync; echo WROTE-$((1 + 1))\n");
+    vmm.wait_for("WROTE-2");
     let dir = tmp.0.join("snap");
-    ok(&ctl(&sock, &["pause"]), "pause");
-    ok(
-        &ctl(&sock, &["snapshot", dir.to_str().unwrap()]),
-        "snapshot",
-    );
-    ok(&ctl(&sock, &["kill"]), "kill");
-    let _ = common::finish(child, Duration::from_secs(10));
+    ok(&vmm.ctl(&["pause"]), "pause");
+    ok(&vmm.ctl(&["snapshot", dir.to_str().unwrap()]), "snapshot");
+    ok(&vmm.ctl(&["kill"]), "kill");
+    let _ = vmm.finish(FINISH_TIMEOUT);
 
     let clone = clone_with_input(
         &dir,
@@ -623,14 +493,14 @@ fn full_then_two_diffs(
     assert_eq!(r.code, Some(2), "{}", r.stderr);
     assert!(r.stderr.contains("new directory"), "{}", r.stderr);
     ok(&vmm.ctl(&["kill"]), "kill");
-    (vmm.finish().0, dirs)
+    (vmm.finish(FINISH_TIMEOUT).0, dirs)
 }
 
 #[test]
 fn emu_diff_snapshot_chain_of_three_restores_and_holds_only_written_pages() {
     let tmp = TempDir::new("snap-diff");
     let sock = tmp.0.join("api.sock");
-    let vmm = Vmm::start(&counting_linux("256M", 1, 100, &[]), &sock);
+    let vmm = Vmm::start(&counting_linux("256M", 1, 100), &sock);
     let (before, [a, b, c]) = full_then_two_diffs(vmm, &tmp, "", 3);
     let full = memory_allocated(&a);
     for d in [&b, &c] {
@@ -641,7 +511,7 @@ fn emu_diff_snapshot_chain_of_three_restores_and_holds_only_written_pages() {
         );
     }
     // The last diff restores to where the guest was when it was taken.
-    restore_and_check(&c, &before, 3, &[], "restore-diff");
+    restore_and_check(&c, &before, 3, "restore-diff");
     // Restoring the middle one goes back to its own point: the counts up to its pause.
     let upto = |out: &str, n: u64| -> String {
         let end = out
@@ -667,38 +537,11 @@ fn kvm_diff_snapshot_chain_of_three_restores() {
         return;
     }
     let tmp = TempDir::new("snap-kvm-diff");
-    let guest = common::test_guest_bzimage();
-    let args: Vec<String> = [
-        "run",
-        "--backend",
-        "kvm",
-        "--kernel",
-        guest.to_str().unwrap(),
-        "--cmdline",
-        "console=ttyS0 ftg.count=forever ftg.count_ms=20",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = common::counting_test_guest_args("kvm");
     let vmm = Vmm::start(&args, &tmp.0.join("api.sock"));
     let (before, [a, _, c]) = full_then_two_diffs(vmm, &tmp, "ftg: ", 10);
     assert!(memory_allocated(&c) < memory_allocated(&a));
-    let strip = |s: &str| s.replace("ftg: count ", "count ");
-    let before = strip(&before);
-    let last = *counts(&before).last().unwrap();
-    let mut r = Vmm::start(
-        &[
-            "run".into(),
-            "--restore".into(),
-            c.display().to_string(),
-            "--backend".into(),
-            "kvm".into(),
-        ],
-        &tmp.0.join("api2.sock"),
-    );
-    r.wait_for(&format!("ftg: count {}\r\n", last + 10));
-    let (after, _) = r.finish();
-    assert_contiguous(&format!("{before}{}", strip(&after)));
+    restore_and_count("kvm", "ftg: ", &c, &before, 10, &tmp.0.join("api2.sock"));
 }
 
 #[test]

@@ -24,12 +24,14 @@ use std::net::Shutdown;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc::Receiver;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{fixture, stream_stdout, wait_for_output, RunResult, TempDir, BIN};
+use common::netns::{NetNs, HOST_IP, HOST_PEER, TAP};
+use common::vmm::{guest_value, Vmm};
+use common::{fixture, stream_stdout, wait_for_output, TempDir, BIN};
 
 const ROOT_MARKER: &str = "FERROVISOR-ROOT-READY";
 /// Booting to the root shell (about 30 s alone on the emulator, more on a busy host); nextest
@@ -48,194 +50,11 @@ const HELD_BYTES: usize = 1000;
 /// Host port the guest connects to (the unix socket `<uds>_6000`).
 const HOST_PORT: u32 = 6000;
 
-// ------------------------------------------------------------------------------ the VMM
-
-/// A running `ferrovisor run` with its console streamed in and its stdin to type on; killed
-/// if the test fails before it ends.
-struct Vmm {
-    child: Option<Child>,
-    stdin: Option<ChildStdin>,
-    out: Receiver<String>,
-    seen: String,
-    sock: PathBuf,
-}
-
-impl Vmm {
-    /// Starts `ferrovisor ARGS --api-sock SOCK` (inside network namespace `netns` if given)
-    /// and waits for the API socket.
-    fn start(args: &[String], sock: &Path, netns: Option<&NetNs>) -> Vmm {
-        let mut cmd = match netns {
-            Some(ns) => ns.command(BIN),
-            None => Command::new(BIN),
-        };
-        cmd.args(args)
-            .arg("--api-sock")
-            .arg(sock)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("start ferrovisor");
-        let out = stream_stdout(&mut child);
-        let stdin = child.stdin.take();
-        let mut vmm = Vmm {
-            child: Some(child),
-            stdin,
-            out,
-            seen: String::new(),
-            sock: sock.to_owned(),
-        };
-        let start = Instant::now();
-        while !sock.exists() {
-            let exited = vmm.child.as_mut().unwrap().try_wait().unwrap().is_some();
-            if exited || start.elapsed() > BOOT_TIMEOUT {
-                vmm.fail(&format!("no API socket at {sock:?}"));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        vmm
-    }
-
-    /// Panics with `why`, the console so far and the VMM's stderr.
-    fn fail(&mut self, why: &str) -> ! {
-        self.stdin = None;
-        let rest = self
-            .child
-            .take()
-            .map(|c| common::finish(c, Duration::from_secs(2)));
-        while let Ok(chunk) = self.out.try_recv() {
-            self.seen.push_str(&chunk);
-        }
-        panic!(
-            "{why}; the console showed:\n{}\n--- VMM stderr ---\n{}",
-            self.seen,
-            rest.map(|r| r.stderr).unwrap_or_default()
-        );
-    }
-
-    /// Types `line` (a newline is added) on the guest's console.
-    fn type_line(&mut self, line: &str) {
-        let stdin = self.stdin.as_mut().expect("console open");
-        if let Err(e) = stdin.write_all(format!("{line}\n").as_bytes()) {
-            self.fail(&format!("cannot type {line:?}: {e}"));
-        }
-    }
-
-    /// Waits until the console has shown `what` `n` times.
-    fn wait_for_n(&mut self, what: &str, n: usize, timeout: Duration) {
-        let start = Instant::now();
-        while self.seen.matches(what).count() < n {
-            if start.elapsed() > timeout {
-                self.fail(&format!("{what:?} not seen {n} times within {timeout:?}"));
-            }
-            if let Ok(chunk) = self.out.recv_timeout(Duration::from_millis(100)) {
-                self.seen.push_str(&chunk);
-            }
-        }
-    }
-
-    fn wait_for(&mut self, what: &str, timeout: Duration) {
-        if !wait_for_output(&self.out, &mut self.seen, what, timeout) {
-            self.fail(&format!("{what:?} not seen within {timeout:?}"));
-        }
-    }
-
-    /// Waits until the console shows one of `whats` after its first `from` bytes; which.
-    fn wait_for_any(&mut self, from: usize, whats: &[&str], timeout: Duration) -> String {
-        let start = Instant::now();
-        loop {
-            if let Some(w) = whats.iter().find(|w| self.seen[from..].contains(**w)) {
-                return w.to_string();
-            }
-            if start.elapsed() > timeout {
-                self.fail(&format!("none of {whats:?} seen within {timeout:?}"));
-            }
-            if let Ok(chunk) = self.out.recv_timeout(Duration::from_millis(100)) {
-                self.seen.push_str(&chunk);
-            }
-        }
-    }
-
-    /// Waits for the guest to print `KEY=value` (anywhere in a line: a background job may
-    /// print after a prompt) and returns the value; the echo of a typed command, whose value
-    /// starts with `$` or is empty where the terminal wrapped the line, does not count.
-    fn wait_for_value(&mut self, key: &str, timeout: Duration) -> String {
-        let start = Instant::now();
-        loop {
-            if let Some(v) = guest_value(&self.seen, key) {
-                return v;
-            }
-            if start.elapsed() > timeout {
-                self.fail(&format!("no {key}=<value> within {timeout:?}"));
-            }
-            if let Ok(chunk) = self.out.recv_timeout(Duration::from_millis(100)) {
-                self.seen.push_str(&chunk);
-            }
-        }
-    }
-
-    /// Runs `ferrovisor ctl` on this VMM and insists it succeeds.
-    fn ctl_ok(&mut self, args: &[&str]) {
-        let mut a = vec!["ctl", "--sock", self.sock.to_str().unwrap()];
-        a.extend_from_slice(args);
-        let r = common::run(&a, b"", Duration::from_secs(60));
-        if r.code != Some(0) {
-            self.fail(&format!("ctl {args:?} failed: {r}"));
-        }
-    }
-
-    /// Pauses, snapshots into `dir` and kills the VM; its exit must be clean.
-    fn snapshot_and_kill(mut self, dir: &Path) -> String {
-        self.ctl_ok(&["pause"]);
-        self.ctl_ok(&["snapshot", dir.to_str().unwrap()]);
-        self.ctl_ok(&["kill"]);
-        let (seen, r) = self.finish(Duration::from_secs(30));
-        assert_eq!(r.code, Some(0), "the killed VMM: {r}\n{seen}");
-        seen
-    }
-
-    /// Closes the console, waits for the VMM to end (killing it after `timeout`): everything
-    /// the console showed and how the VMM ended.
-    fn finish(mut self, timeout: Duration) -> (String, RunResult) {
-        self.stdin = None;
-        let child = self.child.take().expect("finish once");
-        let r = common::finish(child, timeout);
-        while let Ok(chunk) = self.out.recv_timeout(Duration::from_millis(200)) {
-            self.seen.push_str(&chunk);
-        }
-        (std::mem::take(&mut self.seen), r)
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// The first `KEY=value` the guest printed in `out`, as [`Vmm::wait_for_value`] finds it.
-fn guest_value(out: &str, key: &str) -> Option<String> {
-    let pat = format!("{key}=");
-    out.match_indices(&pat).find_map(|(i, _)| {
-        let rest = &out[i + pat.len()..];
-        let v = rest[..rest.find(['\r', '\n'])?].trim();
-        (!v.is_empty() && !v.starts_with('$')).then(|| v.to_string())
-    })
-}
+// ------------------------------------------------------------------------------ helpers
 
 /// `run --restore DIR --backend emu` and `extra`.
 fn restore_args(dir: &Path, extra: &[String]) -> Vec<String> {
-    let mut a: Vec<String> = vec![
-        "run".into(),
-        "--restore".into(),
-        dir.display().to_string(),
-        "--backend".into(),
-        "emu".into(),
-    ];
-    a.extend_from_slice(extra);
-    a
+    common::restore_args(dir, "emu", extra)
 }
 
 /// The test's own copy of a root image, taken from `image`.
@@ -522,8 +341,8 @@ fn make_vsock_snapshot(dir: &Path) {
     let uds = dir.join("v.sock");
     let vsock = format!("cid={SNAP_CID},uds={}", uds.display());
     let args = common::root_guest_args(&root, "256M", &["--vsock", &vsock]);
-    let mut vmm = Vmm::start(&args, &dir.join("api.sock"), None);
-    vmm.wait_for(ROOT_MARKER, BOOT_TIMEOUT);
+    let mut vmm = Vmm::start(&args, &dir.join("api.sock"));
+    vmm.wait_for_within(ROOT_MARKER, BOOT_TIMEOUT);
     // Each vsock-test accepts one connection: a new one listens after each echo.
     vmm.type_line(&format!(
         "while vsock-test listen {ECHO_PORT}; do :; done &"
@@ -534,11 +353,11 @@ fn make_vsock_snapshot(dir: &Path) {
     if let Err(e) = echo_through_guest(&uds, ECHO_PORT, &data) {
         vmm.fail(&format!("echo before the snapshot: {e}"));
     }
-    vmm.wait_for(&echoed_line(&data), STEP_TIMEOUT);
+    vmm.wait_for_within(&echoed_line(&data), STEP_TIMEOUT);
     vmm.wait_for_n(&listening, 2, STEP_TIMEOUT);
     // A connection open across the snapshot.
     vmm.type_line(&format!("vsock-test listen {HELD_PORT} &"));
-    vmm.wait_for(&format!("VSOCK-LISTENING={HELD_PORT}"), STEP_TIMEOUT);
+    vmm.wait_for_within(&format!("VSOCK-LISTENING={HELD_PORT}"), STEP_TIMEOUT);
     let held = vsock_connect(&uds, HELD_PORT).map(|(s, _)| s);
     let mut held = held.unwrap_or_else(|e| vmm.fail(&e));
     held.write_all(&[0x55; HELD_BYTES]).unwrap();
@@ -567,13 +386,13 @@ fn emu_vsock_works_after_restore_on_a_new_socket_path() {
             format!("cid={SNAP_CID},uds={}", uds.display()),
         ],
     );
-    let mut vmm = Vmm::start(&args, &tmp.0.join("api.sock"), None);
+    let mut vmm = Vmm::start(&args, &tmp.0.join("api.sock"));
     // The listener that was listening at the snapshot still is, on the new socket.
     let data = seeded(300_000, 2);
     if let Err(e) = echo_through_guest(&uds, ECHO_PORT, &data) {
         vmm.fail(&format!("host to guest after the restore: {e}"));
     }
-    vmm.wait_for(&echoed_line(&data), STEP_TIMEOUT);
+    vmm.wait_for_within(&echoed_line(&data), STEP_TIMEOUT);
     held_connection_was_reset(&mut vmm);
     // Guest to host reaches the new path's port socket.
     guest_to_host(&mut vmm, &uds, 150_000);
@@ -582,7 +401,7 @@ fn emu_vsock_works_after_restore_on_a_new_socket_path() {
     if let Err(e) = echo_through_guest(&uds, ECHO_PORT, &data) {
         vmm.fail(&format!("second echo after the restore: {e}"));
     }
-    vmm.wait_for(&echoed_line(&data), STEP_TIMEOUT);
+    vmm.wait_for_within(&echoed_line(&data), STEP_TIMEOUT);
     vmm.type_line("poweroff -f");
     let (seen, r) = vmm.finish(STEP_TIMEOUT);
     assert_eq!(r.code, Some(0), "{r}\n{seen}");
@@ -617,7 +436,7 @@ fn emu_vsock_clones_answer_at_once_each_on_its_own_cid_socket_and_disk() {
                     format!("cid={},uds={}", SNAP_CID + 1 + i, uds.display()),
                 ],
             );
-            let vmm = Vmm::start(&args, &tmp.0.join(format!("api{i}.sock")), None);
+            let vmm = Vmm::start(&args, &tmp.0.join(format!("api{i}.sock")));
             Clone { vmm, uds, root }
         })
         .collect();
@@ -647,7 +466,7 @@ fn emu_vsock_clones_answer_at_once_each_on_its_own_cid_socket_and_disk() {
         }
     }
     for (c, data) in clones.iter_mut().zip(&datas) {
-        c.vmm.wait_for(&echoed_line(data), STEP_TIMEOUT);
+        c.vmm.wait_for_within(&echoed_line(data), STEP_TIMEOUT);
     }
     // Guest to host from clone 0, after its echo.
     let c = &mut clones[0];
@@ -683,101 +502,6 @@ fn emu_vsock_clones_answer_at_once_each_on_its_own_cid_socket_and_disk() {
 }
 
 // ------------------------------------------------------------------------------ network
-
-const HOST_IP: &str = "10.0.2.1";
-const TAP: &str = "fvtap0";
-
-/// The host end of a TCP stream, on 10.0.2.1: `recv PORT` prints "RECV <bytes> <md5>" after
-/// the peer closes; `send PORT FILE` sends the file, half-closes and drains; `slowsend` does
-/// the same but prints PROGRESS after the first MiB and then paces the rest (64 KiB every 50
-/// ms), so the stream is still flowing when the test snapshots the VM.
-const HOST_PEER: &str = r#"
-import hashlib, socket, sys, time
-mode, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("10.0.2.1", port))
-s.listen(1)
-print("LISTENING", flush=True)
-c, _ = s.accept()
-print("ACCEPTED", flush=True)
-if mode == "recv":
-    h, n = hashlib.md5(), 0
-    while True:
-        b = c.recv(1 << 20)
-        if not b:
-            break
-        h.update(b)
-        n += len(b)
-    print("RECV", n, h.hexdigest(), flush=True)
-else:
-    data = open(sys.argv[3], "rb").read()
-    step = 64 << 10
-    for off in range(0, len(data), step):
-        c.sendall(data[off:off + step])
-        if mode == "slowsend" and off + step >= 1 << 20:
-            if off + step == 1 << 20:
-                print("PROGRESS", flush=True)
-            time.sleep(0.05)
-    c.shutdown(socket.SHUT_WR)
-    while c.recv(1 << 16):
-        pass
-    print("SENT", flush=True)
-c.close()
-"#;
-
-/// A network namespace with the tap `fvtap0` (10.0.2.1/24), deleted with it on drop.
-struct NetNs(String);
-
-impl NetNs {
-    fn create(name: &str) -> Result<NetNs, String> {
-        let ip = |args: &[&str]| -> Result<(), String> {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "ip {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))
-            }
-        };
-        ip(&["netns", "add", name])?;
-        let ns = NetNs(name.to_string());
-        ip(&[
-            "-n", name, "tuntap", "add", "dev", TAP, "mode", "tap", "vnet_hdr",
-        ])?;
-        ip(&["-n", name, "addr", "add", "10.0.2.1/24", "dev", TAP])?;
-        ip(&["-n", name, "link", "set", TAP, "up"])?;
-        ip(&["-n", name, "link", "set", "lo", "up"])?;
-        Ok(ns)
-    }
-
-    /// `ip netns exec NS PROGRAM`, to add the program's arguments to.
-    fn command(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0, program]);
-        c
-    }
-
-    /// Whether the tap is still there.
-    fn has_tap(&self) -> bool {
-        Command::new("ip")
-            .args(["-n", &self.0, "link", "show", TAP])
-            .output()
-            .is_ok_and(|o| o.status.success())
-    }
-}
-
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
 
 /// A host peer (`HOST_PEER`) running in the namespace, its output streamed.
 struct Peer {
@@ -865,27 +589,10 @@ fn random_file(dir: &TempDir, name: &str, len: usize) -> (PathBuf, String) {
 fn emu_tcp_keeps_flowing_across_a_snapshot_restore_on_the_same_tap() {
     let test = "emu_tcp_keeps_flowing_across_a_snapshot_restore_on_the_same_tap";
     let started = Instant::now();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED {test}: network namespaces and taps need root");
-        return;
-    }
-    // Namespaces left by killed runs.
-    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let name = line.split_whitespace().next().unwrap_or("");
-            let pid = name
-                .strip_prefix("fvsnapnet-")
-                .and_then(|p| p.parse::<u32>().ok());
-            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
-                let _ = Command::new("ip").args(["netns", "del", name]).status();
-            }
-        }
-    }
-    let ns = match NetNs::create(&format!("fvsnapnet-{}", std::process::id())) {
+    let ns = match NetNs::for_test("fvsnapnet-") {
         Ok(ns) => ns,
         Err(e) => {
-            eprintln!("SKIPPED {test}: cannot make a network namespace with a tap: {e}");
+            eprintln!("SKIPPED {test}: {e}");
             return;
         }
     };
@@ -894,16 +601,16 @@ fn emu_tcp_keeps_flowing_across_a_snapshot_restore_on_the_same_tap() {
     let (inflight, inflight_md5) = random_file(&tmp, "inflight.bin", 4 << 20);
     let (to_guest, to_guest_md5) = random_file(&tmp, "to-guest.bin", 3 << 20);
 
-    let mut vmm = Vmm::start(
+    let mut vmm = Vmm::start_in(
         &common::root_guest_args(&root, "256M", &["--net", &format!("tap={TAP}")]),
         &tmp.0.join("api.sock"),
         Some(&ns),
     );
-    vmm.wait_for(ROOT_MARKER, BOOT_TIMEOUT);
+    vmm.wait_for_within(ROOT_MARKER, BOOT_TIMEOUT);
     vmm.type_line(
         "ip link set eth0 up; ip addr add 10.0.2.15/24 dev eth0; echo NET-UP=$((40 + 2))",
     );
-    vmm.wait_for("NET-UP=42", STEP_TIMEOUT);
+    vmm.wait_for_within("NET-UP=42", STEP_TIMEOUT);
 
     // A small exchange before the snapshot.
     let mut small = Peer::start(&ns, &["recv", "5001"]);
@@ -946,7 +653,7 @@ fn emu_tcp_keeps_flowing_across_a_snapshot_restore_on_the_same_tap() {
     assert!(ns.has_tap(), "the tap went away with the VMM");
 
     // Restored on the same tap (named again, as a clone would name its own).
-    let mut vmm = Vmm::start(
+    let mut vmm = Vmm::start_in(
         &restore_args(&dir, &["--net".into(), format!("tap={TAP}")]),
         &tmp.0.join("api2.sock"),
         Some(&ns),

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod netns;
+pub mod vmm;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_ferrovisor");
 
 /// Why KVM tests cannot run here, or `None` if they can.
@@ -262,30 +265,65 @@ pub fn root_copy(dir: &TempDir) -> PathBuf {
     p
 }
 
+/// `ferrovisor run` arguments for the test guest on `backend` counting on the console
+/// (`ftg: count N`) every 20 ms until it is stopped.
+pub fn counting_test_guest_args(backend: &str) -> Vec<String> {
+    let guest = test_guest_bzimage();
+    [
+        "run",
+        "--backend",
+        backend,
+        "--kernel",
+        guest.to_str().expect("utf-8 path"),
+        "--cmdline",
+        "console=ttyS0 ftg.count=forever ftg.count_ms=20",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// `ferrovisor run` arguments that boot Debian's kernel and the initramfs on the emulator with
+/// `memory` of RAM and `console=ttyS0 panic=-1 CMDLINE`; `extra` follows.
+pub fn initramfs_guest_args(memory: &str, cmdline: &str, extra: &[&str]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        "--backend".into(),
+        "emu".into(),
+        "--kernel".into(),
+        fixture("vmlinuz").display().to_string(),
+        "--initrd".into(),
+        fixture("initramfs.cpio.gz").display().to_string(),
+        "--memory".into(),
+        memory.into(),
+        "--cmdline".into(),
+        format!("console=ttyS0 panic=-1 {cmdline}"),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
 /// `ferrovisor run` arguments that boot Debian's kernel on the emulator with `memory` of RAM,
 /// its root file system on the first disk (`root`, e.g. from [`root_copy`]) and a shell on
 /// the console, the root's init printing FERROVISOR-ROOT-READY; `extra` (more devices)
 /// follows.
 pub fn root_guest_args(root: &Path, memory: &str, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = [
-        "run",
-        "--backend",
-        "emu",
-        "--kernel",
-        fixture("vmlinuz").to_str().expect("utf-8 path"),
-        "--initrd",
-        fixture("initramfs.cpio.gz").to_str().expect("utf-8 path"),
-        "--memory",
-        memory,
-        "--cmdline",
-        "console=ttyS0 panic=-1 ferrovisor.root=/dev/vda ferrovisor.shell=1",
-        "--disk",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    a.push(format!("path={}", root.display()));
-    a.extend(extra.iter().map(|s| s.to_string()));
+    let disk = format!("path={}", root.display());
+    let mut a = vec!["--disk", disk.as_str()];
+    a.extend_from_slice(extra);
+    initramfs_guest_args(memory, "ferrovisor.root=/dev/vda ferrovisor.shell=1", &a)
+}
+
+/// `ferrovisor run --restore DIR --backend BACKEND` and `extra`.
+pub fn restore_args(dir: &Path, backend: &str, extra: &[impl AsRef<str>]) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "run".into(),
+        "--restore".into(),
+        dir.display().to_string(),
+        "--backend".into(),
+        backend.into(),
+    ];
+    a.extend(extra.iter().map(|s| s.as_ref().to_string()));
     a
 }
 
