@@ -50,7 +50,7 @@
 set -euo pipefail
 
 # Bump when the content of the outputs changes for the same packages (init script, layout).
-FIXTURE_FORMAT=6
+FIXTURE_FORMAT=7
 META_PKG=linux-image-cloud-amd64
 BUSYBOX_PKG=busybox-static
 MODULES=(virtio virtio_ring virtio_pci virtio_pci_modern_dev virtio_pci_legacy_dev
@@ -284,11 +284,14 @@ mount -t tmpfs tmpfs /tmp
 cmdline=" $(cat /proc/cmdline) "
 
 # ferrovisor.root=DEV: switch_root into the ext4 file system on DEV instead of staying here.
+# ferrovisor.count=MS: after the marker, count on the console every MS milliseconds.
 root=
+count_ms=
 set -f
 for arg in $cmdline; do
     case "$arg" in
     ferrovisor.root=*) root=${arg#ferrovisor.root=} ;;
+    ferrovisor.count=*) count_ms=${arg#ferrovisor.count=} ;;
     esac
 done
 set +f
@@ -348,14 +351,6 @@ fi
 
 echo FERROVISOR-GUEST-READY
 
-count_ms=
-set -f
-for arg in $cmdline; do
-    case "$arg" in
-    ferrovisor.count=*) count_ms=${arg#ferrovisor.count=} ;;
-    esac
-done
-set +f
 if [ -n "$count_ms" ]; then
     i=0
     while :; do
