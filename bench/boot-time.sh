@@ -59,6 +59,7 @@ measure="$here/lib/measure.py"
 
 die() { echo "boot-time: $*" >&2; exit 2; }
 note() { echo "boot-time: $*" >&2; }
+. "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 runs=20 warmup=1 profile=ftg guest=${FTG_GUEST:-} kernel= initrd= marker= cmdline= cmdline_set=0
 ferrovisor=${FERROVISOR:-$repo/target/release/ferrovisor} fargs=${FERROVISOR_ARGS:-}
@@ -181,19 +182,10 @@ python3 "$measure" --marker "$marker" --runs "$runs" --warmup "$warmup" --timeou
 rc=$?
 set -e
 cat "$tmp/table.md"
-if [ "$rc" -ne 0 ]; then
-    keep="$results/logs-$(date +%Y%m%d-%H%M%S)"
-    cp -r "$tmp/logs" "$keep" 2>/dev/null || true
-    note "some runs failed; guest output of failed runs kept in $keep"
-fi
+keep_failed_logs "$rc" "$tmp/logs" "$results" boot
 
 if [ "$save" = 1 ]; then
-    cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
-    kvm=none
-    for m in kvm_intel kvm_amd kvm_pvm; do [ -d "/sys/module/$m" ] && kvm=$m && break; done
-    rev=$(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
-    [ -z "$(cd "$repo" && git status --porcelain --untracked-files=no 2>/dev/null)" ] || rev="$rev (dirty)"
-    qv=$("$qemu" --version 2>/dev/null | head -n1 || true)
+    host_facts "$repo" "$qemu"
     {
         echo
         echo "## $(date -u '+%Y-%m-%d %H:%M UTC') — boot time, profile \`$profile\`"

@@ -50,6 +50,7 @@ harness="$here/lib/net.py"
 
 die() { echo "net: $*" >&2; exit 2; }
 note() { echo "net: $*" >&2; }
+. "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 rounds=3 size=256M only= build=0 save=1 json= quiet=() dir=
 ferrovisor=${FERROVISOR:-$repo/target/release/ferrovisor} fargs=${FERROVISOR_ARGS:-}
@@ -161,17 +162,10 @@ rc=$?
 set -e
 load1=$(cut -d' ' -f1-3 /proc/loadavg)
 cat "$tmp/table.md"
-if [ "$rc" -ne 0 ]; then
-    keep="$results/net-logs-$(date +%Y%m%d-%H%M%S)"
-    cp -r "$tmp/logs" "$keep" 2>/dev/null || true
-    note "some runs failed; their output is kept in $keep"
-fi
+keep_failed_logs "$rc" "$tmp/logs" "$results" net
 
 if [ "$save" = 1 ]; then
-    cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
-    rev=$(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
-    [ -z "$(cd "$repo" && git status --porcelain --untracked-files=no 2>/dev/null)" ] || rev="$rev (dirty)"
-    qv=$("$qemu" --version 2>/dev/null | head -n1 || true)
+    host_facts "$repo" "$qemu"
     fbuilt=$(date -u -r "$ferrovisor" '+%Y-%m-%d %H:%M UTC' 2>/dev/null || echo "?")
     {
         echo

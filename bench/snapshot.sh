@@ -53,6 +53,7 @@ harness="$here/lib/snapshot.py"
 
 die() { echo "snapshot: $*" >&2; exit 2; }
 note() { echo "snapshot: $*" >&2; }
+. "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 
 runs=5 sizes=256M,1G,4G backends=emu,kvm clones=1,10,50 clone_mem=256M settle=5 peers=1
 build=0 save=1 json= quiet=() dir=
@@ -164,19 +165,10 @@ set -e
 secs=$(( $(date +%s) - t0 ))
 load1=$(cut -d' ' -f1-3 /proc/loadavg)
 cat "$tmp/table.md"
-if [ "$rc" -ne 0 ]; then
-    keep="$results/snapshot-logs-$(date +%Y%m%d-%H%M%S)"
-    cp -r "$tmp/logs" "$keep" 2>/dev/null || true
-    note "some runs failed; their output is kept in $keep"
-fi
+keep_failed_logs "$rc" "$tmp/logs" "$results" snapshot
 
 if [ "$save" = 1 ]; then
-    cpu=$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)
-    kvm=none
-    for m in kvm_intel kvm_amd kvm_pvm; do [ -d "/sys/module/$m" ] && kvm=$m && break; done
-    rev=$(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
-    [ -z "$(cd "$repo" && git status --porcelain --untracked-files=no 2>/dev/null)" ] || rev="$rev (dirty)"
-    qv=$("$qemu" --version 2>/dev/null | head -n1 || true)
+    host_facts "$repo" "$qemu"
     fs=$(df -T "$tmp" 2>/dev/null | awk 'NR == 2 { print $2 " on " $1 }')
     fbuilt=$(date -u -r "$ferrovisor" '+%Y-%m-%d %H:%M UTC' 2>/dev/null || echo "?")
     {
