@@ -95,17 +95,18 @@ impl GuestRam {
         u32::from_le_bytes([b[0], b[1], b[2], b[3]])
     }
 
+    fn region(&self, slot: u32, guest_addr: u64) -> MemoryRegion {
+        MemoryRegion {
+            slot,
+            guest_addr: GuestAddress(guest_addr),
+            len_bytes: self.len as u64,
+            host_addr: self.host as u64,
+        }
+    }
+
     fn map(&self, vm: &dyn Vm, slot: u32, guest_addr: u64) {
         // SAFETY: the mapping outlives the VM (see the type's doc).
-        unsafe {
-            vm.map_memory(MemoryRegion {
-                slot,
-                guest_addr: GuestAddress(guest_addr),
-                len_bytes: self.len as u64,
-                host_addr: self.host as u64,
-            })
-        }
-        .expect("map guest memory");
+        unsafe { vm.map_memory(self.region(slot, guest_addr)) }.expect("map guest memory");
     }
 }
 
@@ -498,6 +499,47 @@ fn the_dirty_log_reports_the_pages_the_guest_wrote() {
     assert!(vm.take_dirty_log().is_err(), "a log after stop_dirty_log");
     assert_eq!(low.bytes()[0x3000], 0x11);
     assert_eq!(high.bytes()[0x2000], 0x33);
+}
+
+#[test]
+fn a_vm_created_with_its_memory_logs_writes_from_the_start_if_asked() {
+    const TEST: &str = "kvm_snapshot create with memory";
+    let Some(hv) = kvm(TEST) else { return };
+    let low = GuestRam::new(16 * PAGE);
+    let high = GuestRam::new(16 * PAGE);
+    low.write(0x1000, &WRITER);
+    let regions = [low.region(0, 0), high.region(1, 0x10000)];
+
+    // SAFETY: both mappings outlive the VMs (see GuestRam's doc).
+    let unlogged = unsafe { hv.create_vm_with_memory(&regions, false) }.expect("create a VM");
+    let mut vcpu = real_mode_vcpu(&hv, unlogged.as_ref(), 0x1000, 0x10000);
+    assert_eq!(
+        next_out(vcpu.as_mut()).0,
+        0x80,
+        "the guest runs in the mapped memory"
+    );
+    assert!(unlogged.take_dirty_log().is_err(), "a log nobody started");
+    drop(vcpu);
+    drop(unlogged);
+
+    // SAFETY: as above.
+    let Some(vm) = or_skip(TEST, "log dirty pages", unsafe {
+        hv.create_vm_with_memory(&regions, true)
+    }) else {
+        return;
+    };
+    let mut vcpu = real_mode_vcpu(&hv, vm.as_ref(), 0x1000, 0x10000);
+    assert_eq!(next_out(vcpu.as_mut()).0, 0x80);
+    let log = vm.take_dirty_log().expect("the log started with the VM");
+    assert_eq!(log.len(), 2, "one bitmap per region");
+    let (low_dirty, high_dirty) = (dirty_pages(&log[0]), dirty_pages(&log[1]));
+    for page in [3, 9] {
+        assert!(
+            low_dirty.contains(&page),
+            "low page {page} not reported: {low_dirty:?}"
+        );
+    }
+    assert_eq!(high_dirty, vec![2], "high pages reported");
 }
 
 #[test]

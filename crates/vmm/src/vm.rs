@@ -307,7 +307,6 @@ impl Vm {
         events: Sender<VmEvent>,
         console: &ConsoleTarget,
     ) -> Result<Vm, VmmError> {
-        let vm = hv.create_vm().map_err(VmmError::Hypervisor)?;
         let mut chain = Vec::new();
         let regions: Vec<_> = arch::e820::ram_regions(config.memory.bytes)
             .into_iter()
@@ -330,20 +329,32 @@ impl Vm {
                 mem
             }
         };
+        let mut slots = Vec::new();
         for (slot, region) in mem.iter().enumerate() {
             let host_addr = region
                 .get_host_address(vm_memory::MemoryRegionAddress(0))
                 .map_err(VmmError::GuestMemory)? as u64;
-            let region = MemoryRegion {
+            slots.push(MemoryRegion {
                 slot: slot as u32,
                 guest_addr: region.start_addr(),
                 len_bytes: region.len(),
                 host_addr,
-            };
-            // SAFETY: the mapping belongs to `mem`, which `Vm` keeps alive (and drops after
-            // the hypervisor VM).
-            unsafe { vm.map_memory(region) }.map_err(VmmError::Hypervisor)?;
+            });
         }
+        // A restored VM records written pages from the start: the next snapshot may be a diff.
+        let log_writes = !chain.is_empty();
+        // SAFETY: the mappings belong to `mem`, which `Vm` keeps alive (and drops after the
+        // hypervisor VM).
+        let (vm, dirty_logging) = match unsafe { hv.create_vm_with_memory(&slots, log_writes) } {
+            Ok(vm) => (vm, log_writes),
+            Err(e) if log_writes => {
+                tracing::warn!("cannot log dirty pages ({e}); diff snapshots are unavailable");
+                // SAFETY: as above.
+                let vm = unsafe { hv.create_vm_with_memory(&slots, false) };
+                (vm.map_err(VmmError::Hypervisor)?, false)
+            }
+            Err(e) => return Err(VmmError::Hypervisor(e)),
+        };
         let boot_state = match start {
             Start::Boot => Some(load_guest(config, &mem)?),
             Start::Restore { .. } => None,
@@ -476,7 +487,7 @@ impl Vm {
             config: config.clone(),
             state: RunState::Created,
             chain: Vec::new(),
-            dirty_logging: false,
+            dirty_logging,
         };
         if !chain.is_empty() {
             vm.track_changes_since(chain);

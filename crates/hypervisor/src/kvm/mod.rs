@@ -100,6 +100,15 @@ impl Hypervisor for KvmHypervisor {
     }
 
     fn create_vm(&self) -> Result<Arc<dyn Vm>> {
+        // SAFETY: no memory is mapped.
+        unsafe { self.create_vm_with_memory(&[], false) }
+    }
+
+    unsafe fn create_vm_with_memory(
+        &self,
+        memory: &[MemoryRegion],
+        log_writes: bool,
+    ) -> Result<Arc<dyn Vm>> {
         let fd = self
             .kvm
             .create_vm()
@@ -108,6 +117,25 @@ impl Hypervisor for KvmHypervisor {
             .map_err(|e| HypervisorError::VmSetup("TSS address", os_error(e)))?;
         fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(|e| HypervisorError::VmSetup("identity map address", os_error(e)))?;
+        // Memory slots before the interrupt controllers: the first slot change after
+        // KVM_CREATE_IRQCHIP waits for a grace period (see the trait method).
+        let mut slots = MemorySlots {
+            regions: BTreeMap::new(),
+            dirty_log: log_writes,
+        };
+        for region in memory {
+            // SAFETY: the caller guarantees the host range is a valid mapping that outlives
+            // the VM.
+            unsafe { set_region(&fd, region, log_writes) }.map_err(|source| {
+                HypervisorError::MapMemory {
+                    addr: region.guest_addr.0,
+                    source,
+                }
+            })?;
+            if region.len_bytes > 0 {
+                slots.regions.insert(region.slot, *region);
+            }
+        }
         fd.create_irq_chip()
             .map_err(|e| HypervisorError::VmSetup("interrupt controllers", os_error(e)))?;
         let pit = kvm_pit_config {
@@ -124,7 +152,7 @@ impl Hypervisor for KvmHypervisor {
                 next_gsi: FIRST_MSI_GSI,
                 msi: BTreeMap::new(),
             })),
-            memory: Mutex::new(MemorySlots::default()),
+            memory: Mutex::new(slots),
             msr_list,
         }))
     }
