@@ -12,7 +12,7 @@
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, RflagsBits};
 
-use super::fast::{self, Op};
+use super::fast::{self, Handler, Op};
 
 /// Instructions per block at most: bounds interrupt latency and the cost of a rebuild.
 const MAX_OPS: usize = 64;
@@ -22,22 +22,46 @@ const MAX_BYTES: usize = 256;
 const SLOTS: usize = 1 << SLOT_BITS;
 const SLOT_BITS: u32 = 18;
 
+/// Code bytes a block keeps in its header; a longer block keeps the rest with its cold parts.
+/// Most blocks are shorter (kernel I/O paths: ~42 bytes on average).
+const HEAD_BYTES: usize = 64;
+
+/// A compiled block. Small on purpose: what runs on every entry (this header and the ops) is
+/// what has to stay in the host's caches while a guest runs thousands of different blocks.
 pub(crate) struct Block {
     /// RIP and linear address of the first instruction, and the code size it was decoded at.
     pub rip: u64,
     pub lin: u64,
     pub bitness: u32,
-    /// How many bytes the block was compiled from (all inside one page), and those bytes,
-    /// kept beside the header so the check on entry touches one allocation.
-    len: usize,
-    bytes: [u8; MAX_BYTES],
+    /// How many bytes the block was compiled from (all inside one page; at most
+    /// [`MAX_BYTES`]), and the first of them, kept in the header so that the check on entry
+    /// touches one allocation for most blocks.
+    len: u32,
+    head: [u8; HEAD_BYTES],
     pub ops: Box<[Op]>,
+    cold: Box<Cold>,
+}
+
+/// The parts of a block that only rare paths read.
+struct Cold {
+    /// Code bytes past [`HEAD_BYTES`].
+    tail: Box<[u8]>,
+    /// For each op, the handler that computes every flag (used when the budget cuts the
+    /// block short).
+    exact: Box<[Handler]>,
+    /// The decoded instructions the general interpreter's ops point to.
+    _general: Box<[Box<Instruction>]>,
 }
 
 impl Block {
     /// Bytes of code the block was compiled from.
     pub fn len(&self) -> usize {
-        self.len
+        self.len as usize
+    }
+
+    /// For each op, the handler that computes every flag it writes.
+    pub fn exact(&self) -> &[Handler] {
+        &self.cold.exact
     }
 
     /// Whether the code at `host` (the host address of `lin`) is still what was compiled.
@@ -46,24 +70,14 @@ impl Block {
         if self.rip != rip || self.lin != lin || self.bitness != bitness {
             return false;
         }
-        let n = self.len;
-        let old = self.bytes.as_ptr();
+        let n = self.len();
         // SAFETY: `host` is the mapped RAM page holding `lin`; the block's bytes were read
-        // from the same offset and do not cross the page, so every read below stays inside
-        // both the page and `self.bytes` (words at 0, 8, … and one ending at the last byte).
+        // from the same offset and do not cross the page, so `host .. host + n` is inside it.
         unsafe {
-            let word = |p: *const u8, at: usize| std::ptr::read_unaligned(p.add(at) as *const u64);
-            if n < 8 {
-                return (0..n).all(|k| *host.add(k) == *old.add(k));
+            if n <= HEAD_BYTES {
+                return same(host, &self.head[..n]);
             }
-            let mut at = 0;
-            while at + 8 < n {
-                if word(host, at) != word(old, at) {
-                    return false;
-                }
-                at += 8;
-            }
-            word(host, n - 8) == word(old, n - 8)
+            same(host, &self.head) && same(host.add(HEAD_BYTES), &self.cold.tail)
         }
     }
 
@@ -94,23 +108,57 @@ impl Block {
             return None;
         }
         let needed = flags_needed(&insns);
-        let ops: Vec<Op> = insns
-            .iter()
-            .zip(needed)
-            .map(|(insn, flags)| fast::compile(insn, bitness, flags))
-            .collect();
+        let mut ops = Vec::with_capacity(insns.len());
+        let mut exact = Vec::with_capacity(insns.len());
+        let mut general = Vec::new();
+        for (insn, flags) in insns.iter().zip(needed) {
+            let c = fast::compile(insn, bitness, flags);
+            ops.push(c.op);
+            exact.push(c.exact);
+            general.extend(c.insn);
+        }
+        let mut head = [0; HEAD_BYTES];
+        let in_head = used.min(HEAD_BYTES);
+        head[..in_head].copy_from_slice(&code[..in_head]);
         Some(Block {
             rip,
             lin,
             bitness,
-            len: used,
-            bytes: {
-                let mut b = [0; MAX_BYTES];
-                b[..used].copy_from_slice(&code[..used]);
-                b
-            },
+            len: used as u32,
+            head,
             ops: ops.into_boxed_slice(),
+            cold: Box::new(Cold {
+                tail: code[in_head..used].into(),
+                exact: exact.into_boxed_slice(),
+                _general: general.into_boxed_slice(),
+            }),
         })
+    }
+}
+
+/// Whether the `old.len()` bytes at `host` equal `old`.
+///
+/// # Safety
+/// `host .. host + old.len()` must be readable.
+#[inline(always)]
+unsafe fn same(host: *const u8, old: &[u8]) -> bool {
+    let n = old.len();
+    let old = old.as_ptr();
+    // SAFETY: every read below is inside `host .. host + n` and `old .. old + n` (words at
+    // 0, 8, … and one ending at the last byte), which the caller guarantees and the slice is.
+    unsafe {
+        let word = |p: *const u8, at: usize| std::ptr::read_unaligned(p.add(at) as *const u64);
+        if n < 8 {
+            return (0..n).all(|k| *host.add(k) == *old.add(k));
+        }
+        let mut at = 0;
+        while at + 8 < n {
+            if word(host, at) != word(old, at) {
+                return false;
+            }
+            at += 8;
+        }
+        word(host, n - 8) == word(old, n - 8)
     }
 }
 

@@ -25,6 +25,9 @@ pub(crate) type Handler = fn(&mut Cpu, &Op) -> Step;
 
 /// "No register" in a [`Mem`] recipe.
 const NONE: u8 = 0xff;
+/// The base of a RIP-relative operand in a [`Mem`] recipe: the next instruction's address,
+/// which is RIP while the handler runs.
+const RIP: u8 = 0xfe;
 /// Marks AH, CH, DH, BH in a register field (bits 8..15 of registers 0..3).
 const HIGH: u8 = 0x10;
 
@@ -43,8 +46,10 @@ enum SegMode {
 /// The address recipe of a memory operand, resolved at compile time.
 #[derive(Clone, Copy)]
 pub(crate) struct Mem {
-    /// Displacement, or the absolute address of a RIP-relative operand.
-    disp: u64,
+    /// Displacement (sign-extended; 32 bits cover every form but a 64-bit absolute `moffs`,
+    /// which takes the general path). Relative to the next instruction for [`RIP`].
+    disp: i32,
+    /// Base register, [`RIP`], or [`NONE`].
     base: u8,
     index: u8,
     scale: u8,
@@ -65,18 +70,16 @@ const NO_MEM: Mem = Mem {
     ashift: 0,
 };
 
-/// One compiled instruction: one cache line.
+/// One compiled instruction: half a cache line, so that the code a guest runs often (the
+/// kernel's I/O path is thousands of blocks) stays in the host's caches. Its address is not
+/// kept: it follows the previous instruction's (`Cpu::run_ops` counts it), and what the
+/// general interpreter and a budget cut need lives beside the ops (`block::Block`).
+#[derive(Clone, Copy)]
 pub(crate) struct Op {
     pub run: Handler,
-    /// The same instruction computing every flag it writes, for when the block does not run
-    /// to its end (see `block::flags_needed`).
-    pub exact: Handler,
-    /// RIP of the instruction.
-    pub rip: u64,
-    /// Immediate operand (sign-extended as the instruction defines), or branch target.
+    /// Immediate operand (sign-extended as the instruction defines), or branch target; for
+    /// the general interpreter, the address of the decoded instruction, which the block owns.
     imm: u64,
-    /// The decoded instruction, kept only for the general interpreter.
-    insn: Option<Box<Instruction>>,
     mem: Mem,
     /// Length in bytes.
     pub len: u8,
@@ -87,7 +90,7 @@ pub(crate) struct Op {
     cc: ConditionCode,
 }
 
-const _: () = assert!(std::mem::size_of::<Op>() <= 64);
+const _: () = assert!(std::mem::size_of::<Op>() <= 32);
 
 /// Operand kinds, as const generic parameters.
 const R: u8 = 0;
@@ -123,9 +126,11 @@ fn set<const S: usize>(cpu: &mut Cpu, r: u8, v: u64) {
 
 #[inline(always)]
 fn ea(cpu: &Cpu, m: &Mem) -> u64 {
-    let mut a = m.disp;
-    if m.base != NONE {
-        a = a.wrapping_add(cpu.s.gpr[m.base as usize]);
+    let mut a = m.disp as i64 as u64;
+    match m.base {
+        NONE => {}
+        RIP => a = a.wrapping_add(cpu.s.rip),
+        b => a = a.wrapping_add(cpu.s.gpr[b as usize]),
     }
     if m.index != NONE {
         a = a.wrapping_add(cpu.s.gpr[m.index as usize] << m.scale);
@@ -233,11 +238,16 @@ fn modify<const D: u8, const S: usize>(
 
 /// Runs the instruction through the general interpreter.
 fn general(cpu: &mut Cpu, op: &Op) -> Step {
-    cpu.start_rip = op.rip;
-    let insn = op
-        .insn
-        .as_deref()
-        .expect("general ops keep their instruction");
+    // RIP is already the next instruction's (see `Cpu::run_ops`).
+    let start = cpu.s.rip.wrapping_sub(u64::from(op.len));
+    cpu.start_rip = if cpu.s.bitness() == 64 {
+        start
+    } else {
+        start & 0xffff_ffff
+    };
+    // SAFETY: `compile` pointed `imm` at the instruction it returned, which the block that
+    // holds this op owns (boxed, so it does not move) and keeps while its ops run.
+    let insn = unsafe { &*(op.imm as *const Instruction) };
     exec::execute(cpu, insn)?;
     posted(cpu)
 }
@@ -717,7 +727,9 @@ fn gpr(reg: Register) -> Option<u8> {
     Some((reg.full_register() as usize - Register::RAX as usize) as u8)
 }
 
-fn mem_recipe(insn: &Instruction, bitness: u32) -> Mem {
+/// The recipe of `insn`'s memory operand; None if its displacement does not fit 32 bits (a
+/// 64-bit absolute `moffs`).
+fn mem_recipe(insn: &Instruction, bitness: u32) -> Option<Mem> {
     let seg = super::operand::seg_index(insn.memory_segment());
     let mode = if bitness != 64 {
         SegMode::Legacy
@@ -728,12 +740,23 @@ fn mem_recipe(insn: &Instruction, bitness: u32) -> Mem {
     };
     let reg = |r: Register| gpr(r).map(|g| g & 15).unwrap_or(NONE);
     if insn.is_ip_rel_memory_operand() {
-        return Mem {
+        // RIP-relative (EIP-relative with an address-size prefix): relative to the next
+        // instruction, whose address RIP holds while the handler runs.
+        let next = insn.next_ip();
+        let asize = if insn.memory_base() == Register::EIP {
+            4
+        } else {
+            8
+        };
+        let disp = insn.ip_rel_memory_address().wrapping_sub(next) as i64;
+        return Some(Mem {
+            base: RIP,
             seg: seg as u8,
             mode,
-            disp: insn.ip_rel_memory_address(),
+            disp: i32::try_from(disp).ok()?,
+            ashift: (64 - 8 * asize) as u8,
             ..NO_MEM
-        };
+        });
     }
     let (base, index) = (insn.memory_base(), insn.memory_index());
     let asize = if base != Register::None {
@@ -748,15 +771,22 @@ fn mem_recipe(insn: &Instruction, bitness: u32) -> Mem {
             _ => 4,
         }
     };
-    Mem {
+    let disp = insn.memory_displacement64();
+    let disp = if asize < 8 {
+        // The address is masked to `asize` bytes: the low 32 bits decide it.
+        disp as u32 as i32
+    } else {
+        i32::try_from(disp as i64).ok()?
+    };
+    Some(Mem {
         base: reg(base),
         index: reg(index),
         scale: insn.memory_index_scale().trailing_zeros() as u8,
         seg: seg as u8,
         mode,
-        disp: insn.memory_displacement64(),
+        disp,
         ashift: (64 - 8 * asize) as u8,
-    }
+    })
 }
 
 /// Kind of operand `n`: R (a general-purpose register), M, I, or None for anything else.
@@ -777,41 +807,62 @@ fn size_of(insn: &Instruction, n: u32) -> usize {
     }
 }
 
+/// A compiled instruction: the op, the handler that computes every flag it writes (for
+/// when the block does not run to its end: see `block::flags_needed`), and for the general
+/// interpreter the decoded instruction, which the op points to and whoever keeps the op must
+/// keep as long.
+pub(crate) struct Compiled {
+    pub op: Op,
+    pub exact: Handler,
+    pub insn: Option<Box<Instruction>>,
+}
+
 /// Compiles `insn` (decoded at `bitness`) into an [`Op`]; `flags` says whether the status
 /// flags it writes may be observed (`block::flags_needed`).
-pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Op {
+pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Compiled {
     let mut op = Op {
         run: general,
-        exact: general,
-        rip: insn.ip(),
         len: insn.len() as u8,
         dst: 0,
         src: 0,
         cc: insn.condition_code(),
         imm: 0,
         mem: NO_MEM,
-        insn: None,
+    };
+    let general_path = |mut op: Op| {
+        let boxed = Box::new(*insn);
+        op.run = general;
+        op.imm = &*boxed as *const Instruction as u64;
+        Compiled {
+            op,
+            exact: general,
+            insn: Some(boxed),
+        }
     };
     if insn.has_lock_prefix() || insn.memory_size().size() > 8 {
-        op.insn = Some(Box::new(*insn));
-        return op;
+        return general_path(op);
     }
     let has_mem = (0..insn.op_count()).any(|n| insn.op_kind(n) == OpKind::Memory);
     if has_mem {
-        op.mem = mem_recipe(insn, bitness);
-    }
-    if let Some(run) = select(insn, bitness, &mut op) {
-        op.run = run;
-        op.exact = run;
-        if !flags {
-            if let Some(nf) = select_flagless(insn, &op) {
-                op.run = nf;
-            }
+        match mem_recipe(insn, bitness) {
+            Some(m) => op.mem = m,
+            None => return general_path(op),
         }
-    } else {
-        op.insn = Some(Box::new(*insn));
     }
-    op
+    let Some(run) = select(insn, bitness, &mut op) else {
+        return general_path(op);
+    };
+    op.run = run;
+    if !flags {
+        if let Some(nf) = select_flagless(insn, &op) {
+            op.run = nf;
+        }
+    }
+    Compiled {
+        op,
+        exact: run,
+        insn: None,
+    }
 }
 
 /// The specialised handler for `insn`, filling `op`'s fields; None for the general path.

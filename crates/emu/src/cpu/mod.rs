@@ -361,9 +361,9 @@ impl Cpu {
             let n = block.ops.len().min((end - self.icount) as usize);
             if n < block.ops.len() {
                 // Cut short by the budget: a dropped flag computation might be visible after it.
-                break self.run_ops::<true>(&block.ops[..n], ipmask);
+                break self.run_ops::<true>(&block.ops[..n], block.exact(), rip, ipmask);
             }
-            let flow = self.run_ops::<false>(&block.ops, ipmask);
+            let flow = self.run_ops::<false>(&block.ops, block.exact(), rip, ipmask);
             // A loop whose body is this block goes round again without the lookup and the
             // byte check: nothing this vCPU ran wrote the block's code (`code_written`), and
             // code written by another vCPU or a device need not be seen before the next
@@ -407,20 +407,27 @@ impl Cpu {
         }
     }
 
-    /// Runs compiled instructions in order until one leaves the sequence. `EXACT` runs each
-    /// with all its flags.
+    /// Runs compiled instructions in order, the first at `rip`, until one leaves the
+    /// sequence. `EXACT` runs each with all its flags (`exact[i]` for `ops[i]`).
     #[inline(always)]
-    fn run_ops<const EXACT: bool>(&mut self, ops: &[fast::Op], ipmask: u64) -> Flow {
+    fn run_ops<const EXACT: bool>(
+        &mut self,
+        ops: &[fast::Op],
+        exact: &[fast::Handler],
+        rip: u64,
+        ipmask: u64,
+    ) -> Flow {
         // Retired instructions are counted here and added once on the way out: nothing the
         // handlers do reads the count.
         let mut done = 0;
         let mut flow = Flow::Next;
-        for op in ops {
+        let mut here = rip;
+        for (i, op) in ops.iter().enumerate() {
             // `start_rip` is set only where it is read: by the general interpreter (`general`
             // sets it) and on the way out of a failed instruction.
-            let next = op.rip.wrapping_add(u64::from(op.len)) & ipmask;
+            let next = here.wrapping_add(u64::from(op.len)) & ipmask;
             self.s.rip = next;
-            let run = if EXACT { op.exact } else { op.run };
+            let run = if EXACT { exact[i] } else { op.run };
             match run(self, op) {
                 Ok(()) => {
                     done += 1;
@@ -429,11 +436,12 @@ impl Cpu {
                     if self.s.rip != next || self.code_written {
                         break;
                     }
+                    here = next;
                 }
                 Err(e) => {
                     self.icount += done;
                     done = 0;
-                    self.start_rip = op.rip;
+                    self.start_rip = here;
                     flow = self.retire_slow(*e);
                     break;
                 }
