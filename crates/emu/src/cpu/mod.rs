@@ -339,16 +339,17 @@ impl Cpu {
             // SAFETY: a pointer from the cache, valid until the next `put`.
             unsafe { &*b }.matches(rip, lin, bitness, host)
         });
-        let block = match cached {
-            Some(b) => b,
+        let (block, fresh) = match cached {
+            Some(b) => (b, false),
             None => match block::Block::compile(rip, lin, bitness, host) {
                 Some(b) => {
                     self.blocks_compiled += 1;
-                    self.blocks.put(slot, Box::new(b))
+                    (self.blocks.put(slot, Box::new(b)), true)
                 }
                 None => return self.single_step(),
             },
         };
+        self.blocks.enter(slot, block, fresh);
         // SAFETY: the block lives in the cache, which only `run_block` changes (`put`, above,
         // before this point); the instructions it runs do not reach the cache, so the block
         // stays alive and unchanged while its instructions run.
