@@ -102,38 +102,64 @@ fn seeded(n: usize, seed: u32) -> Vec<u8> {
 }
 
 /// Connects to the VMM's vsock socket `uds` and asks for guest port `port`; the stream and the
-/// device's answer line (`OK <host port>` when the guest accepted).
+/// device's answer line (`OK <host port>` when the guest accepted). A request the guest did
+/// not answer within the device's timeout (the client is closed without a line) is tried
+/// again, as an agent would, and said on stderr.
 fn vsock_connect(uds: &Path, port: u32) -> Result<(UnixStream, String), String> {
+    let start = Instant::now();
+    loop {
+        match vsock_connect_once(uds, port) {
+            Err(Unanswered) if start.elapsed() < STEP_TIMEOUT => {
+                eprintln!("guest port {port}: no answer within the device's timeout; again");
+            }
+            Err(Unanswered) => return Err(format!("guest port {port}: closed without an answer")),
+            Ok(r) => return r,
+        }
+    }
+}
+
+/// The device closed a client without an answer line.
+struct Unanswered;
+
+fn vsock_connect_once(
+    uds: &Path,
+    port: u32,
+) -> Result<Result<(UnixStream, String), String>, Unanswered> {
     let start = Instant::now();
     let mut s = loop {
         match UnixStream::connect(uds) {
             Ok(s) => break s,
             Err(e) if start.elapsed() > STEP_TIMEOUT => {
-                return Err(format!("cannot connect to {uds:?}: {e}"))
+                return Ok(Err(format!("cannot connect to {uds:?}: {e}")))
             }
             Err(_) => std::thread::sleep(Duration::from_millis(50)),
         }
     };
     s.set_read_timeout(Some(STEP_TIMEOUT)).unwrap();
-    s.write_all(format!("CONNECT {port}\n").as_bytes())
-        .map_err(|e| format!("CONNECT {port}: {e}"))?;
+    if let Err(e) = s.write_all(format!("CONNECT {port}\n").as_bytes()) {
+        return Ok(Err(format!("CONNECT {port}: {e}")));
+    }
     let mut line = Vec::new();
     let mut b = [0u8; 1];
     loop {
         match s.read(&mut b) {
             Ok(1) if b[0] == b'\n' => break,
             Ok(1) => line.push(b[0]),
-            Ok(_) => return Err(format!("guest port {port}: closed without an answer")),
-            Err(e) => return Err(format!("guest port {port}: waiting for the answer: {e}")),
+            Ok(_) => return Err(Unanswered),
+            Err(e) => {
+                return Ok(Err(format!(
+                    "guest port {port}: waiting for the answer: {e}"
+                )))
+            }
         }
     }
     let line = String::from_utf8_lossy(&line).into_owned();
     if !line.starts_with("OK ") {
-        return Err(format!(
+        return Ok(Err(format!(
             "guest port {port}: answer {line:?} is not OK <port>"
-        ));
+        )));
     }
-    Ok((s, line))
+    Ok(Ok((s, line)))
 }
 
 /// Sends `data` through vsock-test's echo on guest port `port` (while reading the echo back)

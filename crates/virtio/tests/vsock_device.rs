@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hypervisor::GuestMemoryMmap;
-use virtio::vsock::muxer::MAX_CONTROL_BACKLOG;
+use virtio::vsock::muxer::{CONNECT_TIMEOUT, MAX_CONTROL_BACKLOG};
 use virtio::vsock::packet::{shutdown, Header, Op, HEADER_LEN, HOST_CID, TYPE_STREAM};
 use virtio::vsock::Vsock;
 use virtio::{features, Activation, VirtioDevice, VirtioInterrupt};
@@ -655,6 +655,52 @@ fn a_device_reset_closes_every_connection_and_clients_wait_for_the_driver() {
     d.host();
     assert_eof(&mut c);
     assert!(d.dev.counters().clients_refused.load(Ordering::Relaxed) >= 1);
+}
+
+#[test]
+fn a_host_client_the_guest_never_answers_is_disconnected_after_the_timeout() {
+    let mut d = Driver::new("connect-timeout");
+    d.post_rx(8);
+    let mut waiting = UnixStream::connect(&d.uds).unwrap();
+    waiting.write_all(b"CONNECT 5000\n").unwrap();
+    d.host();
+    let got = d.recv();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0.op, Op::Request.raw());
+    let hp = got[0].0.src_port;
+    // Another client, answered, is not affected.
+    let (mut answered, answered_hp) = host_connect(&mut d, 6000, 1000);
+    assert_eq!(d.dev.connections(), 2);
+
+    // The timer wakes the device; the unanswered client is closed and the guest told.
+    let start = std::time::Instant::now();
+    while !d.backend_ready() {
+        assert!(
+            start.elapsed() < CONNECT_TIMEOUT * 3,
+            "no timeout after {:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.host();
+    assert_eof(&mut waiting);
+    let got = d.recv();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0.op, Op::Rst.raw());
+    assert_eq!((got[0].0.src_port, got[0].0.dst_port), (hp, 5000));
+    assert_eq!(d.dev.counters().connect_timeouts.load(Ordering::Relaxed), 1);
+    assert_eq!(d.dev.connections(), 1);
+
+    // A RESPONSE that comes too late is answered with a RST.
+    d.send(&pkt(Op::Response, 5000, hp), &[]);
+    let got = d.recv();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].0.op, Op::Rst.raw());
+    // The answered connection still carries data.
+    let mut rw = pkt(Op::Rw, 6000, answered_hp);
+    rw.len = 2;
+    d.send(&rw, b"hi");
+    assert_eq!(read_n(&mut answered, 2), b"hi");
 }
 
 #[test]

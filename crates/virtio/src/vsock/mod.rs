@@ -77,12 +77,14 @@ pub enum VsockError {
     },
     #[error("cannot create the vsock device's epoll descriptor")]
     Epoll(#[source] io::Error),
+    #[error("cannot create the vsock device's connection timer")]
+    Timer(#[source] io::Error),
 }
 
 impl VsockError {
     /// Whether the user can fix it (a path), as opposed to a failure of the host.
     pub fn is_usage_error(&self) -> bool {
-        !matches!(self, VsockError::Epoll(_))
+        !matches!(self, VsockError::Epoll(_) | VsockError::Timer(_))
     }
 }
 
@@ -113,6 +115,9 @@ pub struct VsockCounters {
     /// Host clients closed without a connection: driver not up, too many, no valid CONNECT
     /// line.
     pub clients_refused: AtomicU64,
+    /// Host-initiated connections the guest did not answer within
+    /// [`CONNECT_TIMEOUT`](muxer::CONNECT_TIMEOUT).
+    pub connect_timeouts: AtomicU64,
 }
 
 /// The queues the driver set up.

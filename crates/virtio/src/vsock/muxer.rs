@@ -16,7 +16,8 @@
 //! - host-initiated: a client connects to the listening socket and sends
 //!   `CONNECT <port>\n`; the device picks an ephemeral host port, queues a REQUEST and the
 //!   connection is `Connecting`. RESPONSE makes it `Established` and queues `OK <host
-//!   port>\n` for the client; RST (nobody listens in the guest) closes the client.
+//!   port>\n` for the client; RST (nobody listens in the guest) closes the client, and so
+//!   does no answer within [`CONNECT_TIMEOUT`] (the guest is told with a RST).
 //! - guest-initiated: a REQUEST to host port P connects to `<uds>_P` without blocking;
 //!   RESPONSE on success, RST otherwise.
 //! - data, credit and shutdowns: see [`Connection`]. When both directions are finished, or
@@ -30,9 +31,11 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{ConnError, Connection, State, TO_HOST_BUF};
 use super::host::{self, ConnectLine, Listener, MAX_CONNECT_LINE};
@@ -47,6 +50,12 @@ type ConnKey = (u32, u32);
 
 /// The epoll token of the listening socket; host sockets get 1, 2, ...
 const LISTENER: u64 = 0;
+/// The epoll token of the timer of connections waiting for the guest.
+const TIMER: u64 = u64::MAX;
+/// How long a host-initiated connection waits for the guest's answer (RESPONSE or RST):
+/// a guest that never answers (no driver running, a hung guest, a restored guest whose
+/// listener is gone) must not keep the host client waiting forever. Firecracker's figure.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Host clients and connections at most; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Payload-less packets waiting for receive buffers beyond which the transmit queue is not
@@ -82,6 +91,12 @@ pub struct Muxer {
     next_token: u64,
     next_port: u32,
     counters: Arc<VsockCounters>,
+    /// Armed for the oldest deadline in `connecting`.
+    timer: TimerFd,
+    /// Host-initiated connections waiting for the guest's answer, oldest first (all wait
+    /// [`CONNECT_TIMEOUT`], so this is also deadline order), with the token that tells a
+    /// connection from a later one on the same ports.
+    connecting: VecDeque<(Instant, ConnKey, u64)>,
 }
 
 impl Muxer {
@@ -99,6 +114,24 @@ impl Muxer {
                 EpollEvent::new(EventSet::IN, LISTENER),
             )
             .map_err(VsockError::Epoll)?;
+        let timer = TimerFd::new().map_err(|e| VsockError::Timer(e.into()))?;
+        // Read only when epoll says it expired; non-blocking in case it was re-armed since.
+        // SAFETY: F_GETFL/F_SETFL on a descriptor the TimerFd owns; no memory involved.
+        let nonblocking = unsafe {
+            let fd = timer.as_raw_fd();
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+        };
+        if !nonblocking {
+            return Err(VsockError::Timer(io::Error::last_os_error()));
+        }
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                timer.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TIMER),
+            )
+            .map_err(VsockError::Epoll)?;
         Ok(Muxer {
             guest_cid,
             uds: uds.to_owned(),
@@ -113,6 +146,8 @@ impl Muxer {
             next_token: LISTENER + 1,
             next_port: EPHEMERAL_BASE,
             counters,
+            timer,
+            connecting: VecDeque::new(),
         })
     }
 
@@ -128,6 +163,8 @@ impl Muxer {
         self.owners.clear();
         self.control.clear();
         self.ready.clear();
+        self.connecting.clear();
+        let _ = self.timer.clear();
         self.resume_listener();
     }
 
@@ -473,6 +510,10 @@ impl Muxer {
                 self.accept_clients(active);
                 continue;
             }
+            if token == TIMER {
+                self.expire_connecting();
+                continue;
+            }
             match self.owners.get(&token).copied() {
                 Some(Owner::Client) => self.read_connect_line(token),
                 Some(Owner::Conn(key)) => {
@@ -598,8 +639,45 @@ impl Muxer {
                 conn.interest = Some(EventSet::IN.bits());
                 self.owners.insert(token, Owner::Conn(key));
                 self.conns.insert(key, conn);
+                self.connecting
+                    .push_back((Instant::now() + CONNECT_TIMEOUT, key, token));
+                if self.connecting.len() == 1 {
+                    self.arm_timer(CONNECT_TIMEOUT);
+                }
                 self.queue(key, Op::Request, 0);
                 self.service(key);
+            }
+        }
+    }
+
+    fn arm_timer(&mut self, after: Duration) {
+        // A zero duration would disarm it.
+        if let Err(e) = self.timer.reset(after.max(Duration::from_millis(1)), None) {
+            tracing::warn!("vsock: cannot arm the connection timer: {e}");
+        }
+    }
+
+    /// Closes the host-initiated connections the guest has not answered in time (the
+    /// client's socket closes; the guest gets a RST in case its answer is on the way).
+    fn expire_connecting(&mut self) {
+        let _ = self.timer.wait();
+        let now = Instant::now();
+        while let Some(&(deadline, key, token)) = self.connecting.front() {
+            if deadline > now {
+                self.arm_timer(deadline - now);
+                return;
+            }
+            self.connecting.pop_front();
+            let waiting = self
+                .conns
+                .get(&key)
+                .is_some_and(|c| c.token == token && c.state == State::Connecting);
+            if waiting {
+                self.counters
+                    .connect_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("vsock: the guest did not answer connection {key:?} in time");
+                self.close(key, true);
             }
         }
     }
