@@ -384,6 +384,18 @@ impl Cpu {
         Some(unsafe { e.host.add(off) })
     }
 
+    /// Host pointer for `lin` for `acc`, None if it is a device page; faults as an access of
+    /// that kind would.
+    pub(crate) fn ram_ptr(&mut self, lin: u64, acc: Access) -> Exec<Option<*mut u8>> {
+        let i = self.tlb_lookup(lin, acc)?;
+        let e = self.tlb.entries[i];
+        if e.host.is_null() {
+            return Ok(None);
+        }
+        // SAFETY: the page is mapped RAM; the offset is below 4096.
+        Ok(Some(unsafe { e.host.add((lin & 0xfff) as usize) }))
+    }
+
     /// Host pointer for `lin` (which must be RAM) for `acc`.
     pub(crate) fn translate_host(&mut self, lin: u64, acc: Access) -> Exec<*mut u8> {
         let i = self.tlb_lookup(lin, acc)?;
