@@ -55,6 +55,12 @@ def now():
     return time.perf_counter()
 
 
+def fail_runs(rows, runs, reason):
+    """Records `runs` failed runs with `reason` in each of `rows`."""
+    for r in rows:
+        r.extend({"ok": False, "reason": reason} for _ in range(runs))
+
+
 # ---------------------------------------------------------------- a child's console
 
 class Out:
@@ -573,9 +579,7 @@ class Bench:
         paused = self.row("restore-paused", f"{label} {mem} restore --paused + resume",
                           runner=label, mem=mem, kind="paused")
         if not snaps:
-            for r in (cold, paused):
-                for _ in range(a.runs):
-                    r.append({"ok": False, "reason": "no snapshot to restore"})
+            fail_runs((cold, paused), a.runs, "no snapshot to restore")
             return
         for i in range(a.runs):
             snap, before = snaps[i % len(snaps)]
@@ -708,9 +712,7 @@ class Bench:
         finally:
             stop(p, out)
         if not saved:
-            for r in (cold, paused):
-                for _ in range(a.runs):
-                    r.append({"ok": False, "reason": "no saved state to restore"})
+            fail_runs((cold, paused), a.runs, "no saved state to restore")
             return
         for i in range(a.runs):
             mig, before = saved[i % len(saved)]

@@ -490,7 +490,10 @@ impl Vm {
             dirty_logging,
         };
         if !chain.is_empty() {
-            vm.track_changes_since(chain);
+            // The back end's record started with the VM (`create_vm_with_memory`), or could
+            // not start and said so there: only the VMM's own record starts here.
+            vm.reset_vmm_writes();
+            vm.chain = chain;
         }
         Ok(vm)
     }
@@ -510,10 +513,15 @@ impl Vm {
                 self.dirty_logging = false;
             }
         }
+        self.reset_vmm_writes();
+        self.chain = chain;
+    }
+
+    /// Forgets which pages the VMM itself wrote (vm-memory's bitmaps of guest memory).
+    fn reset_vmm_writes(&self) {
         for region in self.mem.iter() {
             std::ops::Deref::deref(region).bitmap().reset();
         }
-        self.chain = chain;
     }
 
     pub fn state(&self) -> RunState {

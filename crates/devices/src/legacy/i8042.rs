@@ -174,7 +174,13 @@ pub struct I8042KeyboardState {
 
 impl Default for I8042KeyboardState {
     fn default() -> Self {
-        let k = Keyboard::default();
+        I8042KeyboardState::of_keyboard(&Keyboard::default())
+    }
+}
+
+impl I8042KeyboardState {
+    /// The keyboard's own part of the state; the controller's side of the port idle.
+    fn of_keyboard(k: &Keyboard) -> Self {
         I8042KeyboardState {
             queue: Vec::new(),
             output_from_keyboard: false,
@@ -281,18 +287,12 @@ impl I8042 {
         let Some(port) = &self.port else {
             return I8042KeyboardState::default();
         };
-        let k = &port.keyboard;
         I8042KeyboardState {
             queue: port.queue.iter().copied().collect(),
             output_from_keyboard: port.output_from_keyboard,
             irq_raised: port.irq_raised,
             awaiting_data: port.awaiting_data,
-            scanning: k.scanning,
-            scancode_set: k.set,
-            leds: k.leds,
-            typematic: k.typematic,
-            pending_command: k.pending,
-            last_sent: k.last_sent,
+            ..I8042KeyboardState::of_keyboard(&port.keyboard)
         }
     }
 
