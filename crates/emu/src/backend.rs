@@ -1213,13 +1213,15 @@ impl Drop for EmuVcpu {
         if std::env::var_os("FERROVISOR_EMU_STATS").is_some() {
             let secs = self.started.elapsed().as_secs_f64();
             eprintln!(
-                "emu: vCPU {} retired {} instructions in {:.3} s ({:.1} MIPS); {} blocks run, {} compiled",
+                "emu: vCPU {} retired {} instructions in {:.3} s ({:.1} MIPS); {} blocks run, {} compiled, {} KiB of blocks, {} flushes",
                 self.me.id,
                 self.cpu.icount,
                 secs,
                 self.cpu.icount as f64 / secs.max(1e-9) / 1e6,
                 self.cpu.blocks_run,
                 self.cpu.blocks_compiled,
+                self.cpu.compiled_bytes() >> 10,
+                self.cpu.block_flushes(),
             );
         }
         if let Some((path, samples)) = self.rip_samples.take() {

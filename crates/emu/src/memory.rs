@@ -222,6 +222,26 @@ impl PhysMem {
     }
 }
 
+/// A fresh private anonymous read/write mapping of `len` bytes, without swap reservation
+/// (pages take host memory only when touched); None if the kernel refuses it.
+pub fn map_anonymous(len: usize) -> Option<std::ptr::NonNull<u8>> {
+    // SAFETY: a new mapping at an address the kernel picks; no existing memory is affected.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    std::ptr::NonNull::new(p.cast())
+}
+
 /// Loads `size` (1, 2, 4, 8) bytes, little-endian.
 ///
 /// # Safety

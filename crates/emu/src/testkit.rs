@@ -157,22 +157,12 @@ struct HostRam {
 
 impl HostRam {
     fn new(len: usize) -> HostRam {
-        // SAFETY: a fresh anonymous private mapping; no existing memory is touched.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert!(
-            p != libc::MAP_FAILED,
-            "testkit: cannot map {len} bytes of guest RAM"
-        );
-        HostRam { ptr: p.cast(), len }
+        let p = crate::memory::map_anonymous(len)
+            .unwrap_or_else(|| panic!("testkit: cannot map {len} bytes of guest RAM"));
+        HostRam {
+            ptr: p.as_ptr(),
+            len,
+        }
     }
 }
 

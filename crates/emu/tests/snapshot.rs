@@ -38,19 +38,11 @@ struct Ram {
 
 impl Ram {
     fn new(len: usize) -> Ram {
-        // SAFETY: a fresh anonymous private mapping; no existing memory is touched.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        assert!(p != libc::MAP_FAILED, "cannot map guest RAM");
-        Ram { ptr: p.cast(), len }
+        let p = emu::memory::map_anonymous(len).expect("cannot map guest RAM");
+        Ram {
+            ptr: p.as_ptr(),
+            len,
+        }
     }
 
     fn write(&self, offset: u64, bytes: &[u8]) {

@@ -9,8 +9,15 @@
 //! vCPU or the VMM (DMA) never runs stale, with no invalidation protocol to get wrong. (A block
 //! that loops to its own start runs again without the check until the next interrupt check,
 //! unless this vCPU wrote its bytes: see `Cpu::run_block`.)
+//!
+//! Blocks live in one region per vCPU ([`Arena`]), each in one piece — header, code bytes,
+//! ops — laid out in the order they were first run, and each remembers the blocks that
+//! followed it ([`Block::chain`]). The kernel's I/O path runs thousands of different blocks,
+//! more than the host's caches hold: entering the next block through the chain, from memory
+//! the host's prefetchers already stream in, skips the cache lookup and its dependent miss.
 
 use std::cell::Cell;
+use std::ptr::NonNull;
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKind, RflagsBits};
 
@@ -24,63 +31,88 @@ const MAX_BYTES: usize = 256;
 const SLOTS: usize = 1 << SLOT_BITS;
 const SLOT_BITS: u32 = 18;
 
-/// Code bytes a block keeps in its header; a longer block keeps the rest with its cold parts
-/// (two more dependent loads on every entry). Nearly all blocks are shorter: kernel I/O paths
-/// average ~42 bytes.
-const HEAD_BYTES: usize = 120;
+/// Bytes of address space each vCPU reserves for its blocks. Only what is filled takes host
+/// memory; when it is full, every block is dropped and the guest's code compiles again (as
+/// QEMU does when its translation buffer fills). Booting the Debian kernel to a shell compiles
+/// ~40 MiB of blocks.
+const ARENA_BYTES: usize = 64 << 20;
 
-/// A compiled block. Small on purpose: what runs on every entry (this header and the ops) is
-/// what has to stay in the host's caches while a guest runs thousands of different blocks.
-/// Three cache lines: the first holds what is checked and followed on entry, the others the
-/// code bytes it is compared against.
-#[repr(C, align(64))]
+/// A compiled block's header. The block is one piece of its vCPU's [`Arena`]:
+///
+/// ```text
+/// header (48 bytes) | code bytes (len) | pad to 32 | ops (32 bytes each) | exact handlers |
+///                   | decoded instructions of the ops that take the general path
+/// ```
+///
+/// so that what runs on every entry — this header, the code it is compared against and the
+/// ops — is a few consecutive cache lines.
+#[repr(C)]
 pub(crate) struct Block {
     /// RIP and linear address of the first instruction, and the code size it was decoded at.
     pub rip: u64,
     pub lin: u64,
-    /// Where control went after this block the last time it ran (see [`BlockCache::enter`]).
-    next: Cell<Next>,
+    /// The blocks that followed this one last (most recent first), or null: entered from here
+    /// without the cache lookup when they match (see [`BlockCache::find`]).
+    chain: [Cell<*const Block>; 2],
     pub bitness: u32,
     /// How many bytes the block was compiled from (all inside one page; at most
-    /// [`MAX_BYTES`]); the first of them are in `head`, so that the check on entry touches
-    /// one allocation for most blocks.
-    len: u32,
-    pub ops: Box<[Op]>,
-    head: [u8; HEAD_BYTES],
-    cold: Box<Cold>,
+    /// [`MAX_BYTES`]).
+    len: u16,
+    n_ops: u16,
+    /// Offsets from the header of the ops and of the exact handlers.
+    ops_at: u32,
+    exact_at: u32,
 }
 
-const _: () = assert!(std::mem::size_of::<Block>() == 192);
+const HEADER: usize = std::mem::size_of::<Block>();
+const _: () = assert!(HEADER == 48);
+/// Alignment of a block in the arena: a cache line.
+const BLOCK_ALIGN: usize = 64;
 
-/// The block that followed another, as addresses to prefetch: never dereferenced, so it may
-/// name a block that is gone.
-#[derive(Clone, Copy, Default)]
-struct Next {
-    slot: usize,
-    header: usize,
-    ops: usize,
-}
-
-/// The parts of a block that only rare paths read.
-struct Cold {
-    /// Code bytes past [`HEAD_BYTES`].
-    tail: Box<[u8]>,
-    /// For each op, the handler that computes every flag (used when the budget cuts the
-    /// block short).
-    exact: Box<[Handler]>,
-    /// The decoded instructions the general interpreter's ops point to.
-    _general: Box<[Box<Instruction>]>,
+fn align_up(n: usize, to: usize) -> usize {
+    (n + to - 1) & !(to - 1)
 }
 
 impl Block {
     /// Bytes of code the block was compiled from.
     pub fn len(&self) -> usize {
-        self.len as usize
+        usize::from(self.len)
+    }
+
+    fn base(&self) -> *const u8 {
+        self as *const Block as *const u8
+    }
+
+    /// The code bytes the block was compiled from.
+    #[inline(always)]
+    fn code(&self) -> &[u8] {
+        // SAFETY: `compile` wrote `len` code bytes right after the header, inside the
+        // block's piece of the arena, which lives as long as the block.
+        unsafe { std::slice::from_raw_parts(self.base().add(HEADER), self.len()) }
+    }
+
+    /// The compiled instructions, in order.
+    #[inline(always)]
+    pub fn ops(&self) -> &[Op] {
+        // SAFETY: `compile` wrote `n_ops` ops at `ops_at` (aligned for `Op`) in the block's
+        // piece of the arena.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.base().add(self.ops_at as usize) as *const Op,
+                usize::from(self.n_ops),
+            )
+        }
     }
 
     /// For each op, the handler that computes every flag it writes.
     pub fn exact(&self) -> &[Handler] {
-        &self.cold.exact
+        // SAFETY: as for `ops`: `n_ops` handlers at `exact_at`, aligned for `Handler`.
+        unsafe {
+            std::slice::from_raw_parts(
+                self.base().add(self.exact_at as usize) as *const Handler,
+                usize::from(self.n_ops),
+            )
+        }
     }
 
     /// Whether the code at `host` (the host address of `lin`) is still what was compiled.
@@ -89,26 +121,27 @@ impl Block {
         if self.rip != rip || self.lin != lin || self.bitness != bitness {
             return false;
         }
-        let n = self.len();
         // SAFETY: `host` is the mapped RAM page holding `lin`; the block's bytes were read
-        // from the same offset and do not cross the page, so `host .. host + n` is inside it.
-        unsafe {
-            if n <= HEAD_BYTES {
-                return same(host, &self.head[..n]);
-            }
-            same(host, &self.head) && same(host.add(HEAD_BYTES), &self.cold.tail)
-        }
+        // from the same offset and do not cross the page, so `host .. host + len` is inside it.
+        unsafe { same(host, self.code()) }
     }
 
-    /// Decodes and compiles the block starting at `rip` (linear `lin`, host address `host`).
-    /// None if not even one instruction fits in the page (it crosses into the next one) or
-    /// the first is invalid: the caller then steps it alone.
-    pub fn compile(rip: u64, lin: u64, bitness: u32, host: *const u8) -> Option<Block> {
+    /// Decodes and compiles the block starting at `rip` (linear `lin`, host address `host`)
+    /// into `arena`. None if not even one instruction fits in the page (it crosses into the
+    /// next one) or the first is invalid: the caller then steps it alone; or if the arena is
+    /// full (`Err`): the caller empties it and asks again.
+    fn compile(
+        arena: &mut Arena,
+        rip: u64,
+        lin: u64,
+        bitness: u32,
+        host: *const u8,
+    ) -> Result<Option<NonNull<Block>>, Full> {
         let avail = (0x1000 - (lin & 0xfff) as usize).min(MAX_BYTES);
         // SAFETY: `host` is the host address of `lin` in a mapped RAM page; `avail` bytes
         // stay inside that page.
-        let code = unsafe { std::slice::from_raw_parts(host, avail) }.to_vec();
-        let mut decoder = Decoder::with_ip(bitness, &code, rip, DecoderOptions::NONE);
+        let code = unsafe { std::slice::from_raw_parts(host, avail) };
+        let mut decoder = Decoder::with_ip(bitness, code, rip, DecoderOptions::NONE);
         let mut insns = Vec::with_capacity(MAX_OPS);
         let mut used = 0;
         let mut insn = Instruction::default();
@@ -124,35 +157,107 @@ impl Block {
             }
         }
         if insns.is_empty() {
-            return None;
+            return Ok(None);
         }
         let needed = flags_needed(&insns);
-        let mut ops = Vec::with_capacity(insns.len());
-        let mut exact = Vec::with_capacity(insns.len());
-        let mut general = Vec::new();
-        for (insn, flags) in insns.iter().zip(needed) {
-            let c = fast::compile(insn, bitness, flags);
-            ops.push(c.op);
-            exact.push(c.exact);
-            general.extend(c.insn);
+        let compiled: Vec<_> = insns
+            .iter()
+            .zip(needed)
+            .map(|(insn, flags)| fast::compile(insn, bitness, flags))
+            .collect();
+        let n = compiled.len();
+        let generals = compiled.iter().filter(|c| c.general).count();
+        let ops_at = align_up(HEADER + used, 32);
+        let exact_at = ops_at + n * std::mem::size_of::<Op>();
+        let insns_at = align_up(
+            exact_at + n * std::mem::size_of::<Handler>(),
+            std::mem::align_of::<Instruction>(),
+        );
+        let size = insns_at + generals * std::mem::size_of::<Instruction>();
+        let base = arena.alloc(size).ok_or(Full)?;
+        // SAFETY: `base .. base + size` is a fresh piece of the arena, aligned to
+        // `BLOCK_ALIGN`, which every offset above respects for what is written there
+        // (header, bytes, `Op`s at a multiple of 32, handlers and instructions at their own
+        // alignment); nothing else refers to it yet. The code bytes are copied from the
+        // guest page (`used <= avail`).
+        unsafe {
+            let base = base.as_ptr();
+            std::ptr::copy_nonoverlapping(code.as_ptr(), base.add(HEADER), used);
+            let ops = base.add(ops_at) as *mut Op;
+            let exact = base.add(exact_at) as *mut Handler;
+            let mut general = base.add(insns_at) as *mut Instruction;
+            for (i, (c, insn)) in compiled.iter().zip(&insns).enumerate() {
+                let mut op = c.op;
+                if c.general {
+                    general.write(*insn);
+                    op.point_at(general);
+                    general = general.add(1);
+                }
+                ops.add(i).write(op);
+                exact.add(i).write(c.exact);
+            }
+            let block = base as *mut Block;
+            block.write(Block {
+                rip,
+                lin,
+                chain: Default::default(),
+                bitness,
+                len: used as u16,
+                n_ops: n as u16,
+                ops_at: ops_at as u32,
+                exact_at: exact_at as u32,
+            });
+            Ok(Some(NonNull::new_unchecked(block)))
         }
-        let mut head = [0; HEAD_BYTES];
-        let in_head = used.min(HEAD_BYTES);
-        head[..in_head].copy_from_slice(&code[..in_head]);
-        Some(Block {
-            rip,
-            lin,
-            bitness,
-            len: used as u32,
-            head,
-            ops: ops.into_boxed_slice(),
-            cold: Box::new(Cold {
-                tail: code[in_head..used].into(),
-                exact: exact.into_boxed_slice(),
-                _general: general.into_boxed_slice(),
-            }),
-            next: Cell::new(Next::default()),
-        })
+    }
+}
+
+/// The arena is full.
+struct Full;
+
+/// One vCPU's blocks: a region of address space filled from the start, emptied all at once
+/// when full. Only filled pages take host memory.
+struct Arena {
+    base: NonNull<u8>,
+    used: usize,
+    /// Bytes reserved ([`ARENA_BYTES`] but in tests).
+    cap: usize,
+}
+
+impl Arena {
+    fn new(cap: usize) -> Arena {
+        let base = crate::memory::map_anonymous(cap).unwrap_or_else(|| {
+            panic!(
+                "emu: cannot reserve {cap} bytes for compiled code: {}",
+                std::io::Error::last_os_error()
+            )
+        });
+        Arena { base, used: 0, cap }
+    }
+
+    /// `size` bytes aligned to [`BLOCK_ALIGN`], or None when the arena is full.
+    fn alloc(&mut self, size: usize) -> Option<NonNull<u8>> {
+        let at = self.used;
+        let end = align_up(at + size, BLOCK_ALIGN);
+        if end > self.cap {
+            return None;
+        }
+        self.used = end;
+        // SAFETY: `at < cap`, inside the mapping.
+        Some(unsafe { NonNull::new_unchecked(self.base.as_ptr().add(at)) })
+    }
+
+    /// Forgets every block (their memory is reused from the start).
+    fn clear(&mut self) {
+        self.used = 0;
+    }
+}
+
+impl Drop for Arena {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; no block of it is used any more
+        // (the cache that owns the arena is being dropped).
+        unsafe { libc::munmap(self.base.as_ptr() as *mut libc::c_void, self.cap) };
     }
 }
 
@@ -197,74 +302,143 @@ unsafe fn same(host: *const u8, old: &[u8]) -> bool {
     }
 }
 
-/// The block cache of one vCPU.
+/// The block cache of one vCPU: the arena its blocks live in, a direct-mapped table by
+/// linear address, and the block entered last, whose chain is tried first.
 pub(crate) struct BlockCache {
-    slots: Box<[Option<Box<Block>>]>,
-    /// The slot and address of the block entered last (see [`BlockCache::enter`]).
-    last: Option<(usize, usize)>,
+    arena: Arena,
+    /// Null where empty. A block replaced here stays in the arena (and in chains) until the
+    /// arena is emptied: it is still correct code for its address.
+    slots: Box<[*const Block]>,
+    /// The block entered last, or null.
+    last: *const Block,
+    /// Times the arena filled and every block was dropped (statistics).
+    pub flushes: u64,
 }
+
+// SAFETY: the cache owns its arena and every pointer in it points into that arena; moving the
+// cache to another thread moves all of it, and nothing else refers to the blocks.
+unsafe impl Send for BlockCache {}
 
 impl BlockCache {
     pub fn new() -> Self {
+        Self::with_arena(ARENA_BYTES)
+    }
+
+    fn with_arena(bytes: usize) -> Self {
         BlockCache {
-            slots: (0..SLOTS).map(|_| None).collect(),
-            last: None,
-        }
-    }
-
-    /// Notes that the block at `block` (in `slot`; `fresh` if just `put` there) is being
-    /// entered, and prefetches what followed it last time: its cache slot, header and ops.
-    ///
-    /// The kernel's I/O path runs thousands of different blocks, too many for the host's
-    /// caches, so each block entry used to wait on three dependent loads (slot, header,
-    /// ops). Most blocks have one usual successor; loading it while this block runs hides
-    /// most of that wait.
-    #[inline(always)]
-    pub fn enter(&mut self, slot: usize, block: *const Block, fresh: bool) {
-        // SAFETY: `block` is in the cache (the caller just got or put it).
-        let b = unsafe { &*block };
-        if let Some((last_slot, last)) = self.last {
-            // The previous block is still in the cache unless this one, just compiled,
-            // replaced it: only `put` drops blocks.
-            if !(fresh && last_slot == slot) {
-                // SAFETY: as just said, `last` is a live block of this cache.
-                let last = unsafe { &*(last as *const Block) };
-                last.next.set(Next {
-                    slot,
-                    header: block as usize,
-                    ops: b.ops.as_ptr() as usize,
-                });
-            }
-        }
-        self.last = Some((slot, block as usize));
-        let next = b.next.get();
-        if next.header != 0 {
-            prefetch(self.slots.as_ptr().wrapping_add(next.slot) as usize);
-            prefetch(next.header);
-            prefetch(next.header + 64);
-            prefetch(next.header + 128);
-            prefetch(next.ops);
+            arena: Arena::new(bytes),
+            slots: vec![std::ptr::null(); SLOTS].into_boxed_slice(),
+            last: std::ptr::null(),
+            flushes: 0,
         }
     }
 
     #[inline(always)]
-    pub fn slot(lin: u64) -> usize {
+    fn slot(lin: u64) -> usize {
         (lin.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - SLOT_BITS)) as usize
     }
 
-    /// The block in `slot`, as a pointer: the caller runs it while the CPU (which owns the
-    /// cache) is borrowed mutably, and must not keep it past the next `put`.
+    /// The compiled block for `rip` (linear `lin`, host address `host`) if there is one whose
+    /// code is still what is in memory: first among those that followed the last block
+    /// entered, then in the table. The pointer stays valid until the next `compile`.
     #[inline(always)]
-    pub fn get(&self, slot: usize) -> Option<*const Block> {
-        self.slots[slot].as_deref().map(|b| b as *const Block)
+    pub fn find(
+        &mut self,
+        rip: u64,
+        lin: u64,
+        bitness: u32,
+        host: *const u8,
+    ) -> Option<*const Block> {
+        if let Some(last) = self.last() {
+            let [first, second] = &last.chain;
+            for link in [first, second] {
+                let b = link.get();
+                // SAFETY: chains hold null or blocks of this arena, which live until it is
+                // emptied, and emptying it clears `last`.
+                if !b.is_null() && unsafe { &*b }.matches(rip, lin, bitness, host) {
+                    if std::ptr::eq(link, second) {
+                        // Most recent first.
+                        second.set(first.get());
+                        first.set(b);
+                    }
+                    return Some(b);
+                }
+            }
+        }
+        let b = self.slots[Self::slot(lin)];
+        // SAFETY: table entries are null or blocks of this arena (see `chain`).
+        if b.is_null() || !unsafe { &*b }.matches(rip, lin, bitness, host) {
+            return None;
+        }
+        self.link(b);
+        Some(b)
     }
 
-    /// Stores `b` in `slot`, dropping the block there; returns a pointer to it as `get` does.
+    /// Compiles the block at `rip` (see [`Block::compile`]) and puts it in the table; None
+    /// if the instruction there must be stepped alone. Empties the arena first if it is
+    /// full, which ends the life of every block pointer handed out before.
+    pub fn compile(
+        &mut self,
+        rip: u64,
+        lin: u64,
+        bitness: u32,
+        host: *const u8,
+    ) -> Option<*const Block> {
+        let b = match Block::compile(&mut self.arena, rip, lin, bitness, host) {
+            Ok(b) => b?,
+            Err(Full) => {
+                self.arena.clear();
+                self.slots.fill(std::ptr::null());
+                self.last = std::ptr::null();
+                self.flushes += 1;
+                Block::compile(&mut self.arena, rip, lin, bitness, host)
+                    .ok()
+                    .expect("one block fits in an empty arena")?
+            }
+        };
+        let b = b.as_ptr() as *const Block;
+        self.slots[Self::slot(lin)] = b;
+        self.link(b);
+        Some(b)
+    }
+
+    /// Notes that `block` (from `find` or `compile`) is being entered, and prefetches the
+    /// first lines of the blocks that followed it before, so that they are on their way while
+    /// this one runs.
     #[inline(always)]
-    pub fn put(&mut self, slot: usize, b: Box<Block>) -> *const Block {
-        let p: *const Block = &*b;
-        self.slots[slot] = Some(b);
-        p
+    pub fn enter(&mut self, block: *const Block) {
+        self.last = block;
+        // SAFETY: `block` is a live block of this arena (the caller just got it).
+        let b = unsafe { &*block };
+        for link in &b.chain {
+            let next = link.get() as usize;
+            if next != 0 {
+                prefetch(next);
+                prefetch(next + 64);
+                prefetch(next + 128);
+            }
+        }
+    }
+
+    /// Bytes of the arena in use.
+    pub fn bytes(&self) -> usize {
+        self.arena.used
+    }
+
+    /// Makes `b` the most recent successor of the last block entered.
+    #[inline(always)]
+    fn link(&mut self, b: *const Block) {
+        if let Some(last) = self.last() {
+            if last.chain[0].get() != b {
+                last.chain[1].set(last.chain[0].get());
+                last.chain[0].set(b);
+            }
+        }
+    }
+
+    fn last(&self) -> Option<&Block> {
+        // SAFETY: `last` is null or a block of this arena entered since it was last emptied.
+        unsafe { self.last.as_ref() }
     }
 }
 
@@ -384,4 +558,66 @@ fn ends_block(insn: &Instruction) -> bool {
             | M::Mwait
             | M::Pause
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `inc eax; ret` at every multiple of 3: a one-instruction block and its end.
+    fn code() -> Vec<u8> {
+        [0xff, 0xc0, 0xc3].repeat(0x1000 / 3)
+    }
+
+    fn compile(cache: &mut BlockCache, code: &[u8], k: usize, lin: u64) -> *const Block {
+        let b = cache
+            .compile(lin, lin, 64, code[3 * k..].as_ptr())
+            .expect("`inc eax; ret` compiles");
+        cache.enter(b);
+        b
+    }
+
+    #[test]
+    fn a_full_arena_is_emptied_and_compiling_goes_on() {
+        let code = code();
+        let mut cache = BlockCache::with_arena(4096);
+        let lin = |k: usize| 0x40_0000 + 3 * k as u64;
+        let mut blocks = Vec::new();
+        for k in 0..40 {
+            blocks.push(compile(&mut cache, &code, k, lin(k)));
+        }
+        assert!(cache.flushes >= 1, "40 blocks fill a 4 KiB arena");
+        assert!(cache.bytes() <= 4096);
+        // The first blocks went with the flush; the last is found where it was put.
+        let host = |k: usize| code[3 * k..].as_ptr();
+        assert!(cache.find(lin(0), lin(0), 64, host(0)).is_none());
+        let last = cache.find(lin(39), lin(39), 64, host(39));
+        assert_eq!(last, Some(blocks[39]));
+        // SAFETY: found just now, and nothing was compiled since.
+        let ops = unsafe { &*last.unwrap() }.ops().len();
+        assert_eq!(ops, 2, "inc eax; ret");
+    }
+
+    #[test]
+    fn a_block_is_found_through_the_chain_of_the_one_before_when_its_slot_is_taken() {
+        let mut code = code();
+        let mut cache = BlockCache::new();
+        let (a, b) = (0x1000, 0x2000);
+        // An address whose cache slot is `b`'s.
+        let c = (0x3000..)
+            .find(|&l| BlockCache::slot(l) == BlockCache::slot(b))
+            .unwrap();
+        let block_a = compile(&mut cache, &code, 0, a);
+        let block_b = compile(&mut cache, &code, 1, b);
+        compile(&mut cache, &code, 2, c);
+        // Back at `a`: `b` followed it last time, though `c` holds its slot now.
+        cache.enter(block_a);
+        assert_eq!(cache.find(b, b, 64, code[3..].as_ptr()), Some(block_b));
+        // A mode or address mismatch, or changed code, is never taken from the chain.
+        cache.enter(block_a);
+        assert!(cache.find(b, b, 32, code[3..].as_ptr()).is_none());
+        assert!(cache.find(b + 1, b, 64, code[3..].as_ptr()).is_none());
+        code[3] = 0x90;
+        assert!(cache.find(b, b, 64, code[3..].as_ptr()).is_none());
+    }
 }

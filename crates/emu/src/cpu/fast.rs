@@ -92,6 +92,14 @@ pub(crate) struct Op {
 
 const _: () = assert!(std::mem::size_of::<Op>() <= 32);
 
+impl Op {
+    /// Gives a general-path op its decoded instruction, which must stay where it is for as
+    /// long as the op can run.
+    pub(crate) fn point_at(&mut self, insn: *const Instruction) {
+        self.imm = insn as u64;
+    }
+}
+
 /// Operand kinds, as const generic parameters.
 const R: u8 = 0;
 const M: u8 = 1;
@@ -245,8 +253,8 @@ fn general(cpu: &mut Cpu, op: &Op) -> Step {
     } else {
         start & 0xffff_ffff
     };
-    // SAFETY: `compile` pointed `imm` at the instruction it returned, which the block that
-    // holds this op owns (boxed, so it does not move) and keeps while its ops run.
+    // SAFETY: the block that holds this op pointed `imm` at the decoded instruction
+    // (`Op::point_at`), which it keeps beside its ops for as long as they can run.
     let insn = unsafe { &*(op.imm as *const Instruction) };
     exec::execute(cpu, insn)?;
     posted(cpu)
@@ -808,13 +816,12 @@ fn size_of(insn: &Instruction, n: u32) -> usize {
 }
 
 /// A compiled instruction: the op, the handler that computes every flag it writes (for
-/// when the block does not run to its end: see `block::flags_needed`), and for the general
-/// interpreter the decoded instruction, which the op points to and whoever keeps the op must
-/// keep as long.
+/// when the block does not run to its end: see `block::flags_needed`), and whether it takes
+/// the general path, whose op must be pointed at the decoded instruction ([`Op::point_at`]).
 pub(crate) struct Compiled {
     pub op: Op,
     pub exact: Handler,
-    pub insn: Option<Box<Instruction>>,
+    pub general: bool,
 }
 
 /// Compiles `insn` (decoded at `bitness`) into an [`Op`]; `flags` says whether the status
@@ -830,13 +837,11 @@ pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Compiled
         mem: NO_MEM,
     };
     let general_path = |mut op: Op| {
-        let boxed = Box::new(*insn);
         op.run = general;
-        op.imm = &*boxed as *const Instruction as u64;
         Compiled {
             op,
             exact: general,
-            insn: Some(boxed),
+            general: true,
         }
     };
     if insn.has_lock_prefix() || insn.memory_size().size() > 8 {
@@ -861,7 +866,7 @@ pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Compiled
     Compiled {
         op,
         exact: run,
-        insn: None,
+        general: false,
     }
 }
 

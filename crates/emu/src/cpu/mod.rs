@@ -270,6 +270,15 @@ impl Cpu {
         };
     }
 
+    /// Bytes of compiled blocks held now, and how many times the block arena filled
+    /// (statistics).
+    pub fn compiled_bytes(&self) -> usize {
+        self.blocks.bytes()
+    }
+    pub fn block_flushes(&self) -> u64 {
+        self.blocks.flushes
+    }
+
     /// Drops every cached translation (after the VMM changed page tables or control registers).
     pub fn flush_tlb(&mut self) {
         self.tlb.flush_all();
@@ -334,24 +343,19 @@ impl Cpu {
                 }
             },
         };
-        let slot = block::BlockCache::slot(lin);
-        let cached = self.blocks.get(slot).filter(|&b| {
-            // SAFETY: a pointer from the cache, valid until the next `put`.
-            unsafe { &*b }.matches(rip, lin, bitness, host)
-        });
-        let (block, fresh) = match cached {
-            Some(b) => (b, false),
-            None => match block::Block::compile(rip, lin, bitness, host) {
+        let block = match self.blocks.find(rip, lin, bitness, host) {
+            Some(b) => b,
+            None => match self.blocks.compile(rip, lin, bitness, host) {
                 Some(b) => {
                     self.blocks_compiled += 1;
-                    (self.blocks.put(slot, Box::new(b)), true)
+                    b
                 }
                 None => return self.single_step(),
             },
         };
-        self.blocks.enter(slot, block, fresh);
-        // SAFETY: the block lives in the cache, which only `run_block` changes (`put`, above,
-        // before this point); the instructions it runs do not reach the cache, so the block
+        self.blocks.enter(block);
+        // SAFETY: the block lives in the cache's arena, which only `compile` (above, before
+        // this point) changes; the instructions it runs do not reach the cache, so the block
         // stays alive and unchanged while its instructions run.
         let block: &block::Block = unsafe { &*block };
         self.blocks_run += 1;
@@ -359,12 +363,12 @@ impl Cpu {
         self.code_lo = host as usize;
         self.code_len = block.len();
         let flow = loop {
-            let n = block.ops.len().min((end - self.icount) as usize);
-            if n < block.ops.len() {
+            let n = block.ops().len().min((end - self.icount) as usize);
+            if n < block.ops().len() {
                 // Cut short by the budget: a dropped flag computation might be visible after it.
-                break self.run_ops::<true>(&block.ops[..n], block.exact(), rip, ipmask);
+                break self.run_ops::<true>(&block.ops()[..n], block.exact(), rip, ipmask);
             }
-            let flow = self.run_ops::<false>(&block.ops, block.exact(), rip, ipmask);
+            let flow = self.run_ops::<false>(block.ops(), block.exact(), rip, ipmask);
             // A loop whose body is this block goes round again without the lookup and the
             // byte check: nothing this vCPU ran wrote the block's code (`code_written`), and
             // code written by another vCPU or a device need not be seen before the next
