@@ -100,6 +100,7 @@ fn commands_typed_on_the_serial_console_run_on_emu() {
     let r = shell_session(
         "echo LS-BEGIN; ls /; echo LS-END\n\
          grep -m1 'model name' /proc/cpuinfo\n\
+         echo SPECTRE-V2=$(cat /sys/devices/system/cpu/vulnerabilities/spectre_v2)\n\
          dd if=/dev/zero bs=1M count=64 2>/dev/null | md5sum\n\
          a=$(date +%s); sleep 2; b=$(date +%s); echo DATE-DELTA=$((b - a))\n\
          echo RTC-NAME=$(cat /sys/class/rtc/rtc0/name)\n\
@@ -127,6 +128,15 @@ fn commands_typed_on_the_serial_console_run_on_emu() {
         );
     }
     assert!(r.stdout.contains("Ferrovisor emulated x86-64 CPU"), "{r}");
+    // The emulated CPU reports enhanced IBRS: the kernel calls indirectly, no retpolines.
+    let spectre = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("SPECTRE-V2="))
+        .unwrap_or_else(|| panic!("no spectre_v2 line: {r}"));
+    assert!(
+        spectre.contains("Enhanced / Automatic IBRS"),
+        "{spectre}: {r}"
+    );
     // MD5 of 64 MiB of zeros.
     assert!(r.stdout.contains("7f614da9329cd3aebf59b91aadc30bf0"), "{r}");
     let delta: u64 = lines

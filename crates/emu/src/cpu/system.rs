@@ -19,6 +19,30 @@ const MSR_FS_BASE: u32 = 0xc000_0100;
 const MSR_GS_BASE: u32 = 0xc000_0101;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
 const MSR_TSC_AUX: u32 = 0xc000_0103;
+const MSR_SPEC_CTRL: u32 = 0x48;
+const MSR_PRED_CMD: u32 = 0x49;
+const MSR_ARCH_CAPABILITIES: u32 = 0x10a;
+
+/// SPEC_CTRL bits a guest may set: IBRS, STIBP, SSBD (no effect on a CPU that does not
+/// speculate; kept so the guest reads back what it wrote).
+const SPEC_CTRL_BITS: u64 = 0b111;
+/// IA32_ARCH_CAPABILITIES of the emulated CPU (see `cpuid::LEAF7_EDX`): not affected by
+/// Meltdown (RDCL_NO), enhanced IBRS (IBRS_ALL), and not affected by speculative store
+/// bypass, MDS, page-size-change machine checks, TAA, the MMIO stale-data family, BHI,
+/// post-barrier RSB, GDS and RFDS.
+const ARCH_CAPABILITIES: u64 = 1
+    | 1 << 1
+    | 1 << 4
+    | 1 << 5
+    | 1 << 6
+    | 1 << 8
+    | 1 << 13
+    | 1 << 14
+    | 1 << 15
+    | 1 << 20
+    | 1 << 24
+    | 1 << 26
+    | 1 << 27;
 
 impl Cpu {
     /// IN: reads a port of the platform or, through an exit, of the VMM.
@@ -161,6 +185,8 @@ impl Cpu {
             MSR_GS_BASE => self.s.seg[GS].base,
             MSR_KERNEL_GS_BASE => msr.kernel_gs_base,
             MSR_TSC_AUX => msr.tsc_aux,
+            MSR_SPEC_CTRL => msr.spec_ctrl,
+            MSR_ARCH_CAPABILITIES => ARCH_CAPABILITIES,
             0x174 => msr.sysenter_cs,
             0x175 => msr.sysenter_esp,
             0x176 => msr.sysenter_eip,
@@ -218,6 +244,9 @@ impl Cpu {
             MSR_GS_BASE => self.s.seg[GS].base = v,
             MSR_KERNEL_GS_BASE => self.s.msr.kernel_gs_base = v,
             MSR_TSC_AUX => self.s.msr.tsc_aux = v & 0xffff_ffff,
+            MSR_SPEC_CTRL if v & !SPEC_CTRL_BITS == 0 => self.s.msr.spec_ctrl = v,
+            // IBPB: no predictor to flush. (Other bits, and other values, fault below.)
+            MSR_PRED_CMD if v <= 1 => {}
             0x174 => self.s.msr.sysenter_cs = v,
             0x175 => self.s.msr.sysenter_esp = v,
             0x176 => self.s.msr.sysenter_eip = v,
