@@ -270,11 +270,12 @@ impl Cpu {
         };
     }
 
-    /// Bytes of compiled blocks held now, and how many times the block arena filled
-    /// (statistics).
+    /// Bytes of compiled blocks held now (statistics).
     pub fn compiled_bytes(&self) -> usize {
         self.blocks.bytes()
     }
+
+    /// How many times the block arena filled and every block was dropped (statistics).
     pub fn block_flushes(&self) -> u64 {
         self.blocks.flushes
     }
