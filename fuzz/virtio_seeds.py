@@ -263,3 +263,60 @@ vsock_seed("rx-linux-6.1", [desc(0x1000, 44, NEXT | WRITE, 1), desc(0x2000, 4096
 vsock_seed("rx-across-regions", [desc(0x3ff0, 0x20, NEXT | WRITE, 1),
                                  desc(0x9000, 0x100, WRITE)], [], rx_len=200)
 vsock_seed("rx-large-region", [desc(1 << 32, 0x12000, WRITE, big=True)], [], rx_len=0xffff)
+
+
+# virtio_balloon: flags (EVENT_IDX, STATS_VQ, DEFLATE_ON_OOM, queue size), start index, target,
+# operations, then memory from 0x1000 (fuzz/fuzz_targets/virtio_balloon.rs).
+B_INFLATE, B_DEFLATE, B_STATS, B_HOST, B_ASK_STATS = 0, 1, 2, 3, 3 | 4
+
+
+def b_frame(pfn):
+    """A frame number's one-byte encoding: below 0x14 as is, or the largest ones."""
+    if pfn < 0x14:
+        return pfn
+    assert pfn >= 0xFFFF_FFE0
+    return 0xE0 | (0xFFFF_FFFF - pfn)
+
+
+def b_chain(queue, descs, frames=None, indirect=False, head=0, used_event=0):
+    mode = (len(descs) - 1) | (8 if indirect else 0) | (0x10 if frames is not None else 0)
+    out = bytes([queue, mode, head, used_event]) + b"".join(descs)
+    if frames is not None:
+        out += bytes([len(frames)]) + bytes(b_frame(p) for p in frames)
+    return out
+
+
+def balloon_seed(name, ops, memory=(), flags=0b100_011, start=0, target=4):
+    data = bytes([flags]) + struct.pack("<H", start) + bytes([target, len(ops)]) + b"".join(ops)
+    mem = bytearray()
+    for at, blob in memory:
+        place(mem, at - 0x1000, blob)
+    write("virtio_balloon", name, data + bytes(mem))
+
+
+def stat(tag, value):
+    return struct.pack("<HQ", tag, value)
+
+
+STATS_BUF = stat(4, 100 << 20) + stat(5, 1 << 30) + stat(77, 1) + stat(4, 99 << 20) + b"\x06\x00"
+# Linux: ten PFNs in one buffer (a run across the region boundary at frame 4, the hole, past
+# RAM, a duplicate), deflate them, statistics, a host request for fresh ones, a new target.
+balloon_seed("linux-like", [
+    b_chain(B_STATS, [desc(0x1800, len(STATS_BUF))]),
+    b_chain(B_INFLATE, [desc(0x2000, 40)], [2, 3, 4, 5, 8, 0x11, 0xFFFF_FFFF, 3, 9, 0x10]),
+    b_chain(B_DEFLATE, [desc(0x2100, 16)], [2, 3, 8, 0x12]),
+    bytes([B_ASK_STATS]),
+    b_chain(B_STATS, [desc(0x1800, len(STATS_BUF))], head=1),
+    bytes([B_HOST, 9]),
+], [(0x1800, STATS_BUF)])
+# A frame list split across an indirect table, a length not a multiple of 4, a device-writable
+# buffer, one in the hole, one that runs off the end of RAM.
+balloon_seed("hostile-buffers", [
+    b_chain(B_INFLATE, [desc(0x2000, 6), desc(0x3ffe, 6), desc(0x9000, 3)], [10, 11, 12, 13],
+            indirect=True),
+    b_chain(B_INFLATE, [desc(0x2200, 8, WRITE)], [14, 15]),
+    b_chain(B_INFLATE, [desc(0x8800, 8)]),
+    b_chain(B_DEFLATE, [desc(0x10ffc, 8)]),
+    b_chain(B_STATS, [desc(0x9100, 10, WRITE)]),
+    b_chain(B_STATS, [desc(0x3ff8, 20)], head=1),
+], flags=0b011_010, start=0xFFFE)

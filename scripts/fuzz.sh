@@ -6,11 +6,12 @@
 #
 #   -t SECONDS    time per emulator target (default 60); each virtio, vsock and parser
 #                 (api_http, snapshot_state) target runs half as long (at least 1 s), so CI's
-#                 `-t 60` takes 2 x 60 + 7 x 30 s
+#                 `-t 60` takes 2 x 60 + 8 x 30 s
 #   -j JOBS       parallel libFuzzer jobs per target (default 1)
 #   --build-only  build, run nothing
 #   TARGET        emu_exec, emu_decode_block, virtio_blk_request, virtio_blk_queue,
-#                 virtio_pci_transport, virtio_net, vsock_packet, api_http, snapshot_state
+#                 virtio_pci_transport, virtio_net, virtio_balloon, vsock_packet, api_http,
+#                 snapshot_state
 #                 (default: all); TARGET=SECONDS runs it that long
 #
 # No nightly and no cargo-fuzz: the targets are built with plain `cargo build --release` and
@@ -28,7 +29,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 FUZZ="$ROOT/fuzz"
 ALL_TARGETS=(emu_exec emu_decode_block virtio_blk_request virtio_blk_queue virtio_pci_transport
-             virtio_net vsock_packet api_http snapshot_state)
+             virtio_net virtio_balloon vsock_packet api_http snapshot_state)
 
 secs=60
 jobs=1
@@ -39,7 +40,7 @@ while [ $# -gt 0 ]; do
         -t) secs=${2:?-t needs a number of seconds}; shift 2 ;;
         -j) jobs=${2:?-j needs a number}; shift 2 ;;
         --build-only) build_only=1; shift ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "fuzz.sh: unknown option: $1" >&2; exit 2 ;;
         *) targets+=("$1"); shift ;;
     esac
