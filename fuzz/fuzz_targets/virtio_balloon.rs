@@ -49,8 +49,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrovisor_fuzz::virtio_kit::{
-    fill, in_ram, memory, snapshot, trace, CountingInterrupt, Desc, Input, F_INDIRECT, F_NEXT,
-    F_WRITE, RAM_END,
+    fill, get16, get32, in_ram, memory, put16, put_desc as kit_put_desc, snapshot, trace,
+    CountingInterrupt, Desc, Input, F_INDIRECT, F_NEXT, F_WRITE, RAM_END,
 };
 use hypervisor::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
@@ -81,23 +81,8 @@ fn base(q: usize) -> u64 {
     q as u64 * QUEUE_SPAN
 }
 
-fn put16(mem: &GuestMemoryMmap, at: u64, v: u16) {
-    mem.write_obj(v.to_le(), GuestAddress(at)).unwrap();
-}
-
-fn get16(mem: &GuestMemoryMmap, at: u64) -> u16 {
-    u16::from_le(mem.read_obj(GuestAddress(at)).unwrap())
-}
-
-fn get32(mem: &GuestMemoryMmap, at: u64) -> u32 {
-    u32::from_le(mem.read_obj(GuestAddress(at)).unwrap())
-}
-
 fn put_desc(mem: &GuestMemoryMmap, at: u64, d: &Desc) {
-    mem.write_obj(d.addr.to_le(), GuestAddress(at)).unwrap();
-    mem.write_obj(d.len.to_le(), GuestAddress(at + 8)).unwrap();
-    put16(mem, at + 12, d.flags);
-    put16(mem, at + 14, d.next);
+    kit_put_desc(mem, at, d.addr, d.len, d.flags, d.next);
 }
 
 fn queue(q: usize, size: u16, event_idx: bool, start: u16) -> Queue {

@@ -42,7 +42,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ferrovisor_fuzz::virtio_kit::{
-    fill, image, memory, snapshot, trace, CountingInterrupt, Desc, Input, F_INDIRECT, F_WRITE,
+    fill, get16, image, memory, put16, put_desc, snapshot, trace, CountingInterrupt, Desc, Input,
+    F_INDIRECT, F_WRITE,
 };
 use hypervisor::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
@@ -237,21 +238,6 @@ fn tame_page(mem: &GuestMemoryMmap) {
             mem.write_obj(addr + DATA, GuestAddress(at)).unwrap();
         }
     }
-}
-
-fn put_desc(mem: &GuestMemoryMmap, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
-    mem.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
-    mem.write_obj(len.to_le(), GuestAddress(at + 8)).unwrap();
-    put16(mem, at + 12, flags);
-    put16(mem, at + 14, next);
-}
-
-fn put16(mem: &GuestMemoryMmap, at: u64, v: u16) {
-    mem.write_obj(v.to_le(), GuestAddress(at)).unwrap();
-}
-
-fn get16(mem: &GuestMemoryMmap, at: u64) -> u16 {
-    u16::from_le(mem.read_obj(GuestAddress(at)).unwrap())
 }
 
 struct Harness {

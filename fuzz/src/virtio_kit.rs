@@ -103,6 +103,29 @@ pub fn fill(mem: &GuestMemoryMmap, from: u64, bytes: &[u8]) {
     }
 }
 
+/// Writes a little-endian u16 (a ring index or flags) into guest memory.
+pub fn put16(mem: &GuestMemoryMmap, at: u64, v: u16) {
+    mem.write_obj(v.to_le(), GuestAddress(at)).unwrap();
+}
+
+/// Reads a little-endian u16 from guest memory.
+pub fn get16(mem: &GuestMemoryMmap, at: u64) -> u16 {
+    u16::from_le(mem.read_obj(GuestAddress(at)).unwrap())
+}
+
+/// Reads a little-endian u32 from guest memory.
+pub fn get32(mem: &GuestMemoryMmap, at: u64) -> u32 {
+    u32::from_le(mem.read_obj(GuestAddress(at)).unwrap())
+}
+
+/// Writes a split-ring descriptor (address, length, flags, next) at `at`.
+pub fn put_desc(mem: &GuestMemoryMmap, at: u64, addr: u64, len: u32, flags: u16, next: u16) {
+    mem.write_obj(addr.to_le(), GuestAddress(at)).unwrap();
+    mem.write_obj(len.to_le(), GuestAddress(at + 8)).unwrap();
+    put16(mem, at + 12, flags);
+    put16(mem, at + 14, next);
+}
+
 /// A copy of guest memory `0 .. RAM_END` (the hole reads as zeroes).
 pub fn snapshot(mem: &GuestMemoryMmap) -> Vec<u8> {
     let mut out = vec![0u8; RAM_END as usize];
