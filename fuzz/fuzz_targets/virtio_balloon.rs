@@ -49,8 +49,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferrovisor_fuzz::virtio_kit::{
-    fill, get16, get32, in_ram, memory, put16, put_desc as kit_put_desc, snapshot, trace,
-    CountingInterrupt, Desc, Input, F_INDIRECT, F_NEXT, F_WRITE, RAM_END,
+    fill, get16, get32, in_ram, memory, put16, put_desc as kit_put_desc, ready_queue, snapshot,
+    trace, CountingInterrupt, Desc, Input, F_INDIRECT, F_NEXT, F_WRITE, RAM_END,
 };
 use hypervisor::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
@@ -59,7 +59,7 @@ use virtio::balloon::{
     MAX_PFNS_PER_BUFFER, PAGE_SIZE, STAT_NAMES,
 };
 use virtio::{features, Activation, VirtioDevice};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress};
 
 const INFLATE: usize = 0;
@@ -87,17 +87,7 @@ fn put_desc(mem: &GuestMemoryMmap, at: u64, d: &Desc) {
 
 fn queue(q: usize, size: u16, event_idx: bool, start: u16) -> Queue {
     let b = base(q);
-    let mut queue = Queue::new(size).expect("queue");
-    queue
-        .try_set_desc_table_address(GuestAddress(b))
-        .and_then(|()| queue.try_set_avail_ring_address(GuestAddress(b + AVAIL_OFF)))
-        .and_then(|()| queue.try_set_used_ring_address(GuestAddress(b + USED_OFF)))
-        .expect("ring addresses");
-    queue.set_event_idx(event_idx);
-    queue.set_next_avail(start);
-    queue.set_next_used(start);
-    queue.set_ready(true);
-    queue
+    ready_queue(size, event_idx, start, b, b + AVAIL_OFF, b + USED_OFF)
 }
 
 /// A frame number from its one-byte encoding (see the input format).

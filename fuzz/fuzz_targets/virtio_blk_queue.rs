@@ -42,8 +42,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ferrovisor_fuzz::virtio_kit::{
-    fill, get16, image, memory, put16, put_desc, snapshot, trace, CountingInterrupt, Desc, Input,
-    F_INDIRECT, F_WRITE,
+    fill, get16, image, memory, put16, put_desc, ready_queue, snapshot, trace, CountingInterrupt,
+    Desc, Input, F_INDIRECT, F_WRITE,
 };
 use hypervisor::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
@@ -191,16 +191,7 @@ fn run(data: &[u8]) {
 }
 
 fn queue(size: u16, event_idx: bool, start: u16) -> Queue {
-    let mut q = Queue::new(size).expect("queue");
-    q.try_set_desc_table_address(GuestAddress(DESC_TABLE))
-        .and_then(|()| q.try_set_avail_ring_address(GuestAddress(AVAIL)))
-        .and_then(|()| q.try_set_used_ring_address(GuestAddress(USED)))
-        .expect("ring addresses");
-    q.set_event_idx(event_idx);
-    q.set_next_avail(start);
-    q.set_next_used(start);
-    q.set_ready(true);
-    q
+    ready_queue(size, event_idx, start, DESC_TABLE, AVAIL, USED)
 }
 
 /// Keeps the device's writes out of the rings and tables, so the harness can predict each

@@ -31,14 +31,13 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ferrovisor_fuzz::virtio_kit::{
-    fill, in_ram, memory_with_big, CountingInterrupt, Input, BIG_BASE,
+    fill, in_ram, memory_with_big, ready_queue, CountingInterrupt, Input, BIG_BASE,
 };
 use hypervisor::GuestMemoryMmap;
 use libfuzzer_sys::fuzz_target;
 use virtio::net::{Net, SeqPacket, MAX_RX_FRAME, MAX_TX_LEN, VNET_HDR_LEN};
 use virtio::{features, Activation, VirtioDevice};
 use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
-use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
 const RINGS: [u64; 2] = [0x0, 0x300];
@@ -190,16 +189,7 @@ fn run(data: &[u8]) {
         .collect();
     let queues = rings
         .iter()
-        .map(|r| {
-            let mut q = Queue::new(size).unwrap();
-            q.try_set_desc_table_address(GuestAddress(r.desc()))
-                .and_then(|()| q.try_set_avail_ring_address(GuestAddress(r.avail_addr())))
-                .and_then(|()| q.try_set_used_ring_address(GuestAddress(r.used_addr())))
-                .unwrap();
-            q.set_event_idx(event_idx);
-            q.set_ready(true);
-            q
-        })
+        .map(|r| ready_queue(size, event_idx, 0, r.desc(), r.avail_addr(), r.used_addr()))
         .collect();
     let mut feats = features::VERSION_1;
     if mergeable {

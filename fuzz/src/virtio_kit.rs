@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use hypervisor::GuestMemoryMmap;
 use hypervisor::GuestRegionMmap;
 use virtio::VirtioInterrupt;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, MmapRegion};
 
 /// Guest RAM of the targets: two adjacent regions (a buffer may run from one into the next,
@@ -101,6 +102,29 @@ pub fn fill(mem: &GuestMemoryMmap, from: u64, bytes: &[u8]) {
             .expect("filling guest memory");
         left = &left[n..];
     }
+}
+
+/// A split virtqueue of `size` entries with its descriptor table, available and used rings at
+/// the given guest addresses, EVENT_IDX as negotiated, both ring indices at `start` (so a
+/// harness can make them wrap), ready for the device.
+pub fn ready_queue(
+    size: u16,
+    event_idx: bool,
+    start: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+) -> Queue {
+    let mut q = Queue::new(size).expect("queue size");
+    q.try_set_desc_table_address(GuestAddress(desc))
+        .and_then(|()| q.try_set_avail_ring_address(GuestAddress(avail)))
+        .and_then(|()| q.try_set_used_ring_address(GuestAddress(used)))
+        .expect("ring addresses");
+    q.set_event_idx(event_idx);
+    q.set_next_avail(start);
+    q.set_next_used(start);
+    q.set_ready(true);
+    q
 }
 
 /// Writes a little-endian u16 (a ring index or flags) into guest memory.
