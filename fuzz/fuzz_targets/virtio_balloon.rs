@@ -410,20 +410,33 @@ impl Harness {
         if let Some(id) = p.used {
             self.check_used(q, old, id);
         }
-        assert_eq!(
-            get16(self.mem, base(q) + USED_OFF + 2),
-            self.used_idx[q].0,
-            "used index of queue {q}"
-        );
-        assert_eq!(
-            self.irq.queue_count() - irq_before,
-            usize::from(self.interrupt_due(q, old)),
-            "queue interrupts after queue {q} served {descs:x?}"
-        );
+        self.check_ring_and_interrupts(q, old, irq_before, &format!("queue {q} served {descs:x?}"));
         true
     }
 
     /// The used entry at `old` on queue `q` names `head` with length 0.
+    /// After `what` (which found queue `q`'s used index at `old` and the interrupt count at
+    /// `irq_before`): the used index the device published is the one predicted, and it raised
+    /// a queue interrupt exactly when one was due.
+    fn check_ring_and_interrupts(
+        &self,
+        q: usize,
+        old: Wrapping<u16>,
+        irq_before: usize,
+        what: &str,
+    ) {
+        assert_eq!(
+            get16(self.mem, base(q) + USED_OFF + 2),
+            self.used_idx[q].0,
+            "used index of queue {q} after {what}"
+        );
+        assert_eq!(
+            self.irq.queue_count() - irq_before,
+            usize::from(self.interrupt_due(q, old)),
+            "queue interrupts after {what}"
+        );
+    }
+
     fn check_used(&mut self, q: usize, old: Wrapping<u16>, head: u16) {
         let at = base(q) + USED_OFF + 4 + 8 * u64::from(old.0 % self.size);
         let entry = (get32(self.mem, at), get32(self.mem, at + 4));
@@ -484,16 +497,7 @@ impl Harness {
         if let Some(head) = returned {
             self.check_used(STATS, old, head);
         }
-        assert_eq!(
-            get16(self.mem, base(STATS) + USED_OFF + 2),
-            self.used_idx[STATS].0,
-            "used index of the statistics queue"
-        );
-        assert_eq!(
-            self.irq.queue_count() - irq,
-            usize::from(self.interrupt_due(STATS, old)),
-            "queue interrupts after a host request"
-        );
+        self.check_ring_and_interrupts(STATS, old, irq, "a host request");
     }
 }
 
