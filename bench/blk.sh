@@ -128,26 +128,14 @@ fi
 trap 'rm -rf "$tmp"' EXIT
 
 # ---------------------------------------------------------------- blkbench, images
-gcc -O2 -static -Wall -o "$tmp/blkbench" "$here/lib/blkbench.c" 2>"$tmp/gcc.log" || {
-    cat "$tmp/gcc.log" >&2
-    die "cannot build bench/lib/blkbench.c statically (gcc and libc6-dev: scripts/install-deps.sh)"
-}
+build_blkbench "$here/lib/blkbench.c" "$tmp/blkbench"
 img=$tmp/test.img
 head -c "$bytes" /dev/urandom >"$img" || die "cannot write the test image $img"
 if want host-direct && ! "$tmp/blkbench" seqread "$img" -s 1M -t 1 >/dev/null 2>&1; then
     die "the file system of $img refuses O_DIRECT reads (host-direct); use --dir on another one, or --runners without host-direct"
 fi
 if want ferrovisor || want qemu-tcg; then
-    cp "$rootfs" "$tmp/root-template.ext4"
-    # debugfs does not fail on a failed request: check the result with stat.
-    debugfs -w -f - "$tmp/root-template.ext4" >"$tmp/debugfs.log" 2>&1 <<EOF
-write $tmp/blkbench /usr/bin/blkbench
-sif /usr/bin/blkbench mode 0100755
-sif /usr/bin/blkbench uid 0
-sif /usr/bin/blkbench gid 0
-EOF
-    debugfs -R "stat /usr/bin/blkbench" "$tmp/root-template.ext4" 2>/dev/null |
-        grep -q "Mode:  0755" || { cat "$tmp/debugfs.log" >&2; die "cannot add blkbench to the root image"; }
+    root_with_blkbench "$rootfs" "$tmp/blkbench" "$tmp/root-template.ext4"
 fi
 root=$tmp/root.ext4
 

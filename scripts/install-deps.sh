@@ -18,18 +18,19 @@
 #   time                   /usr/bin/time for ad-hoc RSS measurements
 # Optional (a failure to install them is reported but not fatal):
 #   hyperfine
+#   valgrind               bench/emu-cost.sh (cachegrind's counts of the emulator's work)
 # Not installed: busybox-static (scripts/fetch-guest-fixtures.sh downloads it with
 # `apt-get download` and only unpacks it into the initramfs and rootfs.ext4).
 set -euo pipefail
 
 REQUIRED=(gcc binutils make libc6-dev cpio gzip xz-utils zstd lz4 e2fsprogs python3 qemu-system-x86 time)
-OPTIONAL=(hyperfine)
+OPTIONAL=(hyperfine valgrind)
 
 want_optional=1
 for arg in "$@"; do
     case "$arg" in
         --no-optional) want_optional=0 ;;
-        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "install-deps.sh: unknown argument: $arg" >&2; exit 2 ;;
     esac
 done
