@@ -284,22 +284,43 @@ fn prefetch(addr: usize) {
 unsafe fn same(host: *const u8, old: &[u8]) -> bool {
     let n = old.len();
     let old = old.as_ptr();
-    // SAFETY: every read below is inside `host .. host + n` and `old .. old + n` (words at
-    // 0, 8, … and one ending at the last byte), which the caller guarantees and the slice is.
+    // SAFETY: `differences` reads within the first `n` bytes of both, which the caller
+    // guarantees for `host` and the slice is; each width is used only when `n` is at least it.
     unsafe {
-        let word = |p: *const u8, at: usize| std::ptr::read_unaligned(p.add(at) as *const u64);
-        if n < 8 {
-            return (0..n).all(|k| *host.add(k) == *old.add(k));
+        match n {
+            16.. => differences::<u128>(host, old, n) == 0,
+            8.. => differences::<u64>(host, old, n) == 0,
+            4.. => differences::<u32>(host, old, n) == 0,
+            _ => differences::<u8>(host, old, n) == 0,
         }
-        let mut at = 0;
-        while at + 8 < n {
-            if word(host, at) != word(old, at) {
-                return false;
-            }
-            at += 8;
-        }
-        word(host, n - 8) == word(old, n - 8)
     }
+}
+
+/// The bits that differ between `a` and `b` over `n` bytes, read as words of `T`, the last
+/// word ending at the last byte (overlapping the one before it). No branch per word: the
+/// code nearly always matches.
+///
+/// # Safety
+/// `n >= size_of::<T>()`, and `n` bytes at `a` and at `b` must be readable.
+#[inline(always)]
+unsafe fn differences<T>(a: *const u8, b: *const u8, n: usize) -> u128
+where
+    T: Copy + std::ops::BitXor<Output = T> + Into<u128>,
+{
+    let w = std::mem::size_of::<T>();
+    // SAFETY: `at + w <= n` for every word read (the caller's guarantee covers them).
+    let word = |at: usize| unsafe {
+        (std::ptr::read_unaligned(a.add(at) as *const T)
+            ^ std::ptr::read_unaligned(b.add(at) as *const T))
+        .into()
+    };
+    let mut diff = 0;
+    let mut at = 0;
+    while at + w < n {
+        diff |= word(at);
+        at += w;
+    }
+    diff | word(n - w)
 }
 
 /// The block cache of one vCPU: the arena its blocks live in, a direct-mapped table by
@@ -563,6 +584,26 @@ fn ends_block(insn: &Instruction) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The code compare finds a change of any byte, at any length a block can have.
+    #[test]
+    fn same_finds_every_changed_byte() {
+        let code: Vec<u8> = (0..MAX_BYTES as u32).map(|i| (i * 37 + 11) as u8).collect();
+        for n in 1..=MAX_BYTES {
+            let mut copy = code[..n].to_vec();
+            // SAFETY: `copy` has `n` bytes.
+            assert!(unsafe { same(copy.as_ptr(), &code[..n]) }, "length {n}");
+            for at in 0..n {
+                copy[at] ^= 0x40;
+                // SAFETY: as above.
+                assert!(
+                    !unsafe { same(copy.as_ptr(), &code[..n]) },
+                    "length {n}, byte {at}"
+                );
+                copy[at] ^= 0x40;
+            }
+        }
+    }
 
     /// `inc eax; ret` at every multiple of 3: a one-instruction block and its end.
     fn code() -> Vec<u8> {

@@ -372,16 +372,22 @@ impl Cpu {
     #[inline(always)]
     pub(crate) fn tlb_hit(&self, lin: u64, size: usize, acc: Access) -> Option<*mut u8> {
         let e = &self.tlb.entries[index(lin)];
-        let user = self.s.cpl() == 3 && !self.supervisor_access;
-        let off = (lin & 0xfff) as usize;
-        if e.tags[user as usize * 3 + acc as usize] != tag(lin)
-            || off + size > 0x1000
-            || e.host.is_null()
-        {
+        // The tag with the address's low bits below the access size kept: only a naturally
+        // aligned access matches, and an aligned access never crosses a page. (Unaligned
+        // ones take the general path.)
+        let probe = (lin & (PAGE_MASK | (size as u64 - 1))) | 1;
+        if e.tags[self.tlb_mode + acc as usize] != probe || e.host.is_null() {
             return None;
         }
-        // SAFETY: the entry maps a RAM page and `off` is inside it.
-        Some(unsafe { e.host.add(off) })
+        // SAFETY: the entry maps a RAM page and the access, aligned, is inside it.
+        Some(unsafe { e.host.add((lin & 0xfff) as usize) })
+    }
+
+    /// Sets the TLB mode the fast path uses (`Cpu::tlb_mode`) from the CPL and whether this
+    /// is an implicit supervisor access.
+    #[inline(always)]
+    pub(crate) fn refresh_tlb_mode(&mut self) {
+        self.tlb_mode = usize::from(self.s.cpl() == 3 && !self.supervisor_access) * 3;
     }
 
     /// Host pointer for `lin` for `acc`, None if it is a device page; faults as an access of
@@ -433,16 +439,20 @@ impl Cpu {
     /// interrupt stack frames), whatever the CPL.
     pub(crate) fn read_sys(&mut self, lin: u64, size: usize) -> Exec<u64> {
         self.supervisor_access = true;
+        self.refresh_tlb_mode();
         let r = self.read_lin(lin, size, Access::Read);
         self.supervisor_access = false;
+        self.refresh_tlb_mode();
         r
     }
 
     /// Writes as an implicit supervisor access.
     pub(crate) fn write_sys(&mut self, lin: u64, size: usize, v: u64) -> Exec {
         self.supervisor_access = true;
+        self.refresh_tlb_mode();
         let r = self.write_lin(lin, size, v);
         self.supervisor_access = false;
+        self.refresh_tlb_mode();
         r
     }
 

@@ -194,6 +194,13 @@ pub struct Cpu {
     pub halted: bool,
     /// Accesses are implicit supervisor accesses (descriptor tables, TSS, interrupt frames).
     supervisor_access: bool,
+    /// Which half of a TLB entry's tags the handlers' fast path (`tlb_hit`) compares with: 0
+    /// for supervisor accesses, 3 for user ones. Kept by `refresh_tlb_mode` where an
+    /// instruction or a block starts and around implicit supervisor accesses: the CPL only
+    /// changes in instructions that end a block, and an access later in the same instruction
+    /// is one the CPU makes at the old CPL (the pops of a far return or IRET) or an implicit
+    /// supervisor access. The slow paths (`tlb_lookup`) compute the mode afresh.
+    tlb_mode: usize,
     /// CR2 of a fetch fault on the second page of an instruction, raised only if needed.
     pending_fetch_cr2: u64,
     /// STI/MOV SS shadow: no interrupt before the next instruction retires.
@@ -228,6 +235,7 @@ impl Cpu {
             blocks_compiled: 0,
             halted: false,
             supervisor_access: false,
+            tlb_mode: 0,
             pending_fetch_cr2: 0,
             interrupt_shadow: false,
             start_rip: 0,
@@ -245,6 +253,7 @@ impl Cpu {
     pub fn set_state(&mut self, s: CpuState) {
         self.s = s;
         self.tlb.flush_all();
+        self.refresh_tlb_mode();
     }
 
     /// The state a snapshot keeps (see [`CpuSnapshot`]).
@@ -331,6 +340,7 @@ impl Cpu {
     /// Runs the block at RIP, compiling it first if the cache does not hold it, stopping early
     /// when the instruction count reaches `end`.
     fn run_block(&mut self, end: u64) -> Flow {
+        self.refresh_tlb_mode();
         let rip = self.s.rip;
         let bitness = self.s.bitness();
         let lin = self.linear(state::CS, rip);
@@ -367,9 +377,13 @@ impl Cpu {
             let n = block.ops().len().min((end - self.icount) as usize);
             if n < block.ops().len() {
                 // Cut short by the budget: a dropped flag computation might be visible after it.
-                break self.run_ops::<true>(&block.ops()[..n], block.exact(), rip, ipmask);
+                break self.run_ops::<true, false>(&block.ops()[..n], block.exact(), rip, ipmask);
             }
-            let flow = self.run_ops::<false>(block.ops(), block.exact(), rip, ipmask);
+            let flow = if bitness == 64 {
+                self.run_ops::<false, true>(block.ops(), block.exact(), rip, ipmask)
+            } else {
+                self.run_ops::<false, false>(block.ops(), block.exact(), rip, ipmask)
+            };
             // A loop whose body is this block goes round again without the lookup and the
             // byte check: nothing this vCPU ran wrote the block's code (`code_written`), and
             // code written by another vCPU or a device need not be seen before the next
@@ -414,46 +428,51 @@ impl Cpu {
     }
 
     /// Runs compiled instructions in order, the first at `rip`, until one leaves the
-    /// sequence. `EXACT` runs each with all its flags (`exact[i]` for `ops[i]`).
+    /// sequence. `EXACT` runs each with all its flags (`exact[i]` for `ops[i]`); `WIDE` is
+    /// 64-bit code, whose RIP does not wrap at 4 GiB (`ipmask` is then not used).
     #[inline(always)]
-    fn run_ops<const EXACT: bool>(
+    fn run_ops<const EXACT: bool, const WIDE: bool>(
         &mut self,
         ops: &[fast::Op],
         exact: &[fast::Handler],
         rip: u64,
         ipmask: u64,
     ) -> Flow {
-        // Retired instructions are counted here and added once on the way out: nothing the
-        // handlers do reads the count.
-        let mut done = 0;
-        let mut flow = Flow::Next;
+        // Retired instructions are counted here (`i`) and added once on the way out: nothing
+        // the handlers do reads the count.
         let mut here = rip;
-        for (i, op) in ops.iter().enumerate() {
+        let mut i = 0;
+        let flow = loop {
+            let Some(op) = ops.get(i) else {
+                break Flow::Next;
+            };
             // `start_rip` is set only where it is read: by the general interpreter (`general`
             // sets it) and on the way out of a failed instruction.
-            let next = here.wrapping_add(u64::from(op.len)) & ipmask;
+            let mut next = here.wrapping_add(u64::from(op.len));
+            if !WIDE {
+                next &= ipmask;
+            }
             self.s.rip = next;
             let run = if EXACT { exact[i] } else { op.run };
             match run(self, op) {
                 Ok(()) => {
-                    done += 1;
+                    i += 1;
                     // A taken branch, a restarted REP iteration or a store into the block's
                     // own code leaves the block.
                     if self.s.rip != next || self.code_written {
-                        break;
+                        break Flow::Next;
                     }
                     here = next;
                 }
                 Err(e) => {
-                    self.icount += done;
-                    done = 0;
+                    self.icount += i as u64;
+                    i = 0;
                     self.start_rip = here;
-                    flow = self.retire_slow(*e);
-                    break;
+                    break self.retire_slow(*e);
                 }
             }
-        }
-        self.icount += done;
+        };
+        self.icount += i as u64;
         flow
     }
 
@@ -521,6 +540,7 @@ impl Cpu {
 
     /// Fetches, decodes and executes one instruction.
     fn step(&mut self, insn: &mut Instruction) -> Result<(), StepEnd> {
+        self.refresh_tlb_mode();
         self.start_rip = self.s.rip;
         let bitness = self.s.bitness();
         let rip = self.s.rip;
