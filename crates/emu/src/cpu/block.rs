@@ -596,10 +596,8 @@ mod tests {
             for at in 0..n {
                 copy[at] ^= 0x40;
                 // SAFETY: as above.
-                assert!(
-                    !unsafe { same(copy.as_ptr(), &code[..n]) },
-                    "length {n}, byte {at}"
-                );
+                let unchanged = unsafe { same(copy.as_ptr(), &code[..n]) };
+                assert!(!unchanged, "length {n}, byte {at}");
                 copy[at] ^= 0x40;
             }
         }
