@@ -281,10 +281,11 @@ impl CpuState {
     /// Code size in bits: 16, 32 or 64.
     #[inline]
     pub fn bitness(&self) -> u32 {
-        if self.cr0 & cr0::PE == 0 {
-            16
-        } else if self.long_mode() && self.seg[CS].long() {
+        // 64-bit code first, the common case: long mode implies protected mode.
+        if self.long_mode() && self.seg[CS].long() {
             64
+        } else if self.cr0 & cr0::PE == 0 {
+            16
         } else if self.seg[CS].db() {
             32
         } else {
@@ -295,10 +296,11 @@ impl CpuState {
     /// Current privilege level.
     #[inline]
     pub fn cpl(&self) -> u8 {
-        if self.cr0 & cr0::PE == 0 {
-            0
-        } else {
+        // Long mode (the common case) implies protected mode.
+        if self.long_mode() || self.cr0 & cr0::PE != 0 {
             (self.seg[CS].selector & 3) as u8
+        } else {
+            0
         }
     }
 
