@@ -268,6 +268,43 @@ pub unsafe fn load(p: *const u8, size: usize) -> u64 {
     }
 }
 
+/// Loads `size` (1, 2, 4, 8) bytes at `p`, which is aligned to `size`: one atomic load.
+///
+/// # Safety
+/// `p..p+size` must be mapped, and `p` a multiple of `size`.
+#[inline(always)]
+pub unsafe fn load_aligned(p: *const u8, size: usize) -> u64 {
+    debug_assert_eq!(p as usize & (size - 1), 0);
+    // SAFETY: the caller guarantees the bytes are mapped and `p` aligned for the atomic type.
+    unsafe {
+        match size {
+            1 => u64::from((*(p as *const AtomicU8)).load(Ordering::Relaxed)),
+            2 => u64::from((*(p as *const AtomicU16)).load(Ordering::Relaxed)),
+            4 => u64::from((*(p as *const AtomicU32)).load(Ordering::Relaxed)),
+            _ => (*(p as *const AtomicU64)).load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Stores the low `size` (1, 2, 4, 8) bytes of `v` at `p`, which is aligned to `size`: one
+/// atomic store.
+///
+/// # Safety
+/// `p..p+size` must be mapped and valid for writes, and `p` a multiple of `size`.
+#[inline(always)]
+pub unsafe fn store_aligned(p: *mut u8, size: usize, v: u64) {
+    debug_assert_eq!(p as usize & (size - 1), 0);
+    // SAFETY: as in `load_aligned`.
+    unsafe {
+        match size {
+            1 => (*(p as *const AtomicU8)).store(v as u8, Ordering::Relaxed),
+            2 => (*(p as *const AtomicU16)).store(v as u16, Ordering::Relaxed),
+            4 => (*(p as *const AtomicU32)).store(v as u32, Ordering::Relaxed),
+            _ => (*(p as *const AtomicU64)).store(v, Ordering::Relaxed),
+        }
+    }
+}
+
 /// Stores the low `size` (1, 2, 4, 8) bytes of `v`, little-endian.
 ///
 /// # Safety

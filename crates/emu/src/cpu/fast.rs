@@ -138,10 +138,11 @@ fn ea(cpu: &Cpu, m: &Mem) -> u64 {
     match m.base {
         NONE => {}
         RIP => a = a.wrapping_add(cpu.s.rip),
-        b => a = a.wrapping_add(cpu.s.gpr[b as usize]),
+        // Register numbers are below 16 (`mem_recipe`); the mask only spares a bounds check.
+        b => a = a.wrapping_add(cpu.s.gpr[(b & 15) as usize]),
     }
     if m.index != NONE {
-        a = a.wrapping_add(cpu.s.gpr[m.index as usize] << m.scale);
+        a = a.wrapping_add(cpu.s.gpr[(m.index & 15) as usize] << m.scale);
     }
     a & (u64::MAX >> m.ashift)
 }
@@ -160,8 +161,8 @@ fn linear(cpu: &Cpu, m: &Mem) -> u64 {
 #[inline(always)]
 fn read<const S: usize>(cpu: &mut Cpu, l: u64) -> Result<u64, Box<StepEnd>> {
     if let Some(p) = cpu.tlb_hit(l, S, Access::Read) {
-        // SAFETY: tlb_hit returned a RAM pointer with S bytes left in its page.
-        return Ok(unsafe { memory::load(p, S) });
+        // SAFETY: tlb_hit returned a RAM pointer aligned to S, with S bytes left in its page.
+        return Ok(unsafe { memory::load_aligned(p, S) });
     }
     Ok(cpu.read_lin(l, S, Access::Read)?)
 }
@@ -170,8 +171,8 @@ fn read<const S: usize>(cpu: &mut Cpu, l: u64) -> Result<u64, Box<StepEnd>> {
 #[inline(always)]
 fn write<const S: usize>(cpu: &mut Cpu, l: u64, v: u64) -> Step {
     if let Some(p) = cpu.tlb_hit(l, S, Access::Write) {
-        // SAFETY: tlb_hit returned a RAM pointer with S bytes left in its page.
-        unsafe { memory::store(p, S, v) };
+        // SAFETY: tlb_hit returned a RAM pointer aligned to S, with S bytes left in its page.
+        unsafe { memory::store_aligned(p, S, v) };
         cpu.note_store(p, S);
         return Ok(());
     }
@@ -225,12 +226,12 @@ fn modify<const D: u8, const S: usize>(
     }
     let l = linear(cpu, &op.mem);
     if let Some(p) = cpu.tlb_hit(l, S, Access::Write) {
-        // SAFETY: tlb_hit returned a RAM pointer with S bytes left in its page (a write
-        // entry implies the page is readable).
-        let a = unsafe { memory::load(p, S) };
+        // SAFETY: tlb_hit returned a RAM pointer aligned to S, with S bytes left in its page
+        // (a write entry implies the page is readable).
+        let a = unsafe { memory::load_aligned(p, S) };
         let r = f(cpu, a);
         // SAFETY: as above.
-        unsafe { memory::store(p, S, r) };
+        unsafe { memory::store_aligned(p, S, r) };
         cpu.note_store(p, S);
         return Ok(());
     }

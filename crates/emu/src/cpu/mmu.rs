@@ -376,18 +376,18 @@ impl Cpu {
         // aligned access matches, and an aligned access never crosses a page. (Unaligned
         // ones take the general path.)
         let probe = (lin & (PAGE_MASK | (size as u64 - 1))) | 1;
-        if e.tags[self.tlb_mode + acc as usize] != probe || e.host.is_null() {
+        if e.tags[usize::from(self.tlb_user) * 3 + acc as usize] != probe || e.host.is_null() {
             return None;
         }
         // SAFETY: the entry maps a RAM page and the access, aligned, is inside it.
         Some(unsafe { e.host.add((lin & 0xfff) as usize) })
     }
 
-    /// Sets the TLB mode the fast path uses (`Cpu::tlb_mode`) from the CPL and whether this
+    /// Sets the TLB mode the fast path uses (`Cpu::tlb_user`) from the CPL and whether this
     /// is an implicit supervisor access.
     #[inline(always)]
     pub(crate) fn refresh_tlb_mode(&mut self) {
-        self.tlb_mode = usize::from(self.s.cpl() == 3 && !self.supervisor_access) * 3;
+        self.tlb_user = self.s.cpl() == 3 && !self.supervisor_access;
     }
 
     /// Host pointer for `lin` for `acc`, None if it is a device page; faults as an access of

@@ -194,13 +194,13 @@ pub struct Cpu {
     pub halted: bool,
     /// Accesses are implicit supervisor accesses (descriptor tables, TSS, interrupt frames).
     supervisor_access: bool,
-    /// Which half of a TLB entry's tags the handlers' fast path (`tlb_hit`) compares with: 0
-    /// for supervisor accesses, 3 for user ones. Kept by `refresh_tlb_mode` where an
+    /// Whether the handlers' fast path (`tlb_hit`) compares with a TLB entry's user tags
+    /// (else its supervisor tags). Kept by `refresh_tlb_mode` where an
     /// instruction or a block starts and around implicit supervisor accesses: the CPL only
     /// changes in instructions that end a block, and an access later in the same instruction
     /// is one the CPU makes at the old CPL (the pops of a far return or IRET) or an implicit
     /// supervisor access. The slow paths (`tlb_lookup`) compute the mode afresh.
-    tlb_mode: usize,
+    tlb_user: bool,
     /// CR2 of a fetch fault on the second page of an instruction, raised only if needed.
     pending_fetch_cr2: u64,
     /// STI/MOV SS shadow: no interrupt before the next instruction retires.
@@ -235,7 +235,7 @@ impl Cpu {
             blocks_compiled: 0,
             halted: false,
             supervisor_access: false,
-            tlb_mode: 0,
+            tlb_user: false,
             pending_fetch_cr2: 0,
             interrupt_shadow: false,
             start_rip: 0,
