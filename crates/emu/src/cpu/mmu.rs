@@ -37,9 +37,9 @@ const T_EXEC: u8 = 4;
 const T_DIRTY: u8 = 8;
 const T_GLOBAL: u8 = 16;
 
-/// A cached translation. `tags[mode * 3 + access]` holds the page's tag (linear page | [`TAG_VALID`])
-/// when that access is allowed without a walk in that mode (0 supervisor, 1 user), and 0
-/// otherwise, so a lookup is one compare whatever the access.
+/// A cached translation. `tags[mode * 3 + access]` holds the page's tag (linear page |
+/// [`TAG_VALID`]) when that access is allowed without a walk in that mode (0 supervisor,
+/// 1 user), and 0 otherwise, so a lookup is one compare whatever the access.
 #[derive(Clone, Copy)]
 struct TlbEntry {
     tags: [u64; 6],
