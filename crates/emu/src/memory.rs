@@ -248,24 +248,16 @@ pub fn map_anonymous(len: usize) -> Option<std::ptr::NonNull<u8>> {
 /// `p..p+size` must be mapped and valid for reads.
 #[inline(always)]
 pub unsafe fn load(p: *const u8, size: usize) -> u64 {
-    let aligned = (p as usize) & (size - 1) == 0;
-    // SAFETY: the caller guarantees the bytes are mapped; the atomic types are only used
-    // when `p` is aligned for them.
-    unsafe {
-        match size {
-            1 => u64::from((*(p as *const AtomicU8)).load(Ordering::Relaxed)),
-            2 if aligned => u64::from((*(p as *const AtomicU16)).load(Ordering::Relaxed)),
-            4 if aligned => u64::from((*(p as *const AtomicU32)).load(Ordering::Relaxed)),
-            8 if aligned => (*(p as *const AtomicU64)).load(Ordering::Relaxed),
-            _ => {
-                let mut v = 0u64;
-                for i in 0..size {
-                    v |= u64::from(std::ptr::read_volatile(p.add(i))) << (8 * i);
-                }
-                v
-            }
-        }
+    if matches!(size, 1 | 2 | 4 | 8) && (p as usize) & (size - 1) == 0 {
+        // SAFETY: the caller guarantees the bytes are mapped; `p` is aligned to `size`.
+        return unsafe { load_aligned(p, size) };
     }
+    let mut v = 0u64;
+    for i in 0..size {
+        // SAFETY: the caller guarantees `p..p+size` is mapped.
+        v |= u64::from(unsafe { std::ptr::read_volatile(p.add(i)) }) << (8 * i);
+    }
+    v
 }
 
 /// Loads `size` (1, 2, 4, 8) bytes at `p`, which is aligned to `size`: one atomic load.
@@ -311,20 +303,13 @@ pub unsafe fn store_aligned(p: *mut u8, size: usize, v: u64) {
 /// `p..p+size` must be mapped and valid for writes.
 #[inline(always)]
 pub unsafe fn store(p: *mut u8, size: usize, v: u64) {
-    let aligned = (p as usize) & (size - 1) == 0;
-    // SAFETY: as in `load`.
-    unsafe {
-        match size {
-            1 => (*(p as *const AtomicU8)).store(v as u8, Ordering::Relaxed),
-            2 if aligned => (*(p as *const AtomicU16)).store(v as u16, Ordering::Relaxed),
-            4 if aligned => (*(p as *const AtomicU32)).store(v as u32, Ordering::Relaxed),
-            8 if aligned => (*(p as *const AtomicU64)).store(v, Ordering::Relaxed),
-            _ => {
-                for i in 0..size {
-                    std::ptr::write_volatile(p.add(i), (v >> (8 * i)) as u8);
-                }
-            }
-        }
+    if matches!(size, 1 | 2 | 4 | 8) && (p as usize) & (size - 1) == 0 {
+        // SAFETY: the caller guarantees the bytes are mapped and writable; `p` is aligned.
+        return unsafe { store_aligned(p, size, v) };
+    }
+    for i in 0..size {
+        // SAFETY: the caller guarantees `p..p+size` is mapped and writable.
+        unsafe { std::ptr::write_volatile(p.add(i), (v >> (8 * i)) as u8) };
     }
 }
 
