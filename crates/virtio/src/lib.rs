@@ -177,7 +177,18 @@ impl ActiveQueue {
         &mut self,
         mut serve: impl FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> u32,
     ) -> usize {
+        self.serve_while(|mem, chain| Some(serve(mem, chain))).0
+    }
+
+    /// Like [`serve`](Self::serve), but `serve` may decline a chain (None): it stays
+    /// available, first in line, for the next pass, and this one stops there. Returns the
+    /// chains served and whether the queue was left empty (nothing declined).
+    pub fn serve_while(
+        &mut self,
+        mut serve: impl FnMut(&GuestMemoryMmap, DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+    ) -> (usize, bool) {
         let mut served = 0;
+        let mut declined = false;
         loop {
             // With EVENT_IDX this asks for a notification when more arrives; the queue is
             // checked again after re-enabling, or a chain made available in between would wait
@@ -188,21 +199,28 @@ impl ActiveQueue {
             let mut popped = 0;
             while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
                 let head = chain.head_index();
-                let len = serve(&self.mem, chain);
+                let Some(len) = serve(&self.mem, chain) else {
+                    // Popping moved past it by one: step back, so the next pass pops it again.
+                    let at = self.queue.next_avail().wrapping_sub(1);
+                    self.queue.set_next_avail(at);
+                    declined = true;
+                    break;
+                };
                 if let Err(e) = self.queue.add_used(&self.mem, head, len) {
                     tracing::warn!("virtio: cannot return descriptor chain {head}: {e:?}");
                 }
                 popped += 1;
             }
             served += popped;
-            if !self.more_after_enable(popped) {
+            // A declined chain is left for the next pass, which re-enables notifications.
+            if declined || !self.more_after_enable(popped) {
                 break;
             }
         }
         if served > 0 && self.queue.needs_notification(&self.mem).unwrap_or(true) {
             self.interrupt.notify_queue(self.index);
         }
-        served
+        (served, !declined)
     }
 
     /// After popping `popped` chains until none was left: re-enables notifications and says
@@ -238,6 +256,17 @@ pub trait VirtioDevice: Send {
     /// The driver notified queue `index` (the event loop calls this when the queue's event
     /// fires). Ignored until the device is active.
     fn process_queue(&mut self, index: usize);
+    /// The driver notified queue `index` and the notifying vCPU's thread asks to serve it
+    /// at once, which saves the event loop's wake-up and the interrupt's trip back (on the
+    /// emulator, where notifications reach the VMM through the vCPU). Serves what the host
+    /// can do without waiting and returns true if that was everything; false leaves the rest
+    /// to [`process_queue`](VirtioDevice::process_queue) on the event loop. The default
+    /// serves nothing here: a device whose work could stall the guest (a disk read from the
+    /// host's disk) or that does better beside the vCPU than on it (a network device's
+    /// transmissions) keeps the event loop.
+    fn process_queue_now(&mut self, _index: usize) -> bool {
+        false
+    }
     /// Host-side file descriptors of the device's back end (a tap, a listening socket, an
     /// epoll descriptor of its own for a changing set of connections) that the event loop
     /// watches for input; when the `i`-th becomes readable the loop calls

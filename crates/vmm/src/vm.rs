@@ -405,8 +405,14 @@ impl Vm {
         let pci = Arc::new(Mutex::new(PciRoot::new(mmio_bus.clone(), pci_window())));
         insert(pci.clone(), PCI_CONFIG_PORT, PCI_CONFIG_PORT_LEN)?;
         let mut device_loop = EventLoop::new().map_err(VmmError::EventLoop)?;
-        let virtio =
-            crate::virtio_devices::attach_devices(config, &vm, &mem, &pci, &mut device_loop)?;
+        let virtio = crate::virtio_devices::attach_devices(
+            config,
+            hv.kind(),
+            &vm,
+            &mem,
+            &pci,
+            &mut device_loop,
+        )?;
         let input = serial.lock().expect("serial lock poisoned").input();
         *console.lock().expect("console target lock poisoned") = Some((serial.clone(), input));
 

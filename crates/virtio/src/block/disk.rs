@@ -1,11 +1,15 @@
 //! A raw disk image file: opening and locking it, and the I/O a block request needs, straight
 //! between the file and guest memory (preadv/pwritev on the guest's pages, no bounce buffer).
+//! Reads and writes can also be asked to happen only if they need not wait for the disk
+//! ([`Wait::No`]: `RWF_NOWAIT`), which the emulator's vCPUs use to serve what the host's page
+//! cache holds.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use vm_memory::Permissions;
 
@@ -44,6 +48,22 @@ pub struct Disk {
     /// Size in sectors (a partial last sector is not visible to the guest).
     sectors: u64,
     read_only: bool,
+    /// The file system refused a buffered write that must not wait (`EOPNOTSUPP`: ext4
+    /// does, XFS and btrfs do not), so [`Wait::No`] writes are plain ones (see [`Wait`]).
+    writes_wait: AtomicBool,
+}
+
+/// Whether an I/O may wait for the host (its disk, a lock, writeback).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    Yes,
+    /// Only if it can complete without waiting for the disk; otherwise
+    /// [`io::ErrorKind::WouldBlock`], having maybe moved part of the data (harmless: the caller
+    /// repeats the whole request). A read must find its data in the page cache. A write goes
+    /// into the page cache; where the file system cannot say whether it would wait (ext4), it
+    /// is made anyway: a buffered write waits only when the host throttles writers with too
+    /// much dirty data, never for the disk's latency.
+    No,
 }
 
 impl Disk {
@@ -106,6 +126,7 @@ impl Disk {
             file,
             sectors,
             read_only,
+            writes_wait: AtomicBool::new(false),
         })
     }
 
@@ -129,13 +150,25 @@ impl Disk {
     }
 
     /// Reads from the disk at byte `offset` into the guest buffers `data`.
-    pub fn read(&self, mem: &GuestMemoryMmap, offset: u64, data: &[Segment]) -> io::Result<()> {
-        self.transfer(mem, offset, data, false)
+    pub fn read(
+        &self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        data: &[Segment],
+        wait: Wait,
+    ) -> io::Result<()> {
+        self.transfer(mem, offset, data, false, wait)
     }
 
     /// Writes the guest buffers `data` to the disk at byte `offset`.
-    pub fn write(&self, mem: &GuestMemoryMmap, offset: u64, data: &[Segment]) -> io::Result<()> {
-        self.transfer(mem, offset, data, true)
+    pub fn write(
+        &self,
+        mem: &GuestMemoryMmap,
+        offset: u64,
+        data: &[Segment],
+        wait: Wait,
+    ) -> io::Result<()> {
+        self.transfer(mem, offset, data, true, wait)
     }
 
     fn transfer(
@@ -144,7 +177,9 @@ impl Disk {
         mut offset: u64,
         data: &[Segment],
         write: bool,
+        wait: Wait,
     ) -> io::Result<()> {
+        let mut nowait = wait == Wait::No && !(write && self.writes_wait.load(Ordering::Relaxed));
         // Reading the disk writes guest memory, and the other way round.
         let access = if write {
             Permissions::Read
@@ -160,26 +195,40 @@ impl Disk {
         )?;
         let mut iovs = &mut iovs[..];
         while !iovs.is_empty() {
-            let n = iovs.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+            let n = iovs.len().min(libc::UIO_MAXIOV as usize);
+            let fd = self.file.as_raw_fd();
+            let flags = if nowait { libc::RWF_NOWAIT } else { 0 };
             // SAFETY: every iovec points into guest memory that `mem` keeps mapped for the
             // duration of the call (checked by `get_slices`); the kernel reads or writes at
             // most `iov_len` bytes of each.
             let done = unsafe {
                 if write {
-                    libc::pwritev(self.file.as_raw_fd(), iovs.as_ptr(), n, offset as i64)
+                    libc::pwritev2(fd, iovs.as_ptr(), n as libc::c_int, offset as i64, flags)
                 } else {
-                    libc::preadv(self.file.as_raw_fd(), iovs.as_ptr(), n, offset as i64)
+                    libc::preadv2(fd, iovs.as_ptr(), n as libc::c_int, offset as i64, flags)
                 }
             };
             if done < 0 {
                 let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EOPNOTSUPP) if nowait && write => {
+                        self.writes_wait.store(true, Ordering::Relaxed);
+                        nowait = false;
+                        continue;
+                    }
+                    Some(libc::EOPNOTSUPP) if nowait => {
+                        return Err(io::ErrorKind::WouldBlock.into());
+                    }
+                    _ => return Err(e),
                 }
-                return Err(e);
             }
             if done == 0 {
                 return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+            }
+            if nowait && (done as usize) < iovs[..n].iter().map(|v| v.iov_len).sum() {
+                // Part of it was at hand (a page cache miss further on): all of it waits.
+                return Err(io::ErrorKind::WouldBlock.into());
             }
             offset += done as u64;
             let mut left = done as usize;

@@ -3,7 +3,9 @@
 //!
 //! Requests are served synchronously on the VMM's event loop, in the order the driver made
 //! them available; each completes before the next starts, so a flush covers every write
-//! completed before it. Malformed requests are counted and answered (or, without a status
+//! completed before it. On the emulator the notifying vCPU serves them first, as long as the
+//! host can do each without waiting (a read the page cache holds): the first that would wait,
+//! and everything after it, goes to the event loop, so the order stays the same. Malformed requests are counted and answered (or, without a status
 //! byte, returned untouched); nothing the guest writes reaches outside guest memory or the
 //! image.
 
@@ -23,7 +25,7 @@ use crate::{
     device_type, features, ActivateError, Activation, ActiveQueue, QueuePosition, StateError,
     VirtioDevice,
 };
-pub use disk::{Disk, DiskError};
+pub use disk::{Disk, DiskError, Wait};
 use request::{Request, RequestType, SECTOR_SIZE};
 
 /// Descriptors per queue.
@@ -116,8 +118,9 @@ impl Block {
         self.counters.clone()
     }
 
-    /// Serves every available request.
-    fn process(&mut self) {
+    /// Serves the available requests in order; with [`Wait::No`] only as long as each can be
+    /// done without waiting. Returns whether none is left.
+    fn process(&mut self, wait: Wait) -> bool {
         let Block {
             disk,
             id,
@@ -125,122 +128,151 @@ impl Block {
             counters,
             ..
         } = self;
-        if let Some(a) = active.as_mut() {
-            a.serve(|mem, chain| {
-                let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
-                serve(disk, id, mem, descs, counters)
-            });
-        }
+        let Some(a) = active.as_mut() else {
+            return true;
+        };
+        a.serve_while(|mem, chain| {
+            let descs = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
+            serve(disk, id, mem, descs, counters, wait)
+        })
+        .1
     }
 }
 
-/// Serves one request; returns the number of bytes written into the chain (data + status).
+/// Serves one request; returns the number of bytes written into the chain (data + status),
+/// or None if it would have to wait and `wait` is [`Wait::No`] (nothing is answered then).
 fn serve(
     disk: &Disk,
     id: &[u8],
     mem: &GuestMemoryMmap,
     descs: impl Iterator<Item = (vm_memory::GuestAddress, u32, bool)>,
     counters: &BlockCounters,
-) -> u32 {
-    counters.requests.fetch_add(1, Ordering::Relaxed);
+    wait: Wait,
+) -> Option<u32> {
     let req = match request::parse(mem, descs) {
         Ok(r) => r,
         Err(e) => {
+            counters.requests.fetch_add(1, Ordering::Relaxed);
             counters.invalid.fetch_add(1, Ordering::Relaxed);
             tracing::debug!("virtio-blk: invalid request: {e}");
-            return 0;
+            return Some(0);
         }
     };
-    let (status, written) = execute(disk, id, mem, &req);
+    let (status, written) = execute(disk, id, mem, &req, wait)?;
+    counters.requests.fetch_add(1, Ordering::Relaxed);
     if status != VIRTIO_BLK_S_OK {
         counters.failed.fetch_add(1, Ordering::Relaxed);
     }
     if mem.write_obj(status as u8, req.status).is_err() {
         counters.invalid.fetch_add(1, Ordering::Relaxed);
-        return 0;
+        return Some(0);
     }
-    written.saturating_add(1)
+    Some(written.saturating_add(1))
 }
 
-/// Carries out `req`; returns the status and the data bytes written to the guest.
-fn execute(disk: &Disk, id: &[u8], mem: &GuestMemoryMmap, req: &Request) -> (u32, u32) {
+/// Carries out `req`; returns the status and the data bytes written to the guest, or None if
+/// it would have to wait and `wait` is [`Wait::No`].
+fn execute(
+    disk: &Disk,
+    id: &[u8],
+    mem: &GuestMemoryMmap,
+    req: &Request,
+    wait: Wait,
+) -> Option<(u32, u32)> {
     let len = req.data_len();
     let offset = req.sector.wrapping_mul(SECTOR_SIZE);
+    // The status of an I/O; None if it would have waited.
     let io = |r: std::io::Result<()>| match r {
-        Ok(()) => VIRTIO_BLK_S_OK,
+        Ok(()) => Some(VIRTIO_BLK_S_OK),
+        Err(e) if wait == Wait::No && e.kind() == std::io::ErrorKind::WouldBlock => None,
         Err(e) => {
             tracing::warn!("virtio-blk: I/O error: {e}");
-            VIRTIO_BLK_S_IOERR
+            Some(VIRTIO_BLK_S_IOERR)
         }
     };
-    match req.kind {
+    // Flushing and deallocating always wait for the file system.
+    let waits = matches!(
+        req.kind,
+        RequestType::Flush | RequestType::Discard | RequestType::WriteZeroes
+    );
+    if waits && wait == Wait::No {
+        return None;
+    }
+    Some(match req.kind {
         RequestType::In | RequestType::Out => {
             if !len.is_multiple_of(SECTOR_SIZE) || !disk.in_range(req.sector, len) {
-                return (VIRTIO_BLK_S_IOERR, 0);
+                return Some((VIRTIO_BLK_S_IOERR, 0));
             }
             if req.kind == RequestType::In {
-                let s = io(disk.read(mem, offset, &req.data));
+                let s = io(disk.read(mem, offset, &req.data, wait))?;
                 (s, if s == VIRTIO_BLK_S_OK { len as u32 } else { 0 })
             } else if disk.read_only() {
                 (VIRTIO_BLK_S_IOERR, 0)
             } else {
-                (io(disk.write(mem, offset, &req.data)), 0)
+                (io(disk.write(mem, offset, &req.data, wait))?, 0)
             }
         }
-        RequestType::Flush => (io(disk.flush()), 0),
-        RequestType::GetId => {
-            let mut left = id;
-            let mut written = 0u32;
-            for seg in &req.data {
-                let n = left.len().min(seg.len as usize);
-                if mem.write_slice(&left[..n], seg.addr).is_err() {
-                    return (VIRTIO_BLK_S_IOERR, written);
-                }
-                written += n as u32;
-                left = &left[n..];
-            }
-            (VIRTIO_BLK_S_OK, written)
-        }
-        RequestType::Discard | RequestType::WriteZeroes => {
-            if disk.read_only() {
-                return (VIRTIO_BLK_S_IOERR, 0);
-            }
-            let Some(ranges) = request::ranges(mem, &req.data, MAX_DISCARD_RANGES as usize) else {
-                return (VIRTIO_BLK_S_UNSUPP, 0);
-            };
-            for r in ranges {
-                // Unknown flags, and "unmap" on a discard, are not for this device to guess
-                // (virtio 1.2, 5.2.6.2).
-                let allowed = if req.kind == RequestType::Discard {
-                    0
-                } else {
-                    request::RANGE_UNMAP
-                };
-                if r.flags & !allowed != 0 {
-                    return (VIRTIO_BLK_S_UNSUPP, 0);
-                }
-                let bytes = u64::from(r.sectors) * SECTOR_SIZE;
-                if r.sectors > MAX_DISCARD_SECTORS || !disk.in_range(r.sector, bytes) {
-                    return (VIRTIO_BLK_S_IOERR, 0);
-                }
-                let at = r.sector * SECTOR_SIZE;
-                let s = if req.kind == RequestType::Discard {
-                    // Advisory: a file system that cannot punch holes just keeps the data.
-                    match disk.discard(at, bytes) {
-                        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => VIRTIO_BLK_S_OK,
-                        r => io(r),
-                    }
-                } else {
-                    io(disk.write_zeroes(at, bytes, r.flags & request::RANGE_UNMAP != 0))
-                };
-                if s != VIRTIO_BLK_S_OK {
-                    return (s, 0);
-                }
-            }
-            (VIRTIO_BLK_S_OK, 0)
-        }
+        RequestType::Flush => (io(disk.flush())?, 0),
+        RequestType::GetId => get_id(id, mem, req),
+        RequestType::Discard | RequestType::WriteZeroes => deallocate(disk, mem, req),
         RequestType::Unsupported(_) => (VIRTIO_BLK_S_UNSUPP, 0),
+    })
+}
+
+/// Writes the serial string into the request's buffers.
+fn get_id(id: &[u8], mem: &GuestMemoryMmap, req: &Request) -> (u32, u32) {
+    let mut left = id;
+    let mut written = 0u32;
+    for seg in &req.data {
+        let n = left.len().min(seg.len as usize);
+        if mem.write_slice(&left[..n], seg.addr).is_err() {
+            return (VIRTIO_BLK_S_IOERR, written);
+        }
+        written += n as u32;
+        left = &left[n..];
     }
+    (VIRTIO_BLK_S_OK, written)
+}
+
+/// Discards or writes zeroes over the ranges a request lists.
+fn deallocate(disk: &Disk, mem: &GuestMemoryMmap, req: &Request) -> (u32, u32) {
+    if disk.read_only() {
+        return (VIRTIO_BLK_S_IOERR, 0);
+    }
+    let Some(ranges) = request::ranges(mem, &req.data, MAX_DISCARD_RANGES as usize) else {
+        return (VIRTIO_BLK_S_UNSUPP, 0);
+    };
+    for r in ranges {
+        // Unknown flags, and "unmap" on a discard, are not for this device to guess
+        // (virtio 1.2, 5.2.6.2).
+        let allowed = if req.kind == RequestType::Discard {
+            0
+        } else {
+            request::RANGE_UNMAP
+        };
+        if r.flags & !allowed != 0 {
+            return (VIRTIO_BLK_S_UNSUPP, 0);
+        }
+        let bytes = u64::from(r.sectors) * SECTOR_SIZE;
+        if r.sectors > MAX_DISCARD_SECTORS || !disk.in_range(r.sector, bytes) {
+            return (VIRTIO_BLK_S_IOERR, 0);
+        }
+        let at = r.sector * SECTOR_SIZE;
+        let r = if req.kind == RequestType::Discard {
+            // Advisory: a file system that cannot punch holes just keeps the data.
+            match disk.discard(at, bytes) {
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+                r => r,
+            }
+        } else {
+            disk.write_zeroes(at, bytes, r.flags & request::RANGE_UNMAP != 0)
+        };
+        if let Err(e) = r {
+            tracing::warn!("virtio-blk: I/O error: {e}");
+            return (VIRTIO_BLK_S_IOERR, 0);
+        }
+    }
+    (VIRTIO_BLK_S_OK, 0)
 }
 
 impl VirtioDevice for Block {
@@ -271,8 +303,12 @@ impl VirtioDevice for Block {
 
     fn process_queue(&mut self, index: usize) {
         if index == 0 {
-            self.process();
+            self.process(Wait::Yes);
         }
+    }
+
+    fn process_queue_now(&mut self, index: usize) -> bool {
+        index != 0 || self.process(Wait::No)
     }
 
     fn pci_class(&self) -> (u8, u8, u8) {

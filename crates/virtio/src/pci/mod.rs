@@ -193,9 +193,23 @@ pub struct VirtioPci {
     vm: Weak<dyn hypervisor::Vm>,
     /// Where the queue events are registered (the BAR's base), if anywhere.
     notify_base: Option<u64>,
-    /// Serve queue notifications on the notifying vCPU's thread instead of the event loop
-    /// (see [`VirtioPci::with_inline_notifications`]).
-    inline: bool,
+    /// Where queue notifications are served.
+    serve: Notifications,
+}
+
+/// Where a [`VirtioPci`] serves the queue notifications written to its BAR.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Notifications {
+    /// On the event loop, through the queue events; on KVM they are I/O events, so the write
+    /// never leaves the kernel. The default.
+    EventLoop,
+    /// On the notifying vCPU's thread as far as the device can without waiting on the host
+    /// ([`VirtioDevice::process_queue_now`]), the rest on the event loop: for the emulator,
+    /// whose vCPUs see every notification anyway (see [`VirtioPci::with_notifications`]).
+    VcpuFirst,
+    /// All on the notifying vCPU's thread, before the guest's next instruction (see
+    /// [`VirtioPci::with_inline_notifications`]).
+    Vcpu,
 }
 
 impl VirtioPci {
@@ -278,7 +292,7 @@ impl VirtioPci {
             mem,
             vm: Arc::downgrade(vm),
             notify_base: None,
-            inline: false,
+            serve: Notifications::EventLoop,
         })
     }
 
@@ -288,8 +302,17 @@ impl VirtioPci {
     /// the same point of the instruction stream on every run, so a guest driving only its own
     /// devices (disks, entropy) runs the same way each time. Host-side input (a tap, a socket)
     /// still arrives when it arrives.
-    pub fn with_inline_notifications(mut self) -> Self {
-        self.inline = true;
+    pub fn with_inline_notifications(self) -> Self {
+        self.with_notifications(Notifications::Vcpu)
+    }
+
+    /// Serves queue notifications where `serve` says. [`Notifications::VcpuFirst`] is for
+    /// the emulator, whose vCPU threads run the notifying write anyway: a disk read the host's
+    /// page cache holds then completes before the guest's next instruction, and the guest
+    /// takes its interrupt without going idle, instead of the request waking the event loop
+    /// on another host CPU and its interrupt waking the halted vCPU back.
+    pub fn with_notifications(mut self, serve: Notifications) -> Self {
+        self.serve = serve;
         self
     }
 
@@ -306,7 +329,9 @@ impl VirtioPci {
     /// Registers the queue events at the notification addresses of a BAR based at `base`
     /// (and drops the registrations at the old base).
     fn move_notifications(&mut self, base: Option<u64>) {
-        let Some(vm) = self.vm.upgrade().filter(|_| !self.inline) else {
+        // Notifications the vCPU serves must reach `bar_write`.
+        let events = self.serve == Notifications::EventLoop;
+        let Some(vm) = self.vm.upgrade().filter(|_| events) else {
             return;
         };
         if let Some(old) = self.notify_base.take() {
@@ -406,7 +431,7 @@ impl VirtioPci {
     /// loop), or at once with inline notifications.
     fn notify_queues(&mut self) {
         for (q, evt) in self.queue_events.iter().enumerate() {
-            if self.inline {
+            if self.serve == Notifications::Vcpu {
                 self.lock_device().process_queue(q);
             } else {
                 let _ = evt.write(1);
@@ -696,15 +721,24 @@ impl PciDevice for VirtioPci {
                 .write_config(o - DEVICE_OFFSET, data),
             o if (NOTIFY_OFFSET..NOTIFY_OFFSET + NOTIFY_LEN).contains(&o) => {
                 let q = ((o - NOTIFY_OFFSET) / u64::from(NOTIFY_MULTIPLIER)) as usize;
-                if self.inline {
-                    if q < self.queue_events.len() {
-                        self.device
-                            .lock()
-                            .expect("virtio device lock poisoned")
-                            .process_queue(q);
+                if let Some(evt) = self.queue_events.get(q) {
+                    let served = match self.serve {
+                        Notifications::Vcpu => {
+                            self.lock_device().process_queue(q);
+                            true
+                        }
+                        // A device busy on the event loop (a request that had to wait) gets
+                        // the notification there, after what it is doing: the vCPU does not
+                        // wait for it.
+                        Notifications::VcpuFirst => self
+                            .device
+                            .try_lock()
+                            .is_ok_and(|mut d| d.process_queue_now(q)),
+                        Notifications::EventLoop => false,
+                    };
+                    if !served {
+                        let _ = evt.write(1);
                     }
-                } else if let Some(evt) = self.queue_events.get(q) {
-                    let _ = evt.write(1);
                 }
             }
             o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => self

@@ -14,7 +14,7 @@ use devices::pci::{PciRoot, PciRootState};
 use devices::BusDevice;
 use hypervisor::GuestMemoryMmap;
 use hypervisor::{HypervisorError, IrqLine, MemoryRegion, MsiMessage, MsiVector, Vcpu, Vm};
-use virtio::pci::{VirtioPci, VirtioPciState};
+use virtio::pci::{Notifications, VirtioPci, VirtioPciState};
 use virtio::VirtioDevice;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
@@ -148,23 +148,27 @@ pub struct Machine {
 impl Machine {
     /// `device` plugged into a new bus, as the VMM builds it (nothing programmed yet).
     pub fn new(mem: GuestMemoryMmap, device: Arc<Mutex<dyn VirtioDevice>>) -> Machine {
-        Self::build(mem, device, false)
+        Self::build(mem, device, Notifications::EventLoop)
     }
 
     /// Likewise, serving queue notifications on the notifying thread.
     pub fn inline(mem: GuestMemoryMmap, device: Arc<Mutex<dyn VirtioDevice>>) -> Machine {
-        Self::build(mem, device, true)
+        Self::build(mem, device, Notifications::Vcpu)
     }
 
-    fn build(mem: GuestMemoryMmap, device: Arc<Mutex<dyn VirtioDevice>>, inline: bool) -> Machine {
+    /// Likewise, serving queue notifications where `serve` says.
+    pub fn build(
+        mem: GuestMemoryMmap,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        serve: Notifications,
+    ) -> Machine {
         let vm = Arc::new(FakeVm::default());
         let dyn_vm: Arc<dyn Vm> = vm.clone();
         let mmio = Arc::new(Bus::new());
         let root = Arc::new(Mutex::new(PciRoot::new(mmio.clone(), WINDOW)));
-        let mut transport = VirtioPci::new(device.clone(), mem.clone(), &dyn_vm).unwrap();
-        if inline {
-            transport = transport.with_inline_notifications();
-        }
+        let transport = VirtioPci::new(device.clone(), mem.clone(), &dyn_vm)
+            .unwrap()
+            .with_notifications(serve);
         let pci = Arc::new(Mutex::new(transport));
         let slot = root.lock().unwrap().add_device(pci.clone()).unwrap();
         let mut m = Machine {
