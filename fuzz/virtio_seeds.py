@@ -150,6 +150,13 @@ queue_seed("batch-event-idx", 0x02 | SIZE16, 128, 0, TABLE,
            [(3, ALL), (0, [6, 3])], MEMORY)
 queue_seed("read-only", 0x01 | 0x04 | SIZE16, 64, 0x7FFF, TABLE,
            [(0, ALL)], MEMORY, tail=100, serial=25)
+# The vCPU tries first (`process_queue_now`): flush, discard and write-zeroes stay for the
+# event loop, with everything after them.
+VCPU_FIRST = 0x40
+queue_seed("strict-vcpu-first", VCPU_FIRST | 0x04 | SIZE16, 128, 0xFFFE, TABLE,
+           [(0, ALL), (0, [0, 200])], MEMORY)
+queue_seed("batch-vcpu-first", VCPU_FIRST | 0x02 | SIZE16, 128, 0, TABLE,
+           [(3, ALL), (0, [6, 3])], MEMORY)
 queue_seed("size-one-wraps", 0x04, 8, 0xFFFF, [desc(0, 48, INDIRECT)],
            [(0, [0]), (0, [0]), (0, [0])], MEMORY, serial=24)
 # Once bugs (fuzz/README.md), now regression seeds.

@@ -7,7 +7,9 @@
 //!
 //! Input:
 //! - byte 0: bit 0 read-only disk, bit 1 EVENT_IDX, bit 2 strict (one chain per
-//!   `process_queue`, checked against a model), bits 3-5 queue size `1 << min(v, 4)`;
+//!   `process_queue`, checked against a model), bits 3-5 queue size `1 << min(v, 4)`, bit 6
+//!   the vCPU tries first (every `process_queue(0)` that serves chains is preceded by
+//!   `process_queue_now(0)`, as on the emulator's notifying vCPU);
 //! - byte 1: image size in sectors - 1 (mod 128); byte 2: half the bytes past the last whole
 //!   sector (a partial sector); bytes 3-4: the starting ring index (both rings; wrap-around);
 //!   byte 5: serial length (mod 26; 25 means none, so the file name); byte 6: image pattern;
@@ -17,7 +19,8 @@
 //! - the rest fills guest memory from 0x1000 (32 raw indirect descriptors, then request
 //!   headers and data).
 //!
-//! `VIRTIO_FUZZ_TRACE=1` prints each chain served in strict mode and its predicted outcome.
+//! `VIRTIO_FUZZ_TRACE=1` prints each chain served in strict mode and its predicted outcome,
+//! and what `process_queue_now` did.
 //!
 //! Up to 31 chains may be made available at once, more than the queue holds (an index the
 //! queue refuses once hung the device: fuzz/README.md); then the harness stops predicting and
@@ -32,9 +35,28 @@
 //! the interrupt (the spec's `vring_need_event` with EVENT_IDX, else one per batch) and the
 //! counters must match, and guest memory outside the used ring must be exactly as predicted
 //! (a request that reads the used ring, which the device writes as it serves, is only checked
-//! for its used entry). In batch mode (all heads of a round at once): the used ring lists the valid heads in order,
-//! lengths are bounded by the chains' writable bytes, the rings and tables are left alone,
-//! the interrupt matches.
+//! for its used entry). In batch mode (all heads of a round at once): the used ring lists the
+//! valid heads in order, lengths are bounded by the chains' writable bytes, the rings and
+//! tables are left alone, the interrupt matches.
+//!
+//! When the vCPU tries first (`process_queue_now`, which serves only what needs no waiting
+//! and stops at the first request that would wait, leaving it and what follows available):
+//! - strict mode: if it returns true, the chain was served (all the checks above hold) and
+//!   the `process_queue(0)` after it changes nothing (guest memory, used index, interrupts,
+//!   counters, image); a flush, discard or write-zeroes must not have been served by it. If
+//!   it returns false, nothing changed (guest memory byte for byte, but for the used ring's
+//!   flags, which without EVENT_IDX may be left at `VRING_USED_F_NO_NOTIFY` for the event
+//!   loop's pass to clear; used index, interrupts, counters, image), and the request (parsed
+//!   from memory as the device saw it) is one that may wait: a flush, discard or
+//!   write-zeroes, or a read or write that reaches the image (in range, whole sectors, a
+//!   write to a writable image); then `process_queue(0)` serves it as predicted;
+//! - batch mode: the requests counter after `process_queue_now` says how many chains it
+//!   served; it returns true exactly when that is all of them (then `process_queue(0)`
+//!   changes no byte of guest memory), else the chain it stopped at is one that may wait;
+//!   the used index after it counts exactly the valid heads of those chains; each of the
+//!   two calls raises the interrupt the spec wants for what it served (`vring_need_event`
+//!   from the used index before it to the one after it with EVENT_IDX, else one if it
+//!   served anything), and the checks above hold after both.
 #![no_main]
 
 use std::num::Wrapping;
@@ -51,6 +73,7 @@ use virtio::block::request::{parse, RequestType, RANGE_LEN, SECTOR_SIZE};
 use virtio::block::{Block, BlockCounters};
 use virtio::{features, Activation, VirtioDevice};
 use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_ring::VRING_USED_F_NO_NOTIFY;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -76,6 +99,7 @@ fn run(data: &[u8]) {
     let event_idx = f & 2 != 0;
     let strict = f & 4 != 0;
     let size: u16 = 1 << ((f >> 3) & 7).min(4);
+    let vcpu_first = f & 0x40 != 0;
     let sectors = u64::from(input.u8() % 128) + 1;
     let image_len = sectors * SECTOR_SIZE + u64::from(input.u8()) * 2;
     let start = input.u16();
@@ -151,6 +175,7 @@ fn run(data: &[u8]) {
         size,
         event_idx,
         read_only,
+        vcpu_first,
         id,
         limits,
         shadow: queue(size, event_idx, start),
@@ -179,9 +204,15 @@ fn run(data: &[u8]) {
 
     // Past activation: extra queue indices are ignored; after a reset nothing is served.
     let used = get16(mem, USED + 2);
+    if vcpu_first {
+        block.process_queue_now(1);
+    }
     block.process_queue(1);
     block.reset();
     h.publish(&[0]);
+    if vcpu_first {
+        block.process_queue_now(0);
+    }
     block.process_queue(0);
     assert_eq!(
         get16(mem, USED + 2),
@@ -236,6 +267,8 @@ struct Harness {
     size: u16,
     event_idx: bool,
     read_only: bool,
+    /// Each `process_queue(0)` is preceded by `process_queue_now(0)`.
+    vcpu_first: bool,
     id: [u8; 20],
     limits: Limits,
     /// A second queue over the same rings, a step ahead of the device: it walks each chain
@@ -256,11 +289,22 @@ struct Harness {
     want: [u64; 3],
 }
 
+/// The state [`Harness::seen`] records.
+struct Seen {
+    mem: Vec<u8>,
+    irq: usize,
+    /// Requests, invalid, failed.
+    counters: [u64; 3],
+    image: Vec<u8>,
+}
+
 /// A status byte and the image contents that go with it.
 type Answer = (u8, Vec<u8>);
 
 /// What serving one chain must do.
 struct Outcome {
+    /// The request's type; None if the chain is not a request.
+    kind: Option<RequestType>,
     used_len: u32,
     /// Where the status byte goes, and the values it may take, each with the image contents
     /// that go with it.
@@ -306,8 +350,9 @@ impl Harness {
         }
     }
 
-    /// Whether the device's next interrupt is due (virtio 1.2, 2.7.10: `vring_need_event`).
-    fn interrupt_due(&self, served: bool, old: Wrapping<u16>) -> bool {
+    /// Whether a pass that served chains (`served`) and moved the used index from `old` to
+    /// `new` must interrupt (virtio 1.2, 2.7.10: `vring_need_event`).
+    fn interrupt_due(&self, served: bool, old: Wrapping<u16>, new: Wrapping<u16>) -> bool {
         if !served {
             return false;
         }
@@ -315,38 +360,162 @@ impl Harness {
             return true;
         }
         let used_event = Wrapping(get16(self.mem, AVAIL + 4 + 2 * u64::from(self.size)));
-        let new = self.used_idx;
         new - used_event - Wrapping(1) < new - old
+    }
+
+    /// What the vCPU's `process_queue_now` may change, and `process_queue` after it.
+    fn seen(&self) -> Seen {
+        let c = &self.counters;
+        Seen {
+            mem: snapshot(self.mem),
+            irq: self.irq.queue_count(),
+            counters: [
+                c.requests.load(Ordering::Relaxed),
+                c.invalid.load(Ordering::Relaxed),
+                c.failed.load(Ordering::Relaxed),
+            ],
+            image: image().contents(),
+        }
+    }
+
+    /// `now` is `then` unchanged; `flags_may_stop`: but for the used ring's flags, which may
+    /// have become `VRING_USED_F_NO_NOTIFY` (a pass that stopped at a request that waits
+    /// leaves notifications off for the event loop's pass, which turns them back on).
+    fn unchanged(&self, then: &Seen, now: &Seen, flags_may_stop: bool, what: &str) {
+        let mut want = then.mem.clone();
+        let flags = USED as usize..USED as usize + 2;
+        if flags_may_stop
+            && !self.event_idx
+            && now.mem[flags.clone()] == (VRING_USED_F_NO_NOTIFY as u16).to_le_bytes()
+        {
+            want[flags].copy_from_slice(&now.mem[USED as usize..USED as usize + 2]);
+        }
+        if now.mem != want {
+            let i = (0..want.len()).find(|&i| now.mem[i] != want[i]).unwrap();
+            panic!(
+                "{what}: guest memory at {i:#x} is {:#x}, was {:#x}",
+                now.mem[i], want[i]
+            );
+        }
+        assert_eq!(now.irq, then.irq, "{what}: interrupts");
+        assert_eq!(
+            now.counters, then.counters,
+            "{what}: counters (requests, invalid, failed)"
+        );
+        assert!(now.image == then.image, "{what}: the image changed");
+    }
+
+    /// Whether serving the request in `descs` (parsed from guest memory as it is now) may
+    /// have to wait on the host: a flush, discard or write-zeroes (always left for the event
+    /// loop by `process_queue_now`), or a read or write that goes to the image. Also returns
+    /// the request type, if `descs` is a request.
+    fn may_wait(&self, descs: &Chain) -> (Option<RequestType>, bool) {
+        let Ok(req) = parse(self.mem, descs.iter().copied()) else {
+            return (None, false);
+        };
+        let waits = match req.kind {
+            RequestType::Flush | RequestType::Discard | RequestType::WriteZeroes => true,
+            RequestType::In | RequestType::Out => {
+                // As `predict`: what is refused without I/O cannot wait.
+                let capacity = self.model.len() as u64 / SECTOR_SIZE * SECTOR_SIZE;
+                let len = req.data_len();
+                let in_range = req
+                    .sector
+                    .checked_mul(SECTOR_SIZE)
+                    .and_then(|s| s.checked_add(len))
+                    .is_some_and(|end| end <= capacity);
+                len % SECTOR_SIZE == 0
+                    && in_range
+                    && !(req.kind == RequestType::Out && self.read_only)
+            }
+            RequestType::GetId | RequestType::Unsupported(_) => false,
+        };
+        (Some(req.kind), waits)
     }
 
     fn one_chain(&mut self, block: &mut Block, head: u16) {
         let walked = if self.desync { None } else { self.walk() };
         let predicted = walked.as_ref().map(|(_, descs)| self.predict(descs));
-        let irq_before = self.irq.queue_count();
-        let before = snapshot(self.mem);
-        block.process_queue(0);
-        let (Some((walked_head, descs)), Some(out)) = (walked, predicted) else {
-            return;
-        };
-        assert_eq!(walked_head, head);
         let (us, ue) = self.used_span();
-        if descs
-            .iter()
-            .any(|&(a, l, w)| !w && a.0 < ue && us < a.0.saturating_add(u64::from(l)))
-        {
-            // The request reads from the used ring, which the device itself writes while it
-            // serves (notification flags): its contents are not known in advance. Only the
-            // used ring is checked; the model follows the device.
-            self.resync(head);
-            return;
-        }
-        let hits = |(s, e): (u64, u64)| {
+        // The request reads from the used ring, which the device itself writes while it
+        // serves (notification flags): its contents are not known in advance.
+        let reads_used = walked.as_ref().is_some_and(|(_, descs)| {
+            descs
+                .iter()
+                .any(|&(a, l, w)| !w && a.0 < ue && us < a.0.saturating_add(u64::from(l)))
+        });
+        let hits = |out: &Outcome, (s, e): (u64, u64)| {
             out.writes
                 .iter()
                 .map(|(a, b)| (*a, b.len() as u64))
                 .chain(out.status.iter().map(|(a, _)| (*a, 1)))
                 .any(|(a, l)| a < e && s < a.saturating_add(l))
         };
+        // The chain is the only one available and serving it leaves the rest of the
+        // available ring alone: what the vCPU's pass did is known.
+        let known = predicted
+            .as_ref()
+            .is_some_and(|out| !hits(out, self.avail_span()));
+        let irq_before = self.irq.queue_count();
+        let before = snapshot(self.mem);
+        if self.vcpu_first {
+            let then = self.seen();
+            let done = block.process_queue_now(0);
+            let now = self.seen();
+            if trace() {
+                let what = if done {
+                    "served"
+                } else {
+                    "left for the event loop"
+                };
+                eprintln!("head {head}: process_queue_now: {what}");
+            }
+            if known {
+                let descs = &walked.as_ref().unwrap().1;
+                if done {
+                    // Parsed before serving; one that reads the used ring may have read
+                    // something else.
+                    let kind = predicted.as_ref().unwrap().kind;
+                    let waits_always = matches!(
+                        kind,
+                        Some(RequestType::Flush | RequestType::Discard | RequestType::WriteZeroes)
+                    );
+                    assert!(
+                        reads_used || !waits_always,
+                        "process_queue_now served a {kind:?} request at once: {descs:x?}"
+                    );
+                } else {
+                    self.unchanged(&then, &now, true, "process_queue_now left a request");
+                    // Nothing changed since the device parsed it.
+                    let (kind, waits) = self.may_wait(descs);
+                    assert!(
+                        waits,
+                        "process_queue_now left a {kind:?} request that cannot wait: {descs:x?}"
+                    );
+                }
+            }
+            block.process_queue(0);
+            if done && known {
+                self.unchanged(
+                    &now,
+                    &self.seen(),
+                    false,
+                    "process_queue after process_queue_now served everything",
+                );
+            }
+        } else {
+            block.process_queue(0);
+        }
+        let (Some((walked_head, descs)), Some(out)) = (walked, predicted) else {
+            return;
+        };
+        assert_eq!(walked_head, head);
+        if reads_used {
+            // Only the used ring is checked; the model follows the device.
+            self.resync(head);
+            return;
+        }
+        let hits = |span| hits(&out, span);
         if hits(self.avail_span()) {
             // The request rewrote the available ring: the device may go on serving.
             self.desync = true;
@@ -422,7 +591,7 @@ impl Harness {
             let fired = self.irq.queue_count() - irq_before;
             assert_eq!(
                 fired,
-                usize::from(self.interrupt_due(true, old)),
+                usize::from(self.interrupt_due(true, old, self.used_idx)),
                 "interrupts"
             );
         }
@@ -482,18 +651,61 @@ impl Harness {
                 }
             }
         }
+        // Some buffer the device writes lies in the rings or tables.
+        let wild = chains
+            .iter()
+            .flat_map(|(_, c)| c)
+            .any(|&(a, _, w)| w && a.0 < DATA);
+        let known = !self.desync && !wild;
         let irq_before = self.irq.queue_count();
         let before = snapshot(self.mem);
+        let requests = || self.counters.requests.load(Ordering::Relaxed);
+        let requests_before = requests();
+        // The vCPU's pass: whether it left the queue empty, how many chains it served (each
+        // one counts as a request, one left for later does not), the used index and
+        // interrupt count after it, and guest memory if it served everything.
+        let mut first = None;
+        if self.vcpu_first {
+            let done = block.process_queue_now(0);
+            let served = (requests() - requests_before) as usize;
+            if trace() {
+                eprintln!("batch {heads:?}: process_queue_now served {served}, returned {done}");
+            }
+            if known {
+                assert!(
+                    served <= chains.len(),
+                    "process_queue_now served {served} of {} chains",
+                    chains.len()
+                );
+                assert_eq!(
+                    done,
+                    served == chains.len(),
+                    "process_queue_now's answer after serving {served} of {} chains",
+                    chains.len()
+                );
+                if !done {
+                    // Nothing changed since the device parsed it and stopped.
+                    let descs = &chains[served].1;
+                    let (kind, waits) = self.may_wait(descs);
+                    assert!(
+                        waits,
+                        "process_queue_now stopped at a {kind:?} request that cannot wait: \
+                         {descs:x?}"
+                    );
+                }
+            }
+            first = Some((
+                served,
+                get16(self.mem, USED + 2),
+                self.irq.queue_count(),
+                (done && known).then(|| snapshot(self.mem)),
+            ));
+        }
         block.process_queue(0);
         if self.desync {
             return;
         }
-        if chains
-            .iter()
-            .flat_map(|(_, c)| c)
-            .any(|&(a, _, w)| w && a.0 < DATA)
-        {
-            // Some buffer the device writes lies in the rings or tables.
+        if wild {
             self.desync = true;
             return;
         }
@@ -521,12 +733,45 @@ impl Harness {
             self.used_idx += 1;
         }
         assert_eq!(get16(self.mem, USED + 2), self.used_idx.0, "used index");
-        let fired = self.irq.queue_count() - irq_before;
-        assert_eq!(
-            fired,
-            usize::from(self.interrupt_due(!heads.is_empty(), old)),
-            "interrupts"
-        );
+        let irq_after = self.irq.queue_count();
+        if let Some((served, used_mid, irq_mid, mem_mid)) = first {
+            // Each pass interrupts for what it served.
+            let valid = chains[..served]
+                .iter()
+                .filter(|(head, _)| *head < self.size)
+                .count();
+            let mid = old + Wrapping(valid as u16);
+            assert_eq!(
+                used_mid, mid.0,
+                "used index after process_queue_now served {served} chains"
+            );
+            assert_eq!(
+                irq_mid - irq_before,
+                usize::from(self.interrupt_due(served > 0, old, mid)),
+                "interrupts from process_queue_now ({served} of {} chains served)",
+                chains.len()
+            );
+            assert_eq!(
+                irq_after - irq_mid,
+                usize::from(self.interrupt_due(served < chains.len(), mid, self.used_idx)),
+                "interrupts from process_queue after process_queue_now ({served} of {} chains \
+                 served by it)",
+                chains.len()
+            );
+            if let Some(mem_mid) = mem_mid {
+                assert!(
+                    got == mem_mid,
+                    "process_queue changed guest memory after process_queue_now served \
+                     everything"
+                );
+            }
+        } else {
+            assert_eq!(
+                irq_after - irq_before,
+                usize::from(self.interrupt_due(!heads.is_empty(), old, self.used_idx)),
+                "interrupts"
+            );
+        }
         self.want[0] += heads.len() as u64;
         assert_eq!(self.counters.requests.load(Ordering::Relaxed), self.want[0]);
         // Invalid and failed counts are not predicted per chain here: track the device's.
@@ -540,6 +785,7 @@ impl Harness {
         let mem = self.mem;
         let Ok(req) = parse(mem, descs.iter().copied()) else {
             return Outcome {
+                kind: None,
                 used_len: 0,
                 status: None,
                 writes: Vec::new(),
@@ -657,6 +903,7 @@ impl Harness {
             RequestType::Unsupported(_) => vec![(unsupp, image)],
         };
         Outcome {
+            kind: Some(req.kind),
             used_len: written + 1,
             status: Some((req.status.0, status)),
             writes,

@@ -48,9 +48,15 @@ pub struct Disk {
     /// Size in sectors (a partial last sector is not visible to the guest).
     sectors: u64,
     read_only: bool,
+    /// The image lives in memory (tmpfs, a memfd): nothing it does waits for a disk, so
+    /// [`Wait::No`] transfers are plain ones (such files refuse `RWF_NOWAIT` anyway).
+    in_memory: bool,
     /// The file system refused a buffered write that must not wait (`EOPNOTSUPP`: ext4
     /// does, XFS and btrfs do not), so [`Wait::No`] writes are plain ones (see [`Wait`]).
     writes_wait: AtomicBool,
+    /// Likewise for reads, which then always wait for the event loop: a read may need the
+    /// disk.
+    reads_wait: AtomicBool,
 }
 
 /// Whether an I/O may wait for the host (its disk, a lock, writeback).
@@ -64,6 +70,22 @@ pub enum Wait {
     /// is made anyway: a buffered write waits only when the host throttles writers with too
     /// much dirty data, never for the disk's latency.
     No,
+}
+
+/// Whether `file` lives in memory (tmpfs, which memfds also use, or ramfs).
+fn in_memory(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs fills the struct it is given when it succeeds.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+        return false;
+    }
+    // SAFETY: filled by the successful call above.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // `f_type` is not i64 on every architecture.
+    let kind = st.f_type as i64;
+    matches!(kind, TMPFS_MAGIC | RAMFS_MAGIC)
 }
 
 impl Disk {
@@ -122,11 +144,14 @@ impl Disk {
                 path: path.to_owned(),
             });
         }
+        let in_memory = in_memory(&file);
         Ok(Disk {
             file,
             sectors,
             read_only,
+            in_memory,
             writes_wait: AtomicBool::new(false),
+            reads_wait: AtomicBool::new(false),
         })
     }
 
@@ -179,7 +204,18 @@ impl Disk {
         write: bool,
         wait: Wait,
     ) -> io::Result<()> {
-        let mut nowait = wait == Wait::No && !(write && self.writes_wait.load(Ordering::Relaxed));
+        let refused = if write {
+            &self.writes_wait
+        } else {
+            &self.reads_wait
+        };
+        let mut nowait = wait == Wait::No && !self.in_memory;
+        if nowait && refused.load(Ordering::Relaxed) {
+            if !write {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            nowait = false;
+        }
         // Reading the disk writes guest memory, and the other way round.
         let access = if write {
             Permissions::Read
@@ -212,13 +248,13 @@ impl Disk {
                 let e = io::Error::last_os_error();
                 match e.raw_os_error() {
                     Some(libc::EINTR) => continue,
-                    Some(libc::EOPNOTSUPP) if nowait && write => {
-                        self.writes_wait.store(true, Ordering::Relaxed);
+                    Some(libc::EOPNOTSUPP) if nowait => {
+                        refused.store(true, Ordering::Relaxed);
+                        if !write {
+                            return Err(io::ErrorKind::WouldBlock.into());
+                        }
                         nowait = false;
                         continue;
-                    }
-                    Some(libc::EOPNOTSUPP) if nowait => {
-                        return Err(io::ErrorKind::WouldBlock.into());
                     }
                     _ => return Err(e),
                 }
