@@ -32,7 +32,7 @@
 //! required body fails, a blank optional one does not; a parsed request is the route's kind,
 //! an action without parameters had no body or `{}`, and the request survives a round trip
 //! through its JSON and through the body a client would send for it (floats in the opaque
-//! config and overrides to 1 ULP: see `src/json_cmp.rs`).
+//! config and overrides exactly: see `src/json_cmp.rs`).
 //!
 //! `API_FUZZ_TRACE=1` prints each input's outcome (to see what a reproducer does).
 #![no_main]
@@ -346,8 +346,7 @@ fn check_route(method: &str, path: &str, body: &[u8]) {
             show(body)
         );
     }
-    // Compared as JSON values: the config and overrides are opaque JSON, whose floats may
-    // come back 1 ULP away (src/json_cmp.rs).
+    // Compared as JSON values: the config and overrides are opaque JSON (src/json_cmp.rs).
     let value = |r: &ApiRequest| serde_json::to_value(r).expect("a request encodes");
     let json = serde_json::to_string(&req).expect("a request encodes");
     let back: ApiRequest = serde_json::from_str(&json)

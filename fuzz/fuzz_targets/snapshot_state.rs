@@ -20,7 +20,7 @@
 //! file; parsing never has more than 64 times the input (plus 64 KiB) allocated at once, so
 //! no length field drives an allocation; an accepted state written back with `write_state`
 //! and read with `read_state` (on tmpfs) gives an equal `Snapshot` (compared as JSON
-//! values, floats in its opaque JSON to 1 ULP: see `src/json_cmp.rs`).
+//! values, floats in its opaque JSON exactly: see `src/json_cmp.rs`).
 //!
 //! `SNAPSHOT_FUZZ_TRACE=1` prints each input's outcome.
 #![no_main]
