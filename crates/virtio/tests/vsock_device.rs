@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hypervisor::GuestMemoryMmap;
-use virtio::vsock::muxer::{CONNECT_TIMEOUT, MAX_CONTROL_BACKLOG};
+use virtio::vsock::muxer::{CONNECT_LINE_TIMEOUT, CONNECT_TIMEOUT, MAX_CONTROL_BACKLOG};
 use virtio::vsock::packet::{shutdown, Header, Op, HEADER_LEN, HOST_CID, TYPE_STREAM};
 use virtio::vsock::Vsock;
 use virtio::{features, Activation, VirtioDevice, VirtioInterrupt};
@@ -701,6 +701,48 @@ fn a_host_client_the_guest_never_answers_is_disconnected_after_the_timeout() {
     rw.len = 2;
     d.send(&rw, b"hi");
     assert_eq!(read_n(&mut answered, 2), b"hi");
+}
+
+#[test]
+fn a_host_client_that_sends_no_connect_line_is_closed_after_the_timeout() {
+    let mut d = Driver::new("line-timeout");
+    d.post_rx(8);
+    let mut silent = UnixStream::connect(&d.uds).unwrap();
+    let mut partial = UnixStream::connect(&d.uds).unwrap();
+    partial.write_all(b"CONNECT 50").unwrap();
+    d.host();
+    d.host();
+    assert!(d.recv().is_empty(), "nothing reaches the guest");
+    // Still open: a line may take a while to come.
+    silent.set_nonblocking(true).unwrap();
+    let still = silent.read(&mut [0u8; 1]);
+    assert!(
+        matches!(&still, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "{still:?}"
+    );
+    silent.set_nonblocking(false).unwrap();
+
+    // The timer wakes the device; both are closed, counted as refused.
+    let start = std::time::Instant::now();
+    while !d.backend_ready() {
+        assert!(
+            start.elapsed() < CONNECT_LINE_TIMEOUT * 3,
+            "no timeout after {:?}",
+            start.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    d.host();
+    assert_eof(&mut silent);
+    assert_eof(&mut partial);
+    assert_eq!(d.dev.counters().clients_refused.load(Ordering::Relaxed), 2);
+    assert!(d.recv().is_empty(), "the guest never heard of them");
+    // Their places are free again: a client that says where it goes is connected.
+    let (mut c, hp) = host_connect(&mut d, 6000, 1000);
+    let mut rw = pkt(Op::Rw, 6000, hp);
+    rw.len = 2;
+    d.send(&rw, b"ok");
+    assert_eq!(read_n(&mut c, 2), b"ok");
 }
 
 #[test]

@@ -113,7 +113,7 @@ pub struct VsockCounters {
     /// Connections established, both directions.
     pub connections: AtomicU64,
     /// Host clients closed without a connection: driver not up, too many, no valid CONNECT
-    /// line.
+    /// line (or none within [`CONNECT_LINE_TIMEOUT`](muxer::CONNECT_LINE_TIMEOUT)).
     pub clients_refused: AtomicU64,
     /// Host-initiated connections the guest did not answer within
     /// [`CONNECT_TIMEOUT`](muxer::CONNECT_TIMEOUT).

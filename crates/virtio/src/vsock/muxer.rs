@@ -14,7 +14,7 @@
 //!
 //! A connection's life (`key` = host port, guest port):
 //! - host-initiated: a client connects to the listening socket and sends
-//!   `CONNECT <port>\n`; the device picks an ephemeral host port, queues a REQUEST and the
+//!   `CONNECT <port>\n` (within [`CONNECT_LINE_TIMEOUT`], or it is closed); the device picks an ephemeral host port, queues a REQUEST and the
 //!   connection is `Connecting`. RESPONSE makes it `Established` and queues `OK <host
 //!   port>\n` for the client; RST (nobody listens in the guest) closes the client, and so
 //!   does no answer within [`CONNECT_TIMEOUT`] (the guest is told with a RST).
@@ -50,12 +50,16 @@ type ConnKey = (u32, u32);
 
 /// The epoll token of the listening socket; host sockets get 1, 2, ...
 const LISTENER: u64 = 0;
-/// The epoll token of the timer of connections waiting for the guest.
+/// The epoll token of the timer of host clients and connections with a deadline.
 const TIMER: u64 = u64::MAX;
 /// How long a host-initiated connection waits for the guest's answer (RESPONSE or RST):
 /// a guest that never answers (no driver running, a hung guest, a restored guest whose
 /// listener is gone) must not keep the host client waiting forever. Firecracker's figure.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a host client may take to send its `CONNECT <port>` line: one that connects and
+/// says nothing would otherwise hold one of the [`MAX_CONNECTIONS`] places forever (a
+/// program waiting for a guest's agent retries; a person typing at `socat` has time).
+pub const CONNECT_LINE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Host clients and connections at most; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Payload-less packets waiting for receive buffers beyond which the transmit queue is not
@@ -91,12 +95,15 @@ pub struct Muxer {
     next_token: u64,
     next_port: u32,
     counters: Arc<VsockCounters>,
-    /// Armed for the oldest deadline in `connecting`.
+    /// Armed for the earliest deadline in `connecting` and `greeting`.
     timer: TimerFd,
     /// Host-initiated connections waiting for the guest's answer, oldest first (all wait
     /// [`CONNECT_TIMEOUT`], so this is also deadline order), with the token that tells a
     /// connection from a later one on the same ports.
     connecting: VecDeque<(Instant, ConnKey, u64)>,
+    /// Host clients that have not sent their CONNECT line yet, oldest first (deadline order
+    /// likewise), by token.
+    greeting: VecDeque<(Instant, u64)>,
 }
 
 impl Muxer {
@@ -148,6 +155,7 @@ impl Muxer {
             counters,
             timer,
             connecting: VecDeque::new(),
+            greeting: VecDeque::new(),
         })
     }
 
@@ -511,7 +519,7 @@ impl Muxer {
                 continue;
             }
             if token == TIMER {
-                self.expire_connecting();
+                self.expire_deadlines();
                 continue;
             }
             match self.owners.get(&token).copied() {
@@ -571,6 +579,9 @@ impl Muxer {
                     }
                     self.owners.insert(token, Owner::Client);
                     self.clients.insert(token, (stream, Vec::new()));
+                    self.greeting
+                        .push_back((Instant::now() + CONNECT_LINE_TIMEOUT, token));
+                    self.arm_timer();
                     // The line may be there already.
                     self.read_connect_line(token);
                 }
@@ -641,31 +652,51 @@ impl Muxer {
                 self.conns.insert(key, conn);
                 self.connecting
                     .push_back((Instant::now() + CONNECT_TIMEOUT, key, token));
-                if self.connecting.len() == 1 {
-                    self.arm_timer(CONNECT_TIMEOUT);
-                }
+                self.arm_timer();
                 self.queue(key, Op::Request, 0);
                 self.service(key);
             }
         }
     }
 
-    fn arm_timer(&mut self, after: Duration) {
+    /// Arms the timer for the earliest deadline (if any).
+    fn arm_timer(&mut self) {
+        let first = [
+            self.connecting.front().map(|c| c.0),
+            self.greeting.front().map(|g| g.0),
+        ];
+        let Some(deadline) = first.into_iter().flatten().min() else {
+            return;
+        };
+        let after = deadline.saturating_duration_since(Instant::now());
         // A zero duration would disarm it.
         if let Err(e) = self.timer.reset(after.max(Duration::from_millis(1)), None) {
             tracing::warn!("vsock: cannot arm the connection timer: {e}");
         }
     }
 
-    /// Closes the host-initiated connections the guest has not answered in time (the
-    /// client's socket closes; the guest gets a RST in case its answer is on the way).
-    fn expire_connecting(&mut self) {
+    /// Closes the host clients that did not send their CONNECT line in time, and the
+    /// host-initiated connections the guest has not answered in time (the client's socket
+    /// closes; the guest gets a RST in case its answer is on the way).
+    fn expire_deadlines(&mut self) {
         let _ = self.timer.wait();
         let now = Instant::now();
+        while let Some(&(deadline, token)) = self.greeting.front() {
+            if deadline > now {
+                break;
+            }
+            self.greeting.pop_front();
+            if self.clients.contains_key(&token) {
+                self.counters
+                    .clients_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!("vsock: a host client sent no CONNECT line in time");
+                self.drop_client(token);
+            }
+        }
         while let Some(&(deadline, key, token)) = self.connecting.front() {
             if deadline > now {
-                self.arm_timer(deadline - now);
-                return;
+                break;
             }
             self.connecting.pop_front();
             let waiting = self
@@ -680,6 +711,7 @@ impl Muxer {
                 self.close(key, true);
             }
         }
+        self.arm_timer();
     }
 
     /// The host port the next host-initiated connection gets (if free), for a snapshot.
