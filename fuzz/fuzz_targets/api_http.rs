@@ -32,7 +32,8 @@
 //! required body fails, a blank optional one does not; a parsed request is the route's kind,
 //! an action without parameters had no body or `{}`, and the request survives a round trip
 //! through its JSON and through the body a client would send for it (floats in the opaque
-//! config and overrides exactly: see `src/json_cmp.rs`).
+//! config and overrides exactly: the workspace parses floats with serde_json's
+//! `float_roundtrip`).
 //!
 //! `API_FUZZ_TRACE=1` prints each input's outcome (to see what a reproducer does).
 #![no_main]
@@ -48,7 +49,6 @@ use api::{
     MAX_HEADER_BYTES,
 };
 use ferrovisor_fuzz::alloc_count::{measure, CountingAlloc};
-use ferrovisor_fuzz::json_cmp::same;
 use libfuzzer_sys::fuzz_target;
 
 #[global_allocator]
@@ -346,13 +346,13 @@ fn check_route(method: &str, path: &str, body: &[u8]) {
             show(body)
         );
     }
-    // Compared as JSON values: the config and overrides are opaque JSON (src/json_cmp.rs).
+    // Compared as JSON values: the config and overrides are opaque JSON.
     let value = |r: &ApiRequest| serde_json::to_value(r).expect("a request encodes");
     let json = serde_json::to_string(&req).expect("a request encodes");
     let back: ApiRequest = serde_json::from_str(&json)
         .unwrap_or_else(|e| panic!("{req:?} encoded as {json} does not parse back: {e}"));
     assert!(
-        same(&value(&back), &value(&req)),
+        value(&back) == value(&req),
         "{req:?} round trip through {json}: {back:?}"
     );
     let resent = client_body(&req);
@@ -360,7 +360,7 @@ fn check_route(method: &str, path: &str, body: &[u8]) {
         .parse(&resent)
         .unwrap_or_else(|e| panic!("{req:?} sent again as {} is refused: {e}", show(&resent)));
     assert!(
-        same(&value(&again), &value(&req)),
+        value(&again) == value(&req),
         "{req:?} sent again as {}: {again:?}",
         show(&resent)
     );

@@ -4,13 +4,12 @@
 //!
 //! Everything here is test scaffolding; it never changes how the emulator runs code.
 //! [`virtio_kit`] holds the same kind of scaffolding for the virtio targets; [`alloc_count`]
-//! (an allocator that measures how much memory the code under test asks for) and
-//! [`json_cmp`] serve the parser targets.
+//! (an allocator that measures how much memory the code under test asks for) serves the
+//! parser targets.
 
 use std::fmt::Write as _;
 
 pub mod alloc_count;
-pub mod json_cmp;
 pub mod virtio_kit;
 
 use emu::cpu::state::flags;
