@@ -27,7 +27,9 @@ use super::fast::{self, Handler, Op};
 const MAX_OPS: usize = 64;
 /// Bytes decoded for a block at most.
 const MAX_BYTES: usize = 256;
-/// Cache slots (a power of two); direct-mapped by address.
+/// Cache slots (a power of two); direct-mapped by address. Each slot is 4 bytes (see
+/// [`BlockCache::slots`]), so the table takes 1 MiB; a clone restored from a snapshot touches
+/// most of its pages within its first second, so its size is part of every clone's footprint.
 const SLOTS: usize = 1 << SLOT_BITS;
 const SLOT_BITS: u32 = 18;
 
@@ -215,6 +217,9 @@ impl Block {
 /// The arena is full.
 struct Full;
 
+/// Where the first block goes: one alignment unit in, so that no block's slot is 0 (empty).
+const FIRST_BLOCK: usize = BLOCK_ALIGN;
+
 /// One vCPU's blocks: a region of address space filled from the start, emptied all at once
 /// when full. Only filled pages take host memory.
 struct Arena {
@@ -232,7 +237,31 @@ impl Arena {
                 std::io::Error::last_os_error()
             )
         });
-        Arena { base, used: 0, cap }
+        assert!(
+            cap / BLOCK_ALIGN <= u32::MAX as usize,
+            "arena too large for 32-bit slots"
+        );
+        Arena {
+            base,
+            used: FIRST_BLOCK,
+            cap,
+        }
+    }
+
+    /// The table's name for `block`: its offset in [`BLOCK_ALIGN`] units, never 0.
+    fn slot_of(&self, block: *const Block) -> u32 {
+        ((block as usize - self.base.as_ptr() as usize) / BLOCK_ALIGN) as u32
+    }
+
+    /// The block a table slot names (see [`slot_of`](Self::slot_of)), or null for 0.
+    #[inline(always)]
+    fn block_at(&self, slot: u32) -> *const Block {
+        if slot == 0 {
+            return std::ptr::null();
+        }
+        // SAFETY: a nonzero slot was made by `slot_of` from a block of this arena, so the
+        // offset is inside the mapping.
+        unsafe { self.base.as_ptr().add(slot as usize * BLOCK_ALIGN) as *const Block }
     }
 
     /// `size` bytes aligned to [`BLOCK_ALIGN`], or None when the arena is full.
@@ -249,7 +278,7 @@ impl Arena {
 
     /// Forgets every block (their memory is reused from the start).
     fn clear(&mut self) {
-        self.used = 0;
+        self.used = FIRST_BLOCK;
     }
 }
 
@@ -327,9 +356,10 @@ where
 /// linear address, and the block entered last, whose chain is tried first.
 pub(crate) struct BlockCache {
     arena: Arena,
-    /// Null where empty. A block replaced here stays in the arena (and in chains) until the
+    /// Each block by its offset in the arena ([`Arena::slot_of`]; 0 where empty): half the
+    /// memory of pointers. A block replaced here stays in the arena (and in chains) until the
     /// arena is emptied: it is still correct code for its address.
-    slots: Box<[*const Block]>,
+    slots: Box<[u32]>,
     /// The block entered last, or null.
     last: *const Block,
     /// Times the arena filled and every block was dropped (statistics).
@@ -348,7 +378,7 @@ impl BlockCache {
     fn with_arena(bytes: usize) -> Self {
         BlockCache {
             arena: Arena::new(bytes),
-            slots: vec![std::ptr::null(); SLOTS].into_boxed_slice(),
+            slots: vec![0; SLOTS].into_boxed_slice(),
             last: std::ptr::null(),
             flushes: 0,
         }
@@ -386,8 +416,8 @@ impl BlockCache {
                 }
             }
         }
-        let b = self.slots[Self::slot(lin)];
-        // SAFETY: table entries are null or blocks of this arena (see `chain`).
+        let b = self.arena.block_at(self.slots[Self::slot(lin)]);
+        // SAFETY: table entries are empty or blocks of this arena (see `chain`).
         if b.is_null() || !unsafe { &*b }.matches(rip, lin, bitness, host) {
             return None;
         }
@@ -409,7 +439,7 @@ impl BlockCache {
             Ok(b) => b?,
             Err(Full) => {
                 self.arena.clear();
-                self.slots.fill(std::ptr::null());
+                self.slots.fill(0);
                 self.last = std::ptr::null();
                 self.flushes += 1;
                 Block::compile(&mut self.arena, rip, lin, bitness, host)
@@ -418,7 +448,7 @@ impl BlockCache {
             }
         };
         let b = b.as_ptr() as *const Block;
-        self.slots[Self::slot(lin)] = b;
+        self.slots[Self::slot(lin)] = self.arena.slot_of(b);
         self.link(b);
         Some(b)
     }
@@ -443,7 +473,7 @@ impl BlockCache {
 
     /// Bytes of the arena in use.
     pub fn bytes(&self) -> usize {
-        self.arena.used
+        self.arena.used - FIRST_BLOCK
     }
 
     /// Makes `b` the most recent successor of the last block entered.
