@@ -77,6 +77,44 @@ def thread_cpu(pid):
     return out
 
 
+def thread_report(pid, path, samples=3, interval=1.0):
+    """Writes to `path` what each thread of `pid` is doing, sampled `samples` times
+    `interval` s apart: name, scheduler state, CPU ticks so far and the kernel function it
+    sleeps in (wchan), then each thread's kernel stack. Called when a run stalls, before the
+    VMM is killed: a busy vCPU thread means a guest that runs but does not answer; a console
+    thread asleep in the kernel's pipe read has handed all typed input to the guest, one in
+    a nanosleep is still waiting for the guest to take it."""
+    lines = []
+    for i in range(samples):
+        if i:
+            time.sleep(interval)
+        lines.append(f"# sample {i + 1} at {time.monotonic():.3f}")
+        try:
+            tids = sorted(os.listdir(f"/proc/{pid}/task"), key=int)
+        except FileNotFoundError:
+            lines.append("(process gone)")
+            break
+        for tid in tids:
+            t = f"/proc/{pid}/task/{tid}"
+            try:
+                comm = open(f"{t}/comm").read().strip()
+                fields = open(f"{t}/stat").read().rsplit(")", 1)[1].split()
+                wchan = open(f"{t}/wchan").read().strip() or "-"
+            except OSError:
+                continue
+            lines.append(f"{tid} {comm:16} state={fields[0]} ticks={int(fields[11]) + int(fields[12])}"
+                         f" wchan={wchan}")
+    for tid in sorted(os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else [],
+                      key=int):
+        try:
+            stack = open(f"/proc/{pid}/task/{tid}/stack").read()
+        except OSError:
+            continue
+        lines.append(f"# kernel stack of {tid}\n{stack.rstrip()}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def trip(xs, fmt):
     """`min / median / max` of `xs`, each formatted with `fmt`; a dash for no samples."""
     if not xs:

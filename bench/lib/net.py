@@ -55,7 +55,7 @@ import subprocess
 import sys
 import time
 
-from guestio import ROOT_MARKER, Console, RunError, failed_runs, thread_cpu, trip
+from guestio import ROOT_MARKER, Console, RunError, failed_runs, thread_cpu, thread_report, trip
 
 HOST_IP, GUEST_IP, PREFIX_LEN = "10.0.2.1", "10.0.2.15", 24
 TAP = "fvnbtap0"
@@ -245,7 +245,12 @@ def run_vm(name, argv, args, ns, log_path, progress):
                      f"s1=$(head -n1 /proc/stat); d1=$(cat /sys/block/vdb/stat); "
                      f"echo NETB-END {step} rc=$rc t0=$a t1=$b; "
                      f"echo NETB-STAT $s0 : $s1 : $d0 : $d1")
-            _, t_begin = con.expect(rf"NETB-BEGIN {step} *\n", 60, f"{step}: start")
+            try:
+                _, t_begin = con.expect(rf"NETB-BEGIN {step} *\n", 60, f"{step}: start")
+            except RunError:
+                # Seen a few times in many rounds, cause unknown: the typed line never runs.
+                thread_report(vm.pid, log_path + ".threads")
+                raise
             cpu0 = thread_cpu(vm.pid)
             m, t_end = con.expect(rf"NETB-END {step} rc=(\d+) t0=(\S+) t1=(\S+) *\n", limit,
                                   f"{step}: end")
