@@ -175,3 +175,55 @@ fn a_long_copy_is_taken_in_runs_and_finishes() {
     assert_eq!(fc.regs().rip, CODE + 3);
     assert_eq!(fc.read(DST, 8 * n), data);
 }
+
+#[test]
+fn rep_movsq_between_differently_aligned_addresses_copies_every_page() {
+    // An unaligned copy meets a quadword that straddles a page boundary on every page (the
+    // kernel's copy to user space of a received packet's payload does): that element goes
+    // through the general path, the runs around it straight between pages.
+    let mut fc = FlatCpu::new();
+    let n = 3 * 512 + 5;
+    let data = pattern(8 * n, 11);
+    let (src, dst) = (SRC + 0x42, DST + 0xff8);
+    fc.write(src, &data);
+    run(
+        &mut fc,
+        &[0xf3, 0x48, 0xa5],
+        &[(RSI, src), (RDI, dst), (RCX, n as u64)],
+    );
+    assert_eq!(fc.exception(), None);
+    assert_eq!(fc.read(dst, 8 * n), data);
+    let r = fc.regs();
+    assert_eq!(
+        (r.gpr[RSI], r.gpr[RDI], r.gpr[RCX], r.rip),
+        (src + 8 * n as u64, dst + 8 * n as u64, 0, CODE + 3)
+    );
+    assert_eq!(fc.read(dst - 1, 1), vec![0]);
+    assert_eq!(fc.read(dst + 8 * n as u64, 1), vec![0]);
+}
+
+#[test]
+fn a_straddling_element_that_faults_leaves_the_registers_at_it() {
+    let mut fc = FlatCpu::new();
+    let end = fc.ram_size();
+    // rep movsq from 12 bytes before the end of RAM: the first quadword fits, the second
+    // straddles into the hole and faults on its second page, before anything of it is
+    // written.
+    let src = end - 12;
+    fc.write(src, &pattern(12, 5));
+    run(
+        &mut fc,
+        &[0xf3, 0x48, 0xa5],
+        &[(RSI, src), (RDI, DST), (RCX, 5)],
+    );
+    let e = fc.exception().expect("#PF");
+    assert_eq!((e.vector, e.cr2, e.rip), (14, end, CODE));
+    let r = fc.regs();
+    assert_eq!((r.gpr[RSI], r.gpr[RDI], r.gpr[RCX]), (end - 4, DST + 8, 4));
+    assert_eq!(fc.read(DST, 8), pattern(8, 5));
+    assert_eq!(
+        fc.read_u64(DST + 8),
+        0,
+        "nothing of the faulting element written"
+    );
+}

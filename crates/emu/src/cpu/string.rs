@@ -89,6 +89,12 @@ pub(crate) fn execute(cpu: &mut Cpu, insn: &Instruction) -> Exec {
                 cpu.s.rip = cpu.start_rip;
                 return Ok(());
             }
+            Bulk::Posted => {
+                if cpu.s.gpr[RCX] != 0 {
+                    cpu.s.rip = cpu.start_rip;
+                }
+                return Ok(());
+            }
             // The rest element by element (from where `bulk` stopped).
             Bulk::Elementwise => {}
         }
@@ -189,8 +195,11 @@ enum Bulk {
     Finished,
     /// [`REP_CHUNK`] elements done: restart the instruction after a look for interrupts.
     Yield,
-    /// The next element crosses a page or touches a device page: the element loop goes on.
+    /// The next element touches a device page: the element loop goes on.
     Elementwise,
+    /// An element that straddled a page wrote to a device: the VMM must see it before the
+    /// next; the instruction goes on afterwards (if RCX is not 0).
+    Posted,
 }
 
 /// REP MOVS / REP STOS with DF clear and 64-bit addresses, a run of whole elements within one
@@ -216,7 +225,28 @@ fn bulk(cpu: &mut Cpu, m: Mnemonic, size: usize, src_seg: usize, done: &mut u64)
         }
         let k = count.min(room / size as u64).min(REP_CHUNK - *done);
         if k == 0 {
-            return Ok(Bulk::Elementwise);
+            // The next element straddles a page boundary (an unaligned copy meets one every
+            // page): it alone goes through the general path, then the runs go on. Left to the
+            // element loop, the rest of the instruction (up to REP_CHUNK elements) would.
+            let v = match src_lin {
+                Some(l) => cpu.read_lin(l, size, Access::Read)?,
+                None => cpu.s.gpr[RAX],
+            };
+            cpu.write_lin(dst_lin, size, v)?;
+            if movs {
+                cpu.s.gpr[RSI] = cpu.s.gpr[RSI].wrapping_add(size as u64);
+            }
+            cpu.s.gpr[RDI] = cpu.s.gpr[RDI].wrapping_add(size as u64);
+            cpu.s.gpr[RCX] = count - 1;
+            *done += 1;
+            if matches!(
+                cpu.io.exit,
+                Some(IoReq::PioOut { .. }) | Some(IoReq::MmioWrite { .. })
+            ) {
+                // A device write the VMM must see before the next element.
+                return Ok(Bulk::Posted);
+            }
+            continue;
         }
         let src = match src_lin {
             Some(l) => match cpu.ram_ptr(l, Access::Read)? {
