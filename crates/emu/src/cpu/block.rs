@@ -24,7 +24,7 @@ use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, Mnemonic, OpKi
 use super::fast::{self, Handler, Op};
 
 /// Instructions per block at most: bounds interrupt latency and the cost of a rebuild.
-const MAX_OPS: usize = 64;
+pub(crate) const MAX_OPS: usize = 64;
 /// Bytes decoded for a block at most.
 const MAX_BYTES: usize = 256;
 /// Cache slots (a power of two); direct-mapped by address. Each slot is 4 bytes (see
@@ -42,7 +42,7 @@ const ARENA_BYTES: usize = 64 << 20;
 /// A compiled block's header. The block is one piece of its vCPU's [`Arena`]:
 ///
 /// ```text
-/// header (48 bytes) | code bytes (len) | pad to 32 | ops (32 bytes each) | exact handlers |
+/// header (48 bytes) | code bytes (len) | pad to 32 | ops (32 bytes each) |
 ///                   | decoded instructions of the ops that take the general path
 /// ```
 ///
@@ -61,9 +61,8 @@ pub(crate) struct Block {
     /// [`MAX_BYTES`]).
     len: u16,
     n_ops: u16,
-    /// Offsets from the header of the ops and of the exact handlers.
+    /// Offset from the header of the ops.
     ops_at: u32,
-    exact_at: u32,
 }
 
 const HEADER: usize = std::mem::size_of::<Block>();
@@ -106,14 +105,21 @@ impl Block {
         }
     }
 
-    /// For each op, the handler that computes every flag it writes.
-    pub fn exact(&self) -> &[Handler] {
-        // SAFETY: as for `ops`: `n_ops` handlers at `exact_at`, aligned for `Handler`.
-        unsafe {
-            std::slice::from_raw_parts(
-                self.base().add(self.exact_at as usize) as *const Handler,
-                usize::from(self.n_ops),
-            )
+    /// For the first `n` ops, the handler that computes every flag the op writes, chosen
+    /// again from the instructions decoded from the block's bytes ([`fast::exact_handler`]).
+    /// Needed only when the block is cut short (the instruction budget ends inside it, about
+    /// once per budget), so it is not kept: 8 bytes less per op in every block.
+    pub fn exact(&self, n: usize, out: &mut [Handler; MAX_OPS]) {
+        let mut decoder =
+            Decoder::with_ip(self.bitness, self.code(), self.rip, DecoderOptions::NONE);
+        let mut insn = Instruction::default();
+        for (slot, op) in out.iter_mut().zip(&self.ops()[..n]) {
+            decoder.decode_out(&mut insn);
+            *slot = if fast::is_general(op) {
+                op.run
+            } else {
+                fast::exact_handler(&insn, self.bitness)
+            };
         }
     }
 
@@ -170,23 +176,21 @@ impl Block {
         let n = compiled.len();
         let generals = compiled.iter().filter(|c| c.general).count();
         let ops_at = align_up(HEADER + used, 32);
-        let exact_at = ops_at + n * std::mem::size_of::<Op>();
         let insns_at = align_up(
-            exact_at + n * std::mem::size_of::<Handler>(),
+            ops_at + n * std::mem::size_of::<Op>(),
             std::mem::align_of::<Instruction>(),
         );
         let size = insns_at + generals * std::mem::size_of::<Instruction>();
         let base = arena.alloc(size).ok_or(Full)?;
         // SAFETY: `base .. base + size` is a fresh piece of the arena, aligned to
         // `BLOCK_ALIGN`, which every offset above respects for what is written there
-        // (header, bytes, `Op`s at a multiple of 32, handlers and instructions at their own
-        // alignment); nothing else refers to it yet. The code bytes are copied from the
+        // (header, bytes, `Op`s at a multiple of 32, instructions at their own alignment);
+        // nothing else refers to it yet. The code bytes are copied from the
         // guest page (`used <= avail`).
         unsafe {
             let base = base.as_ptr();
             std::ptr::copy_nonoverlapping(code.as_ptr(), base.add(HEADER), used);
             let ops = base.add(ops_at) as *mut Op;
-            let exact = base.add(exact_at) as *mut Handler;
             let mut general = base.add(insns_at) as *mut Instruction;
             for (i, (c, insn)) in compiled.iter().zip(&insns).enumerate() {
                 let mut op = c.op;
@@ -196,7 +200,6 @@ impl Block {
                     general = general.add(1);
                 }
                 ops.add(i).write(op);
-                exact.add(i).write(c.exact);
             }
             let block = base as *mut Block;
             block.write(Block {
@@ -207,7 +210,6 @@ impl Block {
                 len: used as u16,
                 n_ops: n as u16,
                 ops_at: ops_at as u32,
-                exact_at: exact_at as u32,
             });
             Ok(Some(NonNull::new_unchecked(block)))
         }

@@ -816,13 +816,28 @@ fn size_of(insn: &Instruction, n: u32) -> usize {
     }
 }
 
-/// A compiled instruction: the op, the handler that computes every flag it writes (for
-/// when the block does not run to its end: see `block::flags_needed`), and whether it takes
-/// the general path, whose op must be pointed at the decoded instruction ([`Op::point_at`]).
+/// A compiled instruction: the op, and whether it takes the general path, whose op must be
+/// pointed at the decoded instruction ([`Op::point_at`]).
 pub(crate) struct Compiled {
     pub op: Op,
-    pub exact: Handler,
     pub general: bool,
+}
+
+/// The handler that computes every flag `insn` writes: what an op compiled from it runs when
+/// its block does not run to its end, in case [`compile`] dropped its flags (see
+/// `block::flags_needed`). The same choice `compile` makes before dropping them.
+pub(crate) fn exact_handler(insn: &Instruction, bitness: u32) -> Handler {
+    compile(insn, bitness, true).op.run
+}
+
+/// Whether `op` runs through the general interpreter.
+pub(crate) fn is_general(op: &Op) -> bool {
+    op.run as usize == general as Handler as usize
+}
+
+/// The general interpreter's handler (a placeholder where a handler is needed).
+pub(crate) fn general_handler() -> Handler {
+    general
 }
 
 /// Compiles `insn` (decoded at `bitness`) into an [`Op`]; `flags` says whether the status
@@ -839,11 +854,7 @@ pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Compiled
     };
     let general_path = |mut op: Op| {
         op.run = general;
-        Compiled {
-            op,
-            exact: general,
-            general: true,
-        }
+        Compiled { op, general: true }
     };
     if insn.has_lock_prefix() || insn.memory_size().size() > 8 {
         return general_path(op);
@@ -864,11 +875,7 @@ pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Compiled
             op.run = nf;
         }
     }
-    Compiled {
-        op,
-        exact: run,
-        general: false,
-    }
+    Compiled { op, general: false }
 }
 
 /// The specialised handler for `insn`, filling `op`'s fields; None for the general path.

@@ -377,12 +377,14 @@ impl Cpu {
             let n = block.ops().len().min((end - self.icount) as usize);
             if n < block.ops().len() {
                 // Cut short by the budget: a dropped flag computation might be visible after it.
-                break self.run_ops::<true, false>(&block.ops()[..n], block.exact(), rip, ipmask);
+                let mut exact = [fast::general_handler(); block::MAX_OPS];
+                block.exact(n, &mut exact);
+                break self.run_ops::<true, false>(&block.ops()[..n], &exact[..n], rip, ipmask);
             }
             let flow = if bitness == 64 {
-                self.run_ops::<false, true>(block.ops(), block.exact(), rip, ipmask)
+                self.run_ops::<false, true>(block.ops(), &[], rip, ipmask)
             } else {
-                self.run_ops::<false, false>(block.ops(), block.exact(), rip, ipmask)
+                self.run_ops::<false, false>(block.ops(), &[], rip, ipmask)
             };
             // A loop whose body is this block goes round again without the lookup and the
             // byte check: nothing this vCPU ran wrote the block's code (`code_written`), and
