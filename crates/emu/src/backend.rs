@@ -1204,6 +1204,24 @@ impl Vcpu for EmuVcpu {
     fn restore_state(&mut self, state: &SavedState) -> Result<()> {
         self.restore(state)
     }
+
+    fn save_code(&self, out: &mut std::fs::File) -> Result<bool> {
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, out);
+        self.cpu
+            .save_blocks(&mut out)
+            .and_then(|()| std::io::Write::flush(&mut out))
+            .map_err(|e| HypervisorError::VcpuState("save compiled blocks", e))?;
+        Ok(true)
+    }
+
+    fn adopt_code(&mut self, file: &std::fs::File, path: &std::path::Path) -> Result<()> {
+        self.cpu
+            .adopt_blocks(file)
+            .map_err(|e| HypervisorError::SavedCode {
+                path: path.display().to_string(),
+                why: e.to_string(),
+            })
+    }
 }
 
 impl Drop for EmuVcpu {

@@ -212,18 +212,40 @@ fn snapshot_copy(tmp: &TempDir) -> PathBuf {
     copy
 }
 
-fn memory_file(dir: &Path) -> PathBuf {
+/// The file in `dir` whose name starts with `prefix` (`memory-`, `code-`).
+fn file_starting(dir: &Path, prefix: &str) -> Option<PathBuf> {
     std::fs::read_dir(dir)
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .find(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("memory-")
-        })
-        .expect("a memory file")
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with(prefix))
+}
+
+fn memory_file(dir: &Path) -> PathBuf {
+    file_starting(dir, "memory-").expect("a memory file")
+}
+
+/// The compiled code an emulator snapshot saves beside its memory is an aid to the VMs
+/// restored from it, which map and share it: one whose blocks were changed (each is checked
+/// against what compiling its own bytes gives before it runs) or that others could write
+/// costs only compiling, and the guest goes on as from a good one.
+#[test]
+fn a_damaged_or_unsafe_code_file_only_costs_compiling() {
+    use std::os::unix::fs::PermissionsExt;
+    let (_, before) = counting_snapshot();
+    let tmp = TempDir::new("snap-code");
+    let dir = snapshot_copy(&tmp);
+    let code = file_starting(&dir, "code-").expect("an emulator snapshot saves its compiled code");
+    // One byte in every page of blocks (after the header page and the 1 MiB table).
+    let mut bytes = std::fs::read(&code).unwrap();
+    assert!(bytes.len() > 4096 + (1 << 20), "{} bytes", bytes.len());
+    for at in (4096 + (1 << 20) + 100..bytes.len()).step_by(4096) {
+        bytes[at] ^= 0x5a;
+    }
+    std::fs::write(&code, &bytes).unwrap();
+    restore_and_check(&dir, before, 3, "code-damaged");
+    std::fs::set_permissions(&code, std::fs::Permissions::from_mode(0o666)).unwrap();
+    restore_and_check(&dir, before, 3, "code-unsafe");
 }
 
 #[test]

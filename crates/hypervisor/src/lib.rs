@@ -59,6 +59,8 @@ pub enum HypervisorError {
     SupportedCpuid(#[source] io::Error),
     #[error("cannot {0} on the vCPU")]
     VcpuState(&'static str, #[source] io::Error),
+    #[error("the saved compiled code {path} is not used: {why}")]
+    SavedCode { path: String, why: String },
     #[error("KVM accepted only {set} of {total} MSRs (first rejected: {rejected:#x})")]
     SetMsrs {
         set: usize,
@@ -333,6 +335,20 @@ pub trait Vcpu: Send {
     fn restore_state(&mut self, state: &SavedState) -> Result<()> {
         let _ = state;
         Err(HypervisorError::Unsupported("restore vCPU state"))
+    }
+    /// Writes what the back end compiled for this vCPU (the emulator's blocks) to `out`, for
+    /// VMs restored from the same snapshot to share instead of each compiling its own.
+    /// False, with nothing written, for a back end that compiles nothing.
+    fn save_code(&self, out: &mut std::fs::File) -> Result<bool> {
+        let _ = out;
+        Ok(false)
+    }
+    /// Uses code a [`save_code`](Vcpu::save_code) wrote (`path` names it in errors), on a
+    /// vCPU that has not run yet. The back end checks each piece before running it; on an
+    /// error the vCPU is as it was and compiles its own.
+    fn adopt_code(&mut self, file: &std::fs::File, path: &std::path::Path) -> Result<()> {
+        let _ = (file, path);
+        Ok(())
     }
 }
 

@@ -35,6 +35,8 @@ const MAX_BODY_LEN: u64 = 256 << 20;
 pub const STATE_FILE: &str = "state";
 /// Memory files are named `memory-<unique suffix>`.
 pub const MEMORY_FILE_PREFIX: &str = "memory-";
+/// Compiled-code files are named `code-<unique suffix>`.
+pub const CODE_FILE_PREFIX: &str = "code-";
 const PAGE: usize = 4096;
 
 /// Everything a snapshot holds besides guest memory.
@@ -54,6 +56,11 @@ pub struct Snapshot {
     /// One per vCPU, by ID.
     pub vcpus: Vec<SavedState>,
     pub devices: DeviceStates,
+    /// One per vCPU, by ID: the file in the directory that holds what the back end compiled
+    /// for it (the emulator's blocks), which VMs restored from here map and share instead of
+    /// each compiling its own; empty where there is none. Absent in older snapshots.
+    #[serde(default)]
+    pub code: Vec<String>,
 }
 
 /// Where each guest RAM region is in the memory file.
@@ -172,7 +179,10 @@ pub enum SnapshotError {
 }
 
 impl SnapshotError {
-    fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
+    pub fn io<'a>(
+        what: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
         move |source| SnapshotError::Io {
             what,
             path: path.to_owned(),
@@ -197,13 +207,15 @@ pub fn write_state(dir: &Path, snapshot: &Snapshot) -> Result<(), SnapshotError>
     write_atomically(&dir.join(STATE_FILE), |f| f.write_all(&bytes))
 }
 
-/// Removes the memory files in `dir` other than `keep` (left by earlier snapshots).
-pub fn remove_stale_memory(dir: &Path, keep: &str) -> Result<(), SnapshotError> {
+/// Removes the memory and code files in `dir` other than those `keep` names (left by earlier
+/// snapshots).
+pub fn remove_stale_files(dir: &Path, keep: &Snapshot) -> Result<(), SnapshotError> {
     let entries = fs::read_dir(dir).map_err(SnapshotError::io("list", dir))?;
     for entry in entries.flatten() {
         let name = entry.file_name();
         let name = name.to_string_lossy();
-        if name.starts_with(MEMORY_FILE_PREFIX) && name != keep {
+        let ours = name.starts_with(MEMORY_FILE_PREFIX) || name.starts_with(CODE_FILE_PREFIX);
+        if ours && name != keep.memory.file && !keep.code.iter().any(|c| *c == name) {
             let path = entry.path();
             fs::remove_file(&path).map_err(SnapshotError::io("remove", &path))?;
         }
@@ -297,6 +309,34 @@ fn write_atomically(
     file.sync_all().map_err(SnapshotError::io("sync", &tmp))?;
     fs::rename(&tmp, path).map_err(SnapshotError::io("rename into place", path))?;
     Ok(())
+}
+
+/// Creates `dir`'s code file `name` (owner-only, empty) for a vCPU's compiled code. It is not
+/// synced: a code file lost or torn in a crash is refused or checked away on restore, which
+/// then compiles as it would without one.
+pub fn create_code(dir: &Path, name: &str) -> Result<File, SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(name);
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(SnapshotError::io("create", &path))
+}
+
+/// Opens `dir`'s code file `name` (as the state file names it) for a restore.
+pub fn open_code(dir: &Path, name: &str) -> Result<(File, PathBuf), SnapshotError> {
+    if name.contains('/') || !name.starts_with(CODE_FILE_PREFIX) {
+        return Err(SnapshotError::Parse {
+            path: dir.join(STATE_FILE),
+            why: format!("{name:?} is not a code file name"),
+        });
+    }
+    let path = dir.join(name);
+    let file = File::open(&path).map_err(SnapshotError::io("open", &path))?;
+    Ok((file, path))
 }
 
 /// One guest RAM region as the host sees it: `len` bytes at `host`.
@@ -566,6 +606,7 @@ mod tests {
                 pci: serde_json::Value::Null,
                 virtio: vec![],
             },
+            code: vec![],
         }
     }
 
@@ -711,9 +752,18 @@ mod tests {
         let err = open_memory(&dir, &evil).unwrap_err().to_string();
         assert!(err.contains("not a memory file name"), "{err}");
         fs::write(dir.join("memory-old"), b"x").unwrap();
-        remove_stale_memory(&dir, "memory-2").unwrap();
+        fs::write(dir.join("code-old-0"), b"x").unwrap();
+        fs::write(dir.join("code-2-0"), b"x").unwrap();
+        let mut keep = sample();
+        keep.memory.file = "memory-2".into();
+        keep.code = vec!["code-2-0".into()];
+        remove_stale_files(&dir, &keep).unwrap();
         assert!(!dir.join("memory-old").exists());
+        assert!(!dir.join("code-old-0").exists());
         assert!(dir.join("memory-2").exists());
+        assert!(dir.join("code-2-0").exists());
+        let err = open_code(&dir, "../memory-2").unwrap_err().to_string();
+        assert!(err.contains("not a code file name"), "{err}");
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -213,6 +213,23 @@ fn load_guest(config: &VmConfig, mem: &GuestMemoryMmap) -> Result<BootCpuState, 
     Ok(arch::boot::entry_state(kernel.protocol, kernel.entry, info))
 }
 
+/// Gives each vCPU the compiled code saved with the snapshot, if any. A code file that cannot
+/// be used (missing, of another build, writable by others) costs only speed and memory: the
+/// vCPU compiles its own, and the restore goes on with a warning.
+fn adopt_code(dir: &Path, snapshot: &Snapshot, vcpus: &mut [Box<dyn Vcpu>]) {
+    for (vcpu, name) in vcpus.iter_mut().zip(&snapshot.code) {
+        if name.is_empty() {
+            continue;
+        }
+        let adopted = snapshot::open_code(dir, name)
+            .map_err(|e| e.to_string())
+            .and_then(|(file, path)| vcpu.adopt_code(&file, &path).map_err(|e| e.to_string()));
+        if let Err(e) = adopted {
+            tracing::warn!("{e}; the vCPU compiles its own code");
+        }
+    }
+}
+
 /// Guest RAM mapped privately (copy-on-write) from a snapshot's memory file: nothing is read
 /// until the guest touches it, so this takes the same time for any memory size. For a diff
 /// snapshot the base of its chain is mapped and each diff's pages are copied over it, oldest
@@ -441,9 +458,9 @@ impl Vm {
             }
             (
                 Start::Restore {
+                    dir,
                     snapshot,
                     advance_clock_ns,
-                    ..
                 },
                 _,
             ) => {
@@ -459,6 +476,7 @@ impl Vm {
                 for (vcpu, state) in vcpus.iter_mut().zip(&snapshot.vcpus) {
                     vcpu.restore_state(state).map_err(VmmError::Hypervisor)?;
                 }
+                adopt_code(dir, snapshot, &mut vcpus);
                 restore_devices(&snapshot.devices, &serial, &rtc, &i8042, &pci, &virtio)?;
             }
             (Start::Boot, None) => unreachable!("a booted VM has a boot state"),
@@ -677,6 +695,7 @@ impl Vm {
             }
         }
         .map_err(VmmError::Snapshot)?;
+        let code = self.save_code(dir, created_unix_ns)?;
         let snap = Snapshot {
             ferrovisor_version: env!("CARGO_PKG_VERSION").to_string(),
             created_unix_ns,
@@ -686,13 +705,35 @@ impl Vm {
             vm: vm_state,
             vcpus: vcpu_states,
             devices,
+            code,
         };
         snapshot::write_state(dir, &snap).map_err(VmmError::Snapshot)?;
-        snapshot::remove_stale_memory(dir, &snap.memory.file).map_err(VmmError::Snapshot)?;
+        snapshot::remove_stale_files(dir, &snap).map_err(VmmError::Snapshot)?;
         let mut chain = if diff { self.chain.clone() } else { Vec::new() };
         chain.push(dir_abs);
         self.track_changes_since(chain);
         Ok(())
+    }
+
+    /// Writes each vCPU's compiled code (the emulator's blocks) into `dir`, for VMs restored
+    /// from the snapshot to share; the file names, one per vCPU ("" where there is none).
+    fn save_code(&self, dir: &Path, created_unix_ns: u64) -> Result<Vec<String>, VmmError> {
+        let mut names = Vec::with_capacity(self.vcpus.len());
+        for (id, vcpu) in self.vcpus.iter().enumerate() {
+            let name = format!("{}{created_unix_ns}-{id}", snapshot::CODE_FILE_PREFIX);
+            let mut file = snapshot::create_code(dir, &name).map_err(VmmError::Snapshot)?;
+            if vcpu.save_code(&mut file).map_err(VmmError::Hypervisor)? {
+                names.push(name);
+            } else {
+                drop(file);
+                let path = dir.join(&name);
+                std::fs::remove_file(&path)
+                    .map_err(snapshot::SnapshotError::io("remove", &path))
+                    .map_err(VmmError::Snapshot)?;
+                names.push(String::new());
+            }
+        }
+        Ok(names)
     }
 
     /// Pages changed since the last snapshot or restore, per region: those the vCPUs wrote

@@ -53,9 +53,13 @@ pub(crate) struct Block {
     /// RIP and linear address of the first instruction, and the code size it was decoded at.
     pub rip: u64,
     pub lin: u64,
-    /// The blocks that followed this one last (most recent first), or null: entered from here
-    /// without the cache lookup when they match (see [`BlockCache::find`]).
-    chain: [Cell<*const Block>; 2],
+    /// Where the general interpreter's handler was in the process that compiled the block
+    /// ([`fast::general_address`]): its ops' handler addresses are that process's.
+    anchor: u64,
+    /// The blocks that followed this one last (most recent first), as arena units
+    /// ([`Arena::slot_of`]) or 0: entered from here without the cache lookup when they match
+    /// (see [`BlockCache::find`]).
+    chain: [Cell<u32>; 2],
     pub bitness: u32,
     /// How many bytes the block was compiled from (all inside one page; at most
     /// [`MAX_BYTES`]).
@@ -63,10 +67,16 @@ pub(crate) struct Block {
     n_ops: u16,
     /// Offset from the header of the ops.
     ops_at: u32,
+    _pad: u32,
 }
 
+// Every field is an integer: a header read from a saved file is a valid `Block` whatever its
+// bytes (they are checked before the block is used, see `Arena::verify`).
 const HEADER: usize = std::mem::size_of::<Block>();
 const _: () = assert!(HEADER == 48);
+/// Bytes of an op.
+const OP: usize = std::mem::size_of::<Op>();
+
 /// Alignment of a block in the arena: a cache line.
 const BLOCK_ALIGN: usize = 64;
 
@@ -115,11 +125,33 @@ impl Block {
         let mut insn = Instruction::default();
         for (slot, op) in out.iter_mut().zip(&self.ops()[..n]) {
             decoder.decode_out(&mut insn);
-            *slot = if fast::is_general(op) {
-                op.run
+            // General-path ops keep the general handler (its address is the block's anchor).
+            *slot = if op.run as u64 == self.anchor {
+                fast::general_handler()
             } else {
                 fast::exact_handler(&insn, self.bitness)
             };
+        }
+    }
+
+    /// Whether another process compiled the block (it was saved with a snapshot): its ops
+    /// must run through [`handlers`](Self::handlers).
+    #[inline(always)]
+    pub fn foreign(&self) -> bool {
+        self.anchor != fast::general_address() as u64
+    }
+
+    /// This process's handler for each op: the same distance from the general handler as in
+    /// the process that compiled the block.
+    pub fn handlers(&self, out: &mut [Handler; MAX_OPS]) {
+        let here = fast::general_address();
+        for (slot, op) in out.iter_mut().zip(self.ops()) {
+            let at = op.run.wrapping_sub(self.anchor as usize).wrapping_add(here);
+            // SAFETY: the block is this process's own (then `at` is `op.run`), or a saved one
+            // that `Arena::verify` found to be, op for op, at the same distances from the
+            // general handler as what this build compiles from its bytes: `at` is a handler
+            // of this process.
+            *slot = unsafe { std::mem::transmute::<usize, Handler>(at) };
         }
     }
 
@@ -149,6 +181,34 @@ impl Block {
         // SAFETY: `host` is the host address of `lin` in a mapped RAM page; `avail` bytes
         // stay inside that page.
         let code = unsafe { std::slice::from_raw_parts(host, avail) };
+        let Some(plan) = Plan::new(code, rip, bitness) else {
+            return Ok(None);
+        };
+        let base = arena.alloc(plan.size).ok_or(Full)?;
+        // SAFETY: `base .. base + size` is a fresh piece of the arena, aligned to
+        // `BLOCK_ALIGN`; nothing else refers to it yet.
+        Ok(Some(unsafe { plan.write(base.as_ptr(), code, lin) }))
+    }
+}
+
+/// A block as compiled from some code: its instructions, their ops, and where each part of
+/// it goes (offsets from the header).
+struct Plan {
+    rip: u64,
+    bitness: u32,
+    insns: Vec<Instruction>,
+    compiled: Vec<fast::Compiled>,
+    /// Code bytes the instructions take.
+    used: usize,
+    ops_at: usize,
+    insns_at: usize,
+    size: usize,
+}
+
+impl Plan {
+    /// Decodes the block at the start of `code` (at `rip`, in `bitness`-bit code) and
+    /// compiles it; None if not even one instruction can be decoded from `code`.
+    fn new(code: &[u8], rip: u64, bitness: u32) -> Option<Plan> {
         let mut decoder = Decoder::with_ip(bitness, code, rip, DecoderOptions::NONE);
         let mut insns = Vec::with_capacity(MAX_OPS);
         let mut used = 0;
@@ -165,7 +225,7 @@ impl Block {
             }
         }
         if insns.is_empty() {
-            return Ok(None);
+            return None;
         }
         let needed = flags_needed(&insns);
         let compiled: Vec<_> = insns
@@ -176,42 +236,58 @@ impl Block {
         let n = compiled.len();
         let generals = compiled.iter().filter(|c| c.general).count();
         let ops_at = align_up(HEADER + used, 32);
-        let insns_at = align_up(
-            ops_at + n * std::mem::size_of::<Op>(),
-            std::mem::align_of::<Instruction>(),
-        );
+        // `Op`s are 32 bytes, so the instructions (8-byte aligned) follow with no gap.
+        let insns_at = ops_at + n * std::mem::size_of::<Op>();
+        const _: () = assert!(std::mem::align_of::<Instruction>() <= 32);
         let size = insns_at + generals * std::mem::size_of::<Instruction>();
-        let base = arena.alloc(size).ok_or(Full)?;
-        // SAFETY: `base .. base + size` is a fresh piece of the arena, aligned to
-        // `BLOCK_ALIGN`, which every offset above respects for what is written there
-        // (header, bytes, `Op`s at a multiple of 32, instructions at their own alignment);
-        // nothing else refers to it yet. The code bytes are copied from the
-        // guest page (`used <= avail`).
+        Some(Plan {
+            rip,
+            bitness,
+            insns,
+            compiled,
+            used,
+            ops_at,
+            insns_at,
+            size,
+        })
+    }
+
+    /// Writes the block (header, the first `used` bytes of `code`, ops, the general path's
+    /// instructions) at `base`.
+    ///
+    /// # Safety
+    /// `base .. base + size` must be writable, aligned to [`BLOCK_ALIGN`], and referred to by
+    /// nothing else; `code` must be what the plan was made from.
+    unsafe fn write(&self, base: *mut u8, code: &[u8], lin: u64) -> NonNull<Block> {
+        // SAFETY: every offset below is inside `base .. base + size` and respects what is
+        // written there (header at 0, bytes, `Op`s at a multiple of 32, instructions right
+        // after them at a multiple of 8); the caller vouches for the rest.
         unsafe {
-            let base = base.as_ptr();
-            std::ptr::copy_nonoverlapping(code.as_ptr(), base.add(HEADER), used);
-            let ops = base.add(ops_at) as *mut Op;
-            let mut general = base.add(insns_at) as *mut Instruction;
-            for (i, (c, insn)) in compiled.iter().zip(&insns).enumerate() {
+            std::ptr::copy_nonoverlapping(code.as_ptr(), base.add(HEADER), self.used);
+            let ops = base.add(self.ops_at) as *mut Op;
+            let mut general = base.add(self.insns_at) as *mut Instruction;
+            for (i, (c, insn)) in self.compiled.iter().zip(&self.insns).enumerate() {
                 let mut op = c.op;
                 if c.general {
                     general.write(*insn);
-                    op.point_at(general);
+                    op.point_at(general, ops.add(i));
                     general = general.add(1);
                 }
                 ops.add(i).write(op);
             }
             let block = base as *mut Block;
             block.write(Block {
-                rip,
+                rip: self.rip,
                 lin,
+                anchor: fast::general_address() as u64,
                 chain: Default::default(),
-                bitness,
-                len: used as u16,
-                n_ops: n as u16,
-                ops_at: ops_at as u32,
+                bitness: self.bitness,
+                len: self.used as u16,
+                n_ops: self.compiled.len() as u16,
+                ops_at: self.ops_at as u32,
+                _pad: 0,
             });
-            Ok(Some(NonNull::new_unchecked(block)))
+            NonNull::new_unchecked(block)
         }
     }
 }
@@ -224,11 +300,24 @@ const FIRST_BLOCK: usize = BLOCK_ALIGN;
 
 /// One vCPU's blocks: a region of address space filled from the start, emptied all at once
 /// when full. Only filled pages take host memory.
+///
+/// The start of it may be *shared*: blocks another process compiled and saved with a
+/// snapshot, mapped copy-on-write from the file ([`BlockCache::adopt`]), so that clones of one
+/// snapshot share the page cache's copy instead of each compiling its own. Nothing in a
+/// shared block is trusted until it is checked ([`Arena::verify`]: compiling its own bytes
+/// again gives the same ops) and shared blocks are never written (their chains stay as
+/// saved), so their pages stay shared.
 struct Arena {
     base: NonNull<u8>,
     used: usize,
     /// Bytes reserved ([`ARENA_BYTES`] but in tests).
     cap: usize,
+    /// Bytes at the start that are mapped from a saved file (0 if none).
+    shared: usize,
+    /// One bit per [`BLOCK_ALIGN`] unit of the shared part: the block there was checked.
+    checked: Vec<u64>,
+    /// Where `verify` compiles a block afresh to compare with a saved one.
+    scratch: Vec<u64>,
 }
 
 impl Arena {
@@ -247,6 +336,9 @@ impl Arena {
             base,
             used: FIRST_BLOCK,
             cap,
+            shared: 0,
+            checked: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -255,15 +347,102 @@ impl Arena {
         ((block as usize - self.base.as_ptr() as usize) / BLOCK_ALIGN) as u32
     }
 
-    /// The block a table slot names (see [`slot_of`](Self::slot_of)), or null for 0.
+    /// The block at `unit` (see [`slot_of`](Self::slot_of)), without any check.
     #[inline(always)]
-    fn block_at(&self, slot: u32) -> *const Block {
-        if slot == 0 {
+    fn block_at(&self, unit: u32) -> *const Block {
+        self.base.as_ptr().wrapping_add(unit as usize * BLOCK_ALIGN) as *const Block
+    }
+
+    /// Whether `block` (of this arena) is one of the shared blocks.
+    #[inline(always)]
+    fn is_shared(&self, block: *const Block) -> bool {
+        (block as usize).wrapping_sub(self.base.as_ptr() as usize) < self.shared
+    }
+
+    /// The block at `unit` if it may be entered, or null: 0 names none; a block this arena
+    /// compiled may; a shared one once it is checked (checked now if it was not). A shared
+    /// block's chain (`from_shared`) can name only shared blocks.
+    #[inline(always)]
+    fn usable(&mut self, unit: u32, from_shared: bool) -> *const Block {
+        let u = unit as usize;
+        if u == 0 {
             return std::ptr::null();
         }
-        // SAFETY: a nonzero slot was made by `slot_of` from a block of this arena, so the
-        // offset is inside the mapping.
-        unsafe { self.base.as_ptr().add(slot as usize * BLOCK_ALIGN) as *const Block }
+        if u * BLOCK_ALIGN >= self.shared {
+            // Units past the shared part were written by this process (the saved table's
+            // were cleared by `adopt`), but a shared block's chain may say anything.
+            if from_shared {
+                return std::ptr::null();
+            }
+            return self.block_at(unit);
+        }
+        let (word, bit) = (u / 64, 1u64 << (u % 64));
+        if self.checked[word] & bit == 0 {
+            if !self.verify(u * BLOCK_ALIGN) {
+                return std::ptr::null();
+            }
+            self.checked[word] |= bit;
+        }
+        self.block_at(unit)
+    }
+
+    /// Whether the shared block said to start `at` bytes in is exactly what compiling its
+    /// own code bytes gives in this process: header, ops (handlers included) and decoded
+    /// instructions. Reads only inside the shared part, and reads no byte of it as anything
+    /// but an integer before that: a saved file can be wrong in any way.
+    fn verify(&mut self, at: usize) -> bool {
+        let end = self.shared;
+        if at < FIRST_BLOCK || !at.is_multiple_of(BLOCK_ALIGN) || at + HEADER > end {
+            return false;
+        }
+        // SAFETY: the header is inside the shared mapping, aligned; every field of `Block`
+        // is an integer, valid whatever the bytes.
+        let b = unsafe { &*(self.base.as_ptr().add(at) as *const Block) };
+        let len = b.len();
+        let fits = len > 0
+            && len <= MAX_BYTES
+            && at + HEADER + len <= end
+            && (b.lin & 0xfff) as usize + len <= 0x1000
+            && matches!(b.bitness, 16 | 32 | 64);
+        if !fits {
+            return false;
+        }
+        let code = b.code();
+        let Some(plan) = Plan::new(code, b.rip, b.bitness) else {
+            return false;
+        };
+        let same_shape = plan.used == len
+            && plan.compiled.len() == usize::from(b.n_ops)
+            && plan.ops_at == b.ops_at as usize
+            && at + plan.size <= end;
+        if !same_shape {
+            return false;
+        }
+        self.scratch.clear();
+        self.scratch.resize(plan.size.div_ceil(8), 0);
+        let fresh = self.scratch.as_mut_ptr() as *mut u8;
+        // SAFETY: `scratch` holds `size` bytes, 8-aligned, which is all `write` needs of a
+        // block that is only compared (`Op`s and instructions need at most 8).
+        unsafe { plan.write(fresh, code, b.lin) };
+        let n = plan.compiled.len();
+        let insns = plan.ops_at + n * OP;
+        // SAFETY: `fresh` holds `size` bytes, all written by `write` from the ops and
+        // instructions (neither has padding); `at + size <= end` is inside the mapping.
+        let (fresh, saved) = unsafe {
+            (
+                std::slice::from_raw_parts(fresh, plan.size),
+                std::slice::from_raw_parts(self.base.as_ptr().add(at), plan.size),
+            )
+        };
+        let word = |b: &[u8], at: usize| usize::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        let (here, there) = (fast::general_address(), b.anchor as usize);
+        // Each op: the handler at the same distance from the general one, the rest the same.
+        let ops_same = (0..n).all(|i| {
+            let o = plan.ops_at + i * OP;
+            word(fresh, o).wrapping_sub(here) == word(saved, o).wrapping_sub(there)
+                && fresh[o + 8..o + OP] == saved[o + 8..o + OP]
+        });
+        ops_same && fresh[insns..plan.size] == saved[insns..plan.size]
     }
 
     /// `size` bytes aligned to [`BLOCK_ALIGN`], or None when the arena is full.
@@ -278,8 +457,17 @@ impl Arena {
         Some(unsafe { NonNull::new_unchecked(self.base.as_ptr().add(at)) })
     }
 
-    /// Forgets every block (their memory is reused from the start).
+    /// Forgets every block (their memory is reused from the start; a shared part becomes
+    /// private memory again).
     fn clear(&mut self) {
+        if self.shared > 0 {
+            let len = align_up(self.shared, PAGE);
+            // SAFETY: replaces the start of this arena's own reservation with fresh private
+            // memory; no block of it is used any more (the caller drops them all).
+            unsafe { remap_anonymous(self.base.as_ptr(), len) };
+            self.shared = 0;
+            self.checked = Vec::new();
+        }
         self.used = FIRST_BLOCK;
     }
 }
@@ -289,6 +477,84 @@ impl Drop for Arena {
         // SAFETY: unmaps exactly the mapping `new` made; no block of it is used any more
         // (the cache that owns the arena is being dropped).
         unsafe { libc::munmap(self.base.as_ptr() as *mut libc::c_void, self.cap) };
+    }
+}
+
+const PAGE: usize = 4096;
+
+/// Maps fresh private zero memory over `len` bytes at `at` (page-aligned), whatever was
+/// mapped there; aborts if it cannot (the range would be left unmapped).
+///
+/// # Safety
+/// `at .. at + len` must be part of a mapping the caller owns, and nothing may refer to what
+/// it holds.
+unsafe fn remap_anonymous(at: *mut u8, len: usize) {
+    // SAFETY: the caller owns the range; MAP_FIXED replaces only it.
+    let p = unsafe {
+        libc::mmap(
+            at.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        // Going on would leave a hole where blocks or the table are expected.
+        eprintln!(
+            "emu: cannot remap compiled code: {}",
+            std::io::Error::last_os_error()
+        );
+        std::process::abort();
+    }
+}
+
+/// The block table: one 32-bit slot per cache line of [`SLOTS`], in its own mapping so that
+/// a saved table can be mapped copy-on-write over it.
+struct Table {
+    base: NonNull<u32>,
+}
+
+const TABLE_BYTES: usize = SLOTS * 4;
+
+impl Table {
+    fn new() -> Table {
+        let base = crate::memory::map_anonymous(TABLE_BYTES)
+            .unwrap_or_else(|| panic!("emu: cannot map the block table"));
+        Table { base: base.cast() }
+    }
+
+    #[inline(always)]
+    fn get(&self, i: usize) -> u32 {
+        assert!(i < SLOTS);
+        // SAFETY: `i` is in bounds of the mapping, which lives as long as `self`.
+        unsafe { *self.base.as_ptr().add(i) }
+    }
+
+    #[inline(always)]
+    fn set(&mut self, i: usize, unit: u32) {
+        assert!(i < SLOTS);
+        // SAFETY: as in `get`.
+        unsafe { *self.base.as_ptr().add(i) = unit }
+    }
+
+    /// Empties every slot (fresh zero pages; a mapped saved table goes away).
+    fn clear(&mut self) {
+        // SAFETY: the table's own mapping; slots are plain integers nobody refers to.
+        unsafe { remap_anonymous(self.base.as_ptr().cast(), TABLE_BYTES) };
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping holds `TABLE_BYTES` initialized bytes.
+        unsafe { std::slice::from_raw_parts(self.base.as_ptr().cast(), TABLE_BYTES) }
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `new` made, used by nothing else.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), TABLE_BYTES) };
     }
 }
 
@@ -361,7 +627,7 @@ pub(crate) struct BlockCache {
     /// Each block by its offset in the arena ([`Arena::slot_of`]; 0 where empty): half the
     /// memory of pointers. A block replaced here stays in the arena (and in chains) until the
     /// arena is emptied: it is still correct code for its address.
-    slots: Box<[u32]>,
+    slots: Table,
     /// The block entered last, or null.
     last: *const Block,
     /// Times the arena filled and every block was dropped (statistics).
@@ -372,6 +638,24 @@ pub(crate) struct BlockCache {
 // cache to another thread moves all of it, and nothing else refers to the blocks.
 unsafe impl Send for BlockCache {}
 
+/// What a saved blocks file ([`BlockCache::save`]) starts with.
+const FILE_MAGIC: &[u8; 8] = b"FVBLOCK1";
+/// The file's header: one page, so the table and the blocks after it can be mapped.
+const FILE_HEADER: usize = PAGE;
+
+/// Why a saved blocks file was not used (the cache is then as it was: its blocks compile).
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    #[error("it can be written by others than its owner, or is not ours")]
+    NotPrivate,
+    #[error("it is not a blocks file of this build")]
+    OtherBuild,
+    #[error("it is shorter than its header says")]
+    Truncated,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
 impl BlockCache {
     pub fn new() -> Self {
         Self::with_arena(ARENA_BYTES)
@@ -380,7 +664,7 @@ impl BlockCache {
     fn with_arena(bytes: usize) -> Self {
         BlockCache {
             arena: Arena::new(bytes),
-            slots: vec![0; SLOTS].into_boxed_slice(),
+            slots: Table::new(),
             last: std::ptr::null(),
             flushes: 0,
         }
@@ -402,24 +686,66 @@ impl BlockCache {
         bitness: u32,
         host: *const u8,
     ) -> Option<*const Block> {
-        if let Some(last) = self.last() {
+        if self.arena.shared != 0 {
+            return self.find_with_shared(rip, lin, bitness, host);
+        }
+        // Every block is this arena's own: a nonzero unit names one.
+        // SAFETY: `last` is null or a block of this arena entered since it was last emptied.
+        if let Some(last) = unsafe { self.last.as_ref() } {
             let [first, second] = &last.chain;
             for link in [first, second] {
-                let b = link.get();
-                // SAFETY: chains hold null or blocks of this arena, which live until it is
-                // emptied, and emptying it clears `last`.
-                if !b.is_null() && unsafe { &*b }.matches(rip, lin, bitness, host) {
+                let unit = link.get();
+                let b = self.arena.block_at(unit);
+                // SAFETY: chains hold 0 or units of blocks of this arena, which live until it
+                // is emptied, and emptying it clears `last`.
+                if unit != 0 && unsafe { &*b }.matches(rip, lin, bitness, host) {
                     if std::ptr::eq(link, second) {
                         // Most recent first.
                         second.set(first.get());
-                        first.set(b);
+                        first.set(unit);
                     }
                     return Some(b);
                 }
             }
         }
-        let b = self.arena.block_at(self.slots[Self::slot(lin)]);
-        // SAFETY: table entries are empty or blocks of this arena (see `chain`).
+        let unit = self.slots.get(Self::slot(lin));
+        let b = self.arena.block_at(unit);
+        // SAFETY: table entries are 0 or units of blocks of this arena (see `chain`).
+        if unit == 0 || !unsafe { &*b }.matches(rip, lin, bitness, host) {
+            return None;
+        }
+        self.link(b);
+        Some(b)
+    }
+
+    /// [`find`](Self::find) when part of the arena is shared: each block is checked before
+    /// its first use, and shared blocks' chains are neither trusted blindly nor written.
+    #[inline(never)]
+    fn find_with_shared(
+        &mut self,
+        rip: u64,
+        lin: u64,
+        bitness: u32,
+        host: *const u8,
+    ) -> Option<*const Block> {
+        // SAFETY: `last` is null or a block of this arena entered since it was last emptied
+        // (a shared one was checked before it was entered).
+        if let Some(last) = unsafe { self.last.as_ref() } {
+            let from_shared = self.arena.is_shared(last);
+            for k in 0..2 {
+                let b = self.arena.usable(last.chain[k].get(), from_shared);
+                // SAFETY: `usable` gives null or a block that may be entered.
+                if !b.is_null() && unsafe { &*b }.matches(rip, lin, bitness, host) {
+                    if k == 1 && !from_shared {
+                        last.chain[1].set(last.chain[0].get());
+                        last.chain[0].set(self.arena.slot_of(b));
+                    }
+                    return Some(b);
+                }
+            }
+        }
+        let b = self.arena.usable(self.slots.get(Self::slot(lin)), false);
+        // SAFETY: as above.
         if b.is_null() || !unsafe { &*b }.matches(rip, lin, bitness, host) {
             return None;
         }
@@ -441,7 +767,7 @@ impl BlockCache {
             Ok(b) => b?,
             Err(Full) => {
                 self.arena.clear();
-                self.slots.fill(0);
+                self.slots.clear();
                 self.last = std::ptr::null();
                 self.flushes += 1;
                 Block::compile(&mut self.arena, rip, lin, bitness, host)
@@ -450,7 +776,7 @@ impl BlockCache {
             }
         };
         let b = b.as_ptr() as *const Block;
-        self.slots[Self::slot(lin)] = self.arena.slot_of(b);
+        self.slots.set(Self::slot(lin), self.arena.slot_of(b));
         self.link(b);
         Some(b)
     }
@@ -464,8 +790,9 @@ impl BlockCache {
         // SAFETY: `block` is a live block of this arena (the caller just got it).
         let b = unsafe { &*block };
         for link in &b.chain {
-            let next = link.get() as usize;
-            if next != 0 {
+            let unit = link.get();
+            if unit != 0 {
+                let next = self.arena.block_at(unit) as usize;
                 prefetch(next);
                 prefetch(next + 64);
                 prefetch(next + 128);
@@ -478,21 +805,133 @@ impl BlockCache {
         self.arena.used - FIRST_BLOCK
     }
 
-    /// Makes `b` the most recent successor of the last block entered.
+    /// Makes `b` the most recent successor of the last block entered (unless that one is
+    /// shared: its page stays the file's).
     #[inline(always)]
     fn link(&mut self, b: *const Block) {
-        if let Some(last) = self.last() {
-            if last.chain[0].get() != b {
+        // SAFETY: `last` is null or a block of this arena entered since it was last emptied.
+        if let Some(last) = unsafe { self.last.as_ref() } {
+            let unit = self.arena.slot_of(b);
+            if last.chain[0].get() != unit && !self.arena.is_shared(last) {
                 last.chain[1].set(last.chain[0].get());
-                last.chain[0].set(b);
+                last.chain[0].set(unit);
             }
         }
     }
 
-    fn last(&self) -> Option<&Block> {
-        // SAFETY: `last` is null or a block of this arena entered since it was last emptied.
-        unsafe { self.last.as_ref() }
+    /// Writes the table and every block to `out`, for restored copies of this vCPU to share
+    /// ([`adopt`](Self::adopt)): a header page (magic, this build's fingerprint, the bytes of
+    /// blocks), the table, then the arena from its start.
+    pub fn save(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mut header = vec![0u8; FILE_HEADER];
+        header[..8].copy_from_slice(FILE_MAGIC);
+        header[8..16].copy_from_slice(&fingerprint().to_le_bytes());
+        header[16..24].copy_from_slice(&(self.arena.used as u64).to_le_bytes());
+        out.write_all(&header)?;
+        out.write_all(self.slots.bytes())?;
+        // SAFETY: the arena's first `used` bytes are mapped and were written (blocks, the
+        // gaps between them zero or earlier blocks' bytes, the unused first unit zero).
+        let blocks =
+            unsafe { std::slice::from_raw_parts(self.arena.base.as_ptr(), self.arena.used) };
+        out.write_all(blocks)
     }
+
+    /// Maps the table and blocks another process saved ([`save`](Self::save)) copy-on-write
+    /// into this empty cache: clones of one snapshot then share one copy of them in the page
+    /// cache. Each saved block is checked before it is first entered ([`Arena::verify`]);
+    /// blocks compiled from now on are this process's own. On an error nothing changed.
+    pub fn adopt(&mut self, file: &std::fs::File) -> Result<(), AdoptError> {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        use std::os::unix::io::AsRawFd;
+        assert!(
+            self.arena.used == FIRST_BLOCK && self.arena.shared == 0,
+            "blocks are adopted into an empty cache"
+        );
+        // Checked blocks are trusted from then on; pages of a private mapping that were not
+        // copied yet follow the file, so nobody but its owner (this user) may write it.
+        let meta = file.metadata()?;
+        // SAFETY: geteuid has no preconditions.
+        if meta.uid() != unsafe { libc::geteuid() } || meta.mode() & 0o022 != 0 {
+            return Err(AdoptError::NotPrivate);
+        }
+        let mut header = vec![0u8; FILE_HEADER];
+        file.read_exact_at(&mut header, 0)
+            .map_err(|_| AdoptError::Truncated)?;
+        let word = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8"));
+        if &header[..8] != FILE_MAGIC || word(8) != fingerprint() {
+            return Err(AdoptError::OtherBuild);
+        }
+        let used = usize::try_from(word(16)).map_err(|_| AdoptError::OtherBuild)?;
+        if used < FIRST_BLOCK || used > self.arena.cap || !used.is_multiple_of(BLOCK_ALIGN) {
+            return Err(AdoptError::OtherBuild);
+        }
+        if meta.len() < (FILE_HEADER + TABLE_BYTES + used) as u64 {
+            return Err(AdoptError::Truncated);
+        }
+        let map = |at: *mut u8, len: usize, offset: usize| {
+            // SAFETY: replaces part of this cache's own mappings (the table or the start of
+            // the empty arena), which nothing refers to, with a private view of the file.
+            let p = unsafe {
+                libc::mmap(
+                    at.cast(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_FIXED,
+                    file.as_raw_fd(),
+                    offset as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        };
+        let arena_len = align_up(used, PAGE);
+        if let Err(e) = map(
+            self.arena.base.as_ptr(),
+            arena_len,
+            FILE_HEADER + TABLE_BYTES,
+        ) {
+            // SAFETY: the arena's own start, holding no block (it is empty).
+            unsafe { remap_anonymous(self.arena.base.as_ptr(), arena_len) };
+            return Err(e.into());
+        }
+        if let Err(e) = map(self.slots.base.as_ptr().cast(), TABLE_BYTES, FILE_HEADER) {
+            self.slots.clear();
+            // SAFETY: as above.
+            unsafe { remap_anonymous(self.arena.base.as_ptr(), arena_len) };
+            return Err(e.into());
+        }
+        self.arena.used = used;
+        self.arena.shared = used;
+        self.arena.checked = vec![0; (used / BLOCK_ALIGN).div_ceil(64)];
+        // Slots past the saved blocks would be taken for this process's own: drop them (a
+        // correct file has none, so no page of the table is copied).
+        for i in 0..SLOTS {
+            if self.slots.get(i) as usize * BLOCK_ALIGN >= used {
+                self.slots.set(i, 0);
+            }
+        }
+        self.last = std::ptr::null();
+        Ok(())
+    }
+}
+
+/// Names the build a blocks file was saved by: the layout constants and where handlers lie
+/// relative to each other, which ops encode. A file of another build would only fail
+/// [`Arena::verify`] block by block; this refuses it at once.
+fn fingerprint() -> u64 {
+    let parts = [
+        std::mem::size_of::<Op>() as u64,
+        HEADER as u64,
+        SLOTS as u64,
+        MAX_OPS as u64,
+        fast::handler_fingerprint(),
+    ];
+    parts.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &p| {
+        (h ^ p).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// The status flags.
@@ -690,5 +1129,228 @@ mod tests {
         assert!(cache.find(b + 1, b, 64, code[3..].as_ptr()).is_none());
         code[3] = 0x90;
         assert!(cache.find(b, b, 64, code[3..].as_ptr()).is_none());
+    }
+
+    /// A file with the blocks of `cache`, as a snapshot saves them (owner-only).
+    fn saved(cache: &BlockCache, name: &str) -> (std::fs::File, std::path::PathBuf) {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = std::env::temp_dir().join(format!("fv-blocks-{}-{name}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .unwrap();
+        cache.save(&mut f).unwrap();
+        (f, path)
+    }
+
+    /// Where, in a saved file, the byte `offset` bytes into `block` of `cache` is.
+    fn file_offset(cache: &BlockCache, block: *const Block, offset: usize) -> u64 {
+        (FILE_HEADER + TABLE_BYTES + block as usize - cache.arena.base.as_ptr() as usize + offset)
+            as u64
+    }
+
+    const LIN: u64 = 0x40_0000;
+
+    /// Compiles blocks 0..n of `code()` at `LIN + 3k`, each entered after the one before.
+    fn compiled(n: usize) -> (BlockCache, Vec<*const Block>) {
+        let code = code();
+        let mut cache = BlockCache::new();
+        let blocks = (0..n)
+            .map(|k| compile(&mut cache, &code, k, LIN + 3 * k as u64))
+            .collect();
+        (cache, blocks)
+    }
+
+    #[test]
+    fn adopted_blocks_are_checked_found_and_never_written() {
+        use std::os::unix::fs::FileExt;
+        let code = code();
+        let (a, blocks) = compiled(10);
+        let (file, path) = saved(&a, "adopt");
+        let mut b = BlockCache::new();
+        b.adopt(&file).unwrap();
+        let used = b.arena.used;
+        assert_eq!(used, a.arena.used);
+        for k in 0..10 {
+            let lin = LIN + 3 * k as u64;
+            let found = b
+                .find(lin, lin, 64, code[3 * k..].as_ptr())
+                .expect("adopted");
+            assert!(b.arena.is_shared(found));
+            // SAFETY: found just now.
+            assert_eq!(unsafe { &*found }.ops().len(), 2, "inc eax; ret");
+            b.enter(found);
+        }
+        assert_eq!(b.arena.used, used, "nothing was compiled");
+        // Entering them in another order did not rewrite their chains: the file's bytes are
+        // what the mapping shows.
+        let block = blocks[4];
+        let mut chain = [0u8; 8];
+        file.read_exact_at(&mut chain, file_offset(&a, block, 24))
+            .unwrap();
+        let lin = LIN + 3 * 7;
+        let seven = b.find(lin, lin, 64, code[21..].as_ptr()).unwrap();
+        let four = b.arena.block_at(a.arena.slot_of(block));
+        b.last = four;
+        b.link(seven);
+        // SAFETY: `four` was checked above (it is block 4 of the adopted ones).
+        let now = unsafe { &*four }
+            .chain
+            .iter()
+            .map(|c| c.get())
+            .collect::<Vec<_>>();
+        let then = [
+            u32::from_le_bytes(chain[..4].try_into().unwrap()),
+            u32::from_le_bytes(chain[4..].try_into().unwrap()),
+        ];
+        assert_eq!(now, then);
+        // Changed guest code is not run from an adopted block either.
+        let mut changed = code.clone();
+        changed[0] = 0x90;
+        assert!(b.find(LIN, LIN, 64, changed.as_ptr()).is_none());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_block_another_process_compiled_runs_with_this_ones_handlers() {
+        use std::os::unix::fs::FileExt;
+        let code = code();
+        let (a, blocks) = compiled(3);
+        let (file, path) = saved(&a, "moved");
+        // As if the saving process had its handlers 0x5000 bytes further on.
+        let moved = |at: u64| {
+            let mut w = [0u8; 8];
+            file.read_exact_at(&mut w, at).unwrap();
+            let v = u64::from_le_bytes(w).wrapping_add(0x5000);
+            file.write_all_at(&v.to_le_bytes(), at).unwrap();
+        };
+        // SAFETY: the blocks are live in `a`.
+        let block = unsafe { &*blocks[1] };
+        moved(file_offset(&a, blocks[1], 16));
+        for i in 0..block.ops().len() {
+            moved(file_offset(&a, blocks[1], block.ops_at as usize + i * OP));
+        }
+        let mut b = BlockCache::new();
+        b.adopt(&file).unwrap();
+        let lin = LIN + 3;
+        let found = b.find(lin, lin, 64, code[3..].as_ptr()).expect("accepted");
+        // SAFETY: found just now.
+        let found = unsafe { &*found };
+        assert!(found.foreign());
+        let mut handlers = [fast::general_handler(); MAX_OPS];
+        found.handlers(&mut handlers);
+        for (h, op) in handlers.iter().zip(block.ops()) {
+            assert_eq!(*h as usize, op.run);
+        }
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_tampered_saved_block_is_refused_and_compiled_again() {
+        use std::os::unix::fs::FileExt;
+        let code = code();
+        let (a, blocks) = compiled(10);
+        let (file, path) = saved(&a, "tampered");
+        // Block 3: its first op's handler moved by one byte; block 5: one op fewer.
+        // SAFETY: the blocks are live in `a`.
+        let ops_at = unsafe { &*blocks[3] }.ops_at as usize;
+        file.write_all_at(&[0x11], file_offset(&a, blocks[3], ops_at))
+            .unwrap();
+        file.write_all_at(&1u16.to_le_bytes(), file_offset(&a, blocks[5], 38))
+            .unwrap();
+        let mut b = BlockCache::new();
+        b.adopt(&file).unwrap();
+        let used = b.arena.used;
+        for k in [3, 5] {
+            let lin = LIN + 3 * k as u64;
+            let host = code[3 * k..].as_ptr();
+            assert!(b.find(lin, lin, 64, host).is_none(), "block {k}");
+            let again = b.compile(lin, lin, 64, host).unwrap();
+            assert!(!b.arena.is_shared(again));
+            assert_eq!(b.find(lin, lin, 64, host), Some(again));
+        }
+        assert!(b.arena.used > used);
+        let lin = LIN + 12;
+        let four = b.find(lin, lin, 64, code[12..].as_ptr()).unwrap();
+        assert!(b.arena.is_shared(four), "the others are still used");
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn files_that_cannot_be_used_leave_the_cache_compiling_its_own() {
+        use std::os::unix::fs::{FileExt, PermissionsExt};
+        let code = code();
+        let (a, _) = compiled(4);
+        type Spoil = fn(&std::fs::File, &std::path::Path);
+        let cases: [(&str, Spoil); 4] = [
+            ("it is not a blocks file of this build", |f, _| {
+                f.write_all_at(b"XX", 0).unwrap()
+            }),
+            ("it is not a blocks file of this build", |f, _| {
+                f.write_all_at(&[0xff], 8).unwrap()
+            }),
+            ("it is shorter than its header says", |f, _| {
+                f.set_len((FILE_HEADER + TABLE_BYTES) as u64).unwrap()
+            }),
+            ("can be written by others", |_, p| {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o620)).unwrap()
+            }),
+        ];
+        for (i, (why, spoil)) in cases.iter().enumerate() {
+            let (file, path) = saved(&a, &format!("bad{i}"));
+            spoil(&file, &path);
+            let mut b = BlockCache::new();
+            let err = b.adopt(&file).unwrap_err().to_string();
+            assert!(err.contains(why), "{err}");
+            assert!(b.find(LIN, LIN, 64, code.as_ptr()).is_none());
+            assert!(b.compile(LIN, LIN, 64, code.as_ptr()).is_some());
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+
+    #[test]
+    fn table_slots_past_the_saved_blocks_are_dropped() {
+        use std::os::unix::fs::FileExt;
+        let code = code();
+        let (a, _) = compiled(2);
+        let (file, path) = saved(&a, "slots");
+        // A slot naming a unit past the saved blocks: this process's own blocks go there.
+        let slot = BlockCache::slot(LIN + 3 * 5);
+        let past = (a.arena.used / BLOCK_ALIGN) as u32;
+        file.write_all_at(&past.to_le_bytes(), (FILE_HEADER + 4 * slot) as u64)
+            .unwrap();
+        let mut b = BlockCache::new();
+        b.adopt(&file).unwrap();
+        assert_eq!(b.slots.get(slot), 0);
+        // What goes there is compiled, not taken from the slot.
+        let lin = LIN + 15;
+        assert!(b.find(lin, lin, 64, code[15..].as_ptr()).is_none());
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn a_full_arena_after_adopting_starts_again_with_private_memory() {
+        let code = code();
+        let mut a = BlockCache::with_arena(3 * PAGE);
+        for k in 0..10 {
+            compile(&mut a, &code, k, LIN + 3 * k as u64);
+        }
+        let (file, path) = saved(&a, "full");
+        let mut b = BlockCache::with_arena(3 * PAGE);
+        b.adopt(&file).unwrap();
+        let mut k = 10;
+        while b.flushes == 0 {
+            compile(&mut b, &code, k, LIN + 3 * k as u64);
+            k += 1;
+        }
+        assert_eq!(b.arena.shared, 0);
+        assert!(b.find(LIN, LIN, 64, code.as_ptr()).is_none());
+        let again = compile(&mut b, &code, 0, LIN);
+        assert!(!b.arena.is_shared(again));
+        std::fs::remove_file(path).unwrap();
     }
 }

@@ -43,8 +43,9 @@ enum SegMode {
     Legacy,
 }
 
-/// The address recipe of a memory operand, resolved at compile time.
+/// The address recipe of a memory operand, resolved at compile time. No padding (see [`Op`]).
 #[derive(Clone, Copy)]
+#[repr(C)]
 pub(crate) struct Mem {
     /// Displacement (sign-extended; 32 bits cover every form but a 64-bit absolute `moffs`,
     /// which takes the general path). Relative to the next instruction for [`RIP`].
@@ -58,6 +59,7 @@ pub(crate) struct Mem {
     /// 64 minus the address size in bits: the effective address is masked with
     /// `u64::MAX >> ashift`.
     ashift: u8,
+    _pad: [u8; 2],
 }
 
 const NO_MEM: Mem = Mem {
@@ -68,17 +70,28 @@ const NO_MEM: Mem = Mem {
     mode: SegMode::Flat,
     disp: 0,
     ashift: 0,
+    _pad: [0; 2],
 };
 
 /// One compiled instruction: half a cache line, so that the code a guest runs often (the
 /// kernel's I/O path is thousands of blocks) stays in the host's caches. Its address is not
 /// kept: it follows the previous instruction's (`Cpu::run_ops` counts it), and what the
 /// general interpreter and a budget cut need lives beside the ops (`block::Block`).
+///
+/// Blocks saved with a snapshot are mapped into other processes of the same build and shared
+/// (`block::BlockCache::adopt`): the handler address is the compiling process's (its block
+/// records where [`general`] was there, so the handler's distance from it is known), the
+/// general path's instruction is found by its distance from the op. Every byte is a field
+/// (no padding), so a saved op can be checked by comparing bytes with one compiled afresh
+/// before it is ever read as an `Op`.
 #[derive(Clone, Copy)]
+#[repr(C)]
 pub(crate) struct Op {
-    pub run: Handler,
+    /// The handler's address in the process that compiled the op. See [`Op::handler`].
+    pub run: usize,
     /// Immediate operand (sign-extended as the instruction defines), or branch target; for
-    /// the general interpreter, the address of the decoded instruction, which the block owns.
+    /// the general interpreter, the distance in bytes from this op to its decoded
+    /// instruction, which the block owns.
     imm: u64,
     mem: Mem,
     /// Length in bytes.
@@ -90,13 +103,27 @@ pub(crate) struct Op {
     cc: ConditionCode,
 }
 
-const _: () = assert!(std::mem::size_of::<Op>() <= 32);
+const _: () = assert!(std::mem::size_of::<ConditionCode>() == 1);
+const _: () = assert!(std::mem::size_of::<Mem>() == 12);
+// The fields' sizes add up to the op's: there is no padding.
+const _: () = assert!(std::mem::size_of::<Op>() == 8 + 8 + 12 + 4);
 
 impl Op {
-    /// Gives a general-path op its decoded instruction, which must stay where it is for as
-    /// long as the op can run.
-    pub(crate) fn point_at(&mut self, insn: *const Instruction) {
-        self.imm = insn as u64;
+    /// Gives a general-path op its decoded instruction, which must stay at the same distance
+    /// from the op for as long as the op can run (both are in the same block).
+    pub(crate) fn point_at(&mut self, insn: *const Instruction, op_at: *const Op) {
+        self.imm = (insn as usize).wrapping_sub(op_at as usize) as u64;
+    }
+
+    /// The function that runs this op.
+    ///
+    /// # Safety
+    /// The op must have been compiled by this process (a block another process saved names
+    /// that process's handlers: see `block::Block::handlers`).
+    #[inline(always)]
+    pub(crate) unsafe fn handler(&self) -> Handler {
+        // SAFETY: `run` was made from a handler of this process (the caller's guarantee).
+        unsafe { std::mem::transmute::<usize, Handler>(self.run) }
     }
 }
 
@@ -256,7 +283,9 @@ fn general(cpu: &mut Cpu, op: &Op) -> Step {
     };
     // SAFETY: the block that holds this op pointed `imm` at the decoded instruction
     // (`Op::point_at`), which it keeps beside its ops for as long as they can run.
-    let insn = unsafe { &*(op.imm as *const Instruction) };
+    let insn = unsafe {
+        &*((op as *const Op as *const u8).wrapping_add(op.imm as usize) as *const Instruction)
+    };
     exec::execute(cpu, insn)?;
     posted(cpu)
 }
@@ -795,6 +824,7 @@ fn mem_recipe(insn: &Instruction, bitness: u32) -> Option<Mem> {
         mode,
         disp,
         ashift: (64 - 8 * asize) as u8,
+        _pad: [0; 2],
     })
 }
 
@@ -827,12 +857,37 @@ pub(crate) struct Compiled {
 /// its block does not run to its end, in case [`compile`] dropped its flags (see
 /// `block::flags_needed`). The same choice `compile` makes before dropping them.
 pub(crate) fn exact_handler(insn: &Instruction, bitness: u32) -> Handler {
-    compile(insn, bitness, true).op.run
+    {
+        let run = compile(insn, bitness, true).op.run;
+        // SAFETY: compiled just now, by this process.
+        unsafe { std::mem::transmute::<usize, Handler>(run) }
+    }
 }
 
-/// Whether `op` runs through the general interpreter.
-pub(crate) fn is_general(op: &Op) -> bool {
-    op.run as usize == general as Handler as usize
+/// Where the general interpreter's handler is in this process: what blocks record, so that
+/// the handlers of ops compiled by another process can be found (`block::Block::handlers`).
+pub(crate) fn general_address() -> usize {
+    general as Handler as usize
+}
+
+/// Where the handlers of a few common instructions lie relative to [`general`]: what saved
+/// ops encode, so it tells builds whose saved blocks this one cannot use apart
+/// (`block::BlockCache::adopt`).
+pub(crate) fn handler_fingerprint() -> u64 {
+    // mov rax, rbx; mov rax, [rdi]; add eax, 1; jne; call
+    let code = [
+        0x48, 0x89, 0xd8, 0x48, 0x8b, 0x07, 0x83, 0xc0, 0x01, 0x75, 0x00, 0xe8, 0, 0, 0, 0,
+    ];
+    let mut decoder = iced_x86::Decoder::new(64, &code, iced_x86::DecoderOptions::NONE);
+    let mut h = 0u64;
+    for insn in &mut decoder {
+        let distance = compile(&insn, 64, true)
+            .op
+            .run
+            .wrapping_sub(general_address());
+        h = h.rotate_left(13) ^ distance as u64;
+    }
+    h
 }
 
 /// The general interpreter's handler (a placeholder where a handler is needed).
@@ -844,7 +899,7 @@ pub(crate) fn general_handler() -> Handler {
 /// flags it writes may be observed (`block::flags_needed`).
 pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Compiled {
     let mut op = Op {
-        run: general,
+        run: general as Handler as usize,
         len: insn.len() as u8,
         dst: 0,
         src: 0,
@@ -853,7 +908,7 @@ pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Compiled
         mem: NO_MEM,
     };
     let general_path = |mut op: Op| {
-        op.run = general;
+        op.run = general as Handler as usize;
         Compiled { op, general: true }
     };
     if insn.has_lock_prefix() || insn.memory_size().size() > 8 {
@@ -869,10 +924,10 @@ pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Compiled
     let Some(run) = select(insn, bitness, &mut op) else {
         return general_path(op);
     };
-    op.run = run;
+    op.run = run as usize;
     if !flags {
         if let Some(nf) = select_flagless(insn, &op) {
-            op.run = nf;
+            op.run = nf as usize;
         }
     }
     Compiled { op, general: false }

@@ -7,6 +7,7 @@
 
 mod alu;
 mod block;
+pub use block::AdoptError;
 mod exec;
 mod fast;
 mod interrupt;
@@ -279,6 +280,17 @@ impl Cpu {
         };
     }
 
+    /// Writes this vCPU's compiled blocks (see `block::BlockCache::save`).
+    pub fn save_blocks(&self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        self.blocks.save(out)
+    }
+
+    /// Shares blocks another process saved (see `block::BlockCache::adopt`), before this
+    /// vCPU first runs.
+    pub fn adopt_blocks(&mut self, file: &std::fs::File) -> Result<(), block::AdoptError> {
+        self.blocks.adopt(file)
+    }
+
     /// Bytes of compiled blocks held now (statistics).
     pub fn compiled_bytes(&self) -> usize {
         self.blocks.bytes()
@@ -373,6 +385,11 @@ impl Cpu {
         let ipmask = if bitness == 64 { u64::MAX } else { 0xffff_ffff };
         self.code_lo = host as usize;
         self.code_len = block.len();
+        // Blocks another process compiled (shared from a snapshot) run apart, so that the
+        // loop below stays what it is for this process's own.
+        if block.foreign() {
+            return self.run_foreign(block, end, rip, ipmask);
+        }
         let flow = loop {
             let n = block.ops().len().min((end - self.icount) as usize);
             if n < block.ops().len() {
@@ -406,6 +423,25 @@ impl Cpu {
         flow
     }
 
+    /// Runs a block another process compiled (saved with a snapshot and shared) once, with
+    /// this process's handlers for its ops (or the flag-exact ones when the budget cuts it
+    /// short). A loop whose body is the block comes back through the cache lookup.
+    #[cold]
+    #[inline(never)]
+    fn run_foreign(&mut self, block: &block::Block, end: u64, rip: u64, ipmask: u64) -> Flow {
+        let mut handlers = [fast::general_handler(); block::MAX_OPS];
+        let n = block.ops().len().min((end - self.icount) as usize);
+        if n < block.ops().len() {
+            block.exact(n, &mut handlers);
+        } else {
+            block.handlers(&mut handlers);
+        }
+        let flow = self.run_ops::<true, false>(&block.ops()[..n], &handlers[..n], rip, ipmask);
+        self.code_len = 0;
+        self.code_written = false;
+        flow
+    }
+
     /// Whether the run loop must look for a pending interrupt before the next block: the
     /// cheap half of its check (interrupts enabled, no shadow, and the machine's hint set).
     #[inline(always)]
@@ -432,7 +468,7 @@ impl Cpu {
     /// Runs compiled instructions in order, the first at `rip`, until one leaves the
     /// sequence. `EXACT` runs each with all its flags (`exact[i]` for `ops[i]`); `WIDE` is
     /// 64-bit code, whose RIP does not wrap at 4 GiB (`ipmask` is then not used).
-    #[inline(always)]
+    #[inline(never)]
     fn run_ops<const EXACT: bool, const WIDE: bool>(
         &mut self,
         ops: &[fast::Op],
@@ -455,7 +491,13 @@ impl Cpu {
                 next &= ipmask;
             }
             self.s.rip = next;
-            let run = if EXACT { exact[i] } else { op.run };
+            let run = if EXACT {
+                exact[i]
+            } else {
+                // SAFETY: `run_block` gives the ops of a block another process compiled only
+                // with handlers of this one (`exact`).
+                unsafe { op.handler() }
+            };
             match run(self, op) {
                 Ok(()) => {
                     i += 1;
