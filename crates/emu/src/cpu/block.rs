@@ -42,7 +42,7 @@ const ARENA_BYTES: usize = 64 << 20;
 /// A compiled block's header. The block is one piece of its vCPU's [`Arena`]:
 ///
 /// ```text
-/// header (48 bytes) | code bytes (len) | pad to 32 | ops (32 bytes each) |
+/// header (56 bytes) | code bytes (len) | pad to 32 | ops (32 bytes each) |
 ///                   | decoded instructions of the ops that take the general path
 /// ```
 ///
@@ -56,10 +56,11 @@ pub(crate) struct Block {
     /// Where the general interpreter's handler was in the process that compiled the block
     /// ([`fast::general_address`]): its ops' handler addresses are that process's.
     anchor: u64,
-    /// The blocks that followed this one last (most recent first), as arena units
-    /// ([`Arena::slot_of`]) or 0: entered from here without the cache lookup when they match
-    /// (see [`BlockCache::find`]).
-    chain: [Cell<u32>; 2],
+    /// The blocks that followed this one last (most recent first), or null: entered from here
+    /// without the cache lookup when they match (see [`BlockCache::find`]). A saved block's
+    /// chain is valid in a process that adopts it because the arena is mapped at the same
+    /// address there ([`BlockCache::adopt`]), and is checked before it is followed.
+    chain: [Cell<*const Block>; 2],
     pub bitness: u32,
     /// How many bytes the block was compiled from (all inside one page; at most
     /// [`MAX_BYTES`]).
@@ -70,10 +71,10 @@ pub(crate) struct Block {
     _pad: u32,
 }
 
-// Every field is an integer: a header read from a saved file is a valid `Block` whatever its
-// bytes (they are checked before the block is used, see `Arena::verify`).
+// Every field is an integer or a raw pointer: a header read from a saved file is a valid
+// `Block` whatever its bytes (they are checked before the block is used, see `Arena::verify`).
 const HEADER: usize = std::mem::size_of::<Block>();
-const _: () = assert!(HEADER == 48);
+const _: () = assert!(HEADER == 56);
 /// Bytes of an op.
 const OP: usize = std::mem::size_of::<Op>();
 
@@ -141,9 +142,16 @@ impl Block {
         self.anchor != fast::general_address() as u64
     }
 
-    /// This process's handler for each op: the same distance from the general handler as in
-    /// the process that compiled the block.
-    pub fn handlers(&self, out: &mut [Handler; MAX_OPS]) {
+    /// The handlers to run the first `n` ops with when the block is not run from the start
+    /// to the end by this process's own ops: cut short by the budget (`n` less than all), a
+    /// dropped flag computation might be visible after it, so the flag-exact ones
+    /// ([`exact`](Self::exact)); whole, but compiled by another process, this process's
+    /// handlers for its ops.
+    #[inline(never)]
+    pub fn handlers(&self, n: usize, out: &mut [Handler; MAX_OPS]) {
+        if n < self.ops().len() {
+            return self.exact(n, out);
+        }
         let here = fast::general_address();
         for (slot, op) in out.iter_mut().zip(self.ops()) {
             let at = op.run.wrapping_sub(self.anchor as usize).wrapping_add(here);
@@ -347,9 +355,13 @@ impl Arena {
         ((block as usize - self.base.as_ptr() as usize) / BLOCK_ALIGN) as u32
     }
 
-    /// The block at `unit` (see [`slot_of`](Self::slot_of)), without any check.
+    /// The block a table slot names (see [`slot_of`](Self::slot_of)), or null for 0; not
+    /// checked.
     #[inline(always)]
     fn block_at(&self, unit: u32) -> *const Block {
+        if unit == 0 {
+            return std::ptr::null();
+        }
         self.base.as_ptr().wrapping_add(unit as usize * BLOCK_ALIGN) as *const Block
     }
 
@@ -359,31 +371,36 @@ impl Arena {
         (block as usize).wrapping_sub(self.base.as_ptr() as usize) < self.shared
     }
 
-    /// The block at `unit` if it may be entered, or null: 0 names none; a block this arena
-    /// compiled may; a shared one once it is checked (checked now if it was not). A shared
-    /// block's chain (`from_shared`) can name only shared blocks.
+    /// `b` if it may be entered, or null: null names none; a block this arena compiled may;
+    /// a shared one once it is checked (checked now if it was not). A shared block's chain
+    /// (`from_shared`) can name only shared blocks.
     #[inline(always)]
-    fn usable(&mut self, unit: u32, from_shared: bool) -> *const Block {
-        let u = unit as usize;
-        if u == 0 {
+    fn usable(&mut self, b: *const Block, from_shared: bool) -> *const Block {
+        if b.is_null() {
+            return b;
+        }
+        let at = (b as usize).wrapping_sub(self.base.as_ptr() as usize);
+        if at >= self.shared {
+            // Past the shared part: this process's own blocks (the saved table's slots there
+            // were cleared by `adopt`), but a shared block's chain may say anything.
+            return if from_shared || at >= self.used {
+                std::ptr::null()
+            } else {
+                b
+            };
+        }
+        if !at.is_multiple_of(BLOCK_ALIGN) {
             return std::ptr::null();
         }
-        if u * BLOCK_ALIGN >= self.shared {
-            // Units past the shared part were written by this process (the saved table's
-            // were cleared by `adopt`), but a shared block's chain may say anything.
-            if from_shared {
-                return std::ptr::null();
-            }
-            return self.block_at(unit);
-        }
+        let u = at / BLOCK_ALIGN;
         let (word, bit) = (u / 64, 1u64 << (u % 64));
         if self.checked[word] & bit == 0 {
-            if !self.verify(u * BLOCK_ALIGN) {
+            if !self.verify(at) {
                 return std::ptr::null();
             }
             self.checked[word] |= bit;
         }
-        self.block_at(unit)
+        b
     }
 
     /// Whether the shared block said to start `at` bytes in is exactly what compiling its
@@ -443,6 +460,46 @@ impl Arena {
                 && fresh[o + 8..o + OP] == saved[o + 8..o + OP]
         });
         ops_same && fresh[insns..plan.size] == saved[insns..plan.size]
+    }
+
+    /// Moves the (empty) arena's reservation to `at`, where another process had its arena,
+    /// if that address range is free here.
+    fn move_to(&mut self, at: usize) -> std::io::Result<()> {
+        if at == self.base.as_ptr() as usize {
+            return Ok(());
+        }
+        if at == 0 || !at.is_multiple_of(PAGE) {
+            return Err(std::io::ErrorKind::InvalidData.into());
+        }
+        // SAFETY: a new mapping at `at` only if nothing is mapped there (NOREPLACE).
+        let p = unsafe {
+            libc::mmap(
+                at as *mut libc::c_void,
+                self.cap,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_NORESERVE
+                    | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        if p as usize != at {
+            // A kernel that does not know NOREPLACE treats it as a hint.
+            // SAFETY: the mapping just made, which nothing uses.
+            unsafe { libc::munmap(p, self.cap) };
+            return Err(std::io::ErrorKind::AddrInUse.into());
+        }
+        // SAFETY: the old reservation holds no block (the arena is empty) and nothing else
+        // refers to it.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.cap) };
+        // SAFETY: `p` is not null (checked against `at`, which is not 0).
+        self.base = unsafe { NonNull::new_unchecked(p.cast()) };
+        Ok(())
     }
 
     /// `size` bytes aligned to [`BLOCK_ALIGN`], or None when the arena is full.
@@ -652,6 +709,8 @@ pub enum AdoptError {
     OtherBuild,
     #[error("it is shorter than its header says")]
     Truncated,
+    #[error("the address its blocks were saved at is taken in this process: {0}")]
+    AddressTaken(std::io::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -678,40 +737,38 @@ impl BlockCache {
     /// The compiled block for `rip` (linear `lin`, host address `host`) if there is one whose
     /// code is still what is in memory: first among those that followed the last block
     /// entered, then in the table. The pointer stays valid until the next `compile`.
+    /// `SHARED` must be whether the cache holds shared blocks ([`has_shared`](Self::has_shared)).
     #[inline(always)]
-    pub fn find(
+    pub fn find<const SHARED: bool>(
         &mut self,
         rip: u64,
         lin: u64,
         bitness: u32,
         host: *const u8,
     ) -> Option<*const Block> {
-        if self.arena.shared != 0 {
+        if SHARED {
             return self.find_with_shared(rip, lin, bitness, host);
         }
-        // Every block is this arena's own: a nonzero unit names one.
-        // SAFETY: `last` is null or a block of this arena entered since it was last emptied.
-        if let Some(last) = unsafe { self.last.as_ref() } {
+        debug_assert_eq!(self.arena.shared, 0);
+        if let Some(last) = self.last() {
             let [first, second] = &last.chain;
             for link in [first, second] {
-                let unit = link.get();
-                let b = self.arena.block_at(unit);
-                // SAFETY: chains hold 0 or units of blocks of this arena, which live until it
-                // is emptied, and emptying it clears `last`.
-                if unit != 0 && unsafe { &*b }.matches(rip, lin, bitness, host) {
+                let b = link.get();
+                // SAFETY: chains hold null or blocks of this arena, which live until it is
+                // emptied, and emptying it clears `last`.
+                if !b.is_null() && unsafe { &*b }.matches(rip, lin, bitness, host) {
                     if std::ptr::eq(link, second) {
                         // Most recent first.
                         second.set(first.get());
-                        first.set(unit);
+                        first.set(b);
                     }
                     return Some(b);
                 }
             }
         }
-        let unit = self.slots.get(Self::slot(lin));
-        let b = self.arena.block_at(unit);
-        // SAFETY: table entries are 0 or units of blocks of this arena (see `chain`).
-        if unit == 0 || !unsafe { &*b }.matches(rip, lin, bitness, host) {
+        let b = self.arena.block_at(self.slots.get(Self::slot(lin)));
+        // SAFETY: table entries are empty or blocks of this arena (see `chain`).
+        if b.is_null() || !unsafe { &*b }.matches(rip, lin, bitness, host) {
             return None;
         }
         self.link(b);
@@ -720,7 +777,7 @@ impl BlockCache {
 
     /// [`find`](Self::find) when part of the arena is shared: each block is checked before
     /// its first use, and shared blocks' chains are neither trusted blindly nor written.
-    #[inline(never)]
+    #[inline(always)]
     fn find_with_shared(
         &mut self,
         rip: u64,
@@ -738,13 +795,14 @@ impl BlockCache {
                 if !b.is_null() && unsafe { &*b }.matches(rip, lin, bitness, host) {
                     if k == 1 && !from_shared {
                         last.chain[1].set(last.chain[0].get());
-                        last.chain[0].set(self.arena.slot_of(b));
+                        last.chain[0].set(b);
                     }
                     return Some(b);
                 }
             }
         }
-        let b = self.arena.usable(self.slots.get(Self::slot(lin)), false);
+        let b = self.arena.block_at(self.slots.get(Self::slot(lin)));
+        let b = self.arena.usable(b, false);
         // SAFETY: as above.
         if b.is_null() || !unsafe { &*b }.matches(rip, lin, bitness, host) {
             return None;
@@ -790,14 +848,19 @@ impl BlockCache {
         // SAFETY: `block` is a live block of this arena (the caller just got it).
         let b = unsafe { &*block };
         for link in &b.chain {
-            let unit = link.get();
-            if unit != 0 {
-                let next = self.arena.block_at(unit) as usize;
+            let next = link.get() as usize;
+            if next != 0 {
                 prefetch(next);
                 prefetch(next + 64);
                 prefetch(next + 128);
             }
         }
+    }
+
+    /// Whether some blocks are shared (adopted from a saved file and not yet dropped).
+    #[inline(always)]
+    pub fn has_shared(&self) -> bool {
+        self.arena.shared != 0
     }
 
     /// Bytes of the arena in use.
@@ -809,14 +872,17 @@ impl BlockCache {
     /// shared: its page stays the file's).
     #[inline(always)]
     fn link(&mut self, b: *const Block) {
-        // SAFETY: `last` is null or a block of this arena entered since it was last emptied.
-        if let Some(last) = unsafe { self.last.as_ref() } {
-            let unit = self.arena.slot_of(b);
-            if last.chain[0].get() != unit && !self.arena.is_shared(last) {
+        if let Some(last) = self.last() {
+            if last.chain[0].get() != b && !self.arena.is_shared(last) {
                 last.chain[1].set(last.chain[0].get());
-                last.chain[0].set(unit);
+                last.chain[0].set(b);
             }
         }
+    }
+
+    fn last(&self) -> Option<&Block> {
+        // SAFETY: `last` is null or a block of this arena entered since it was last emptied.
+        unsafe { self.last.as_ref() }
     }
 
     /// Writes the table and every block to `out`, for restored copies of this vCPU to share
@@ -827,6 +893,7 @@ impl BlockCache {
         header[..8].copy_from_slice(FILE_MAGIC);
         header[8..16].copy_from_slice(&fingerprint().to_le_bytes());
         header[16..24].copy_from_slice(&(self.arena.used as u64).to_le_bytes());
+        header[24..32].copy_from_slice(&(self.arena.base.as_ptr() as u64).to_le_bytes());
         out.write_all(&header)?;
         out.write_all(self.slots.bytes())?;
         // SAFETY: the arena's first `used` bytes are mapped and were written (blocks, the
@@ -868,6 +935,9 @@ impl BlockCache {
         if meta.len() < (FILE_HEADER + TABLE_BYTES + used) as u64 {
             return Err(AdoptError::Truncated);
         }
+        // The saved blocks point at each other (chains): the arena goes where it was.
+        let at = usize::try_from(word(24)).map_err(|_| AdoptError::OtherBuild)?;
+        self.arena.move_to(at).map_err(AdoptError::AddressTaken)?;
         let map = |at: *mut u8, len: usize, offset: usize| {
             // SAFETY: replaces part of this cache's own mappings (the table or the start of
             // the empty arena), which nothing refers to, with a private view of the file.
@@ -1056,6 +1126,23 @@ fn ends_block(insn: &Instruction) -> bool {
 mod tests {
     use super::*;
 
+    impl BlockCache {
+        /// `find` as the run loop calls it.
+        fn lookup(
+            &mut self,
+            rip: u64,
+            lin: u64,
+            bitness: u32,
+            host: *const u8,
+        ) -> Option<*const Block> {
+            if self.has_shared() {
+                self.find::<true>(rip, lin, bitness, host)
+            } else {
+                self.find::<false>(rip, lin, bitness, host)
+            }
+        }
+    }
+
     /// The code compare finds a change of any byte, at any length a block can have.
     #[test]
     fn same_finds_every_changed_byte() {
@@ -1100,8 +1187,8 @@ mod tests {
         assert!(cache.bytes() <= 4096);
         // The first blocks went with the flush; the last is found where it was put.
         let host = |k: usize| code[3 * k..].as_ptr();
-        assert!(cache.find(lin(0), lin(0), 64, host(0)).is_none());
-        let last = cache.find(lin(39), lin(39), 64, host(39));
+        assert!(cache.lookup(lin(0), lin(0), 64, host(0)).is_none());
+        let last = cache.lookup(lin(39), lin(39), 64, host(39));
         assert_eq!(last, Some(blocks[39]));
         // SAFETY: found just now, and nothing was compiled since.
         let ops = unsafe { &*last.unwrap() }.ops().len();
@@ -1122,13 +1209,13 @@ mod tests {
         compile(&mut cache, &code, 2, c);
         // Back at `a`: `b` followed it last time, though `c` holds its slot now.
         cache.enter(block_a);
-        assert_eq!(cache.find(b, b, 64, code[3..].as_ptr()), Some(block_b));
+        assert_eq!(cache.lookup(b, b, 64, code[3..].as_ptr()), Some(block_b));
         // A mode or address mismatch, or changed code, is never taken from the chain.
         cache.enter(block_a);
-        assert!(cache.find(b, b, 32, code[3..].as_ptr()).is_none());
-        assert!(cache.find(b + 1, b, 64, code[3..].as_ptr()).is_none());
+        assert!(cache.lookup(b, b, 32, code[3..].as_ptr()).is_none());
+        assert!(cache.lookup(b + 1, b, 64, code[3..].as_ptr()).is_none());
         code[3] = 0x90;
-        assert!(cache.find(b, b, 64, code[3..].as_ptr()).is_none());
+        assert!(cache.lookup(b, b, 64, code[3..].as_ptr()).is_none());
     }
 
     /// A file with the blocks of `cache`, as a snapshot saves them (owner-only).
@@ -1147,10 +1234,10 @@ mod tests {
         (f, path)
     }
 
-    /// Where, in a saved file, the byte `offset` bytes into `block` of `cache` is.
-    fn file_offset(cache: &BlockCache, block: *const Block, offset: usize) -> u64 {
-        (FILE_HEADER + TABLE_BYTES + block as usize - cache.arena.base.as_ptr() as usize + offset)
-            as u64
+    /// Where, in a saved file, the byte `offset` bytes into `block` is (`base`: the saving
+    /// arena's).
+    fn file_offset(base: usize, block: *const Block, offset: usize) -> u64 {
+        (FILE_HEADER + TABLE_BYTES + block as usize - base + offset) as u64
     }
 
     const LIN: u64 = 0x40_0000;
@@ -1165,53 +1252,54 @@ mod tests {
         (cache, blocks)
     }
 
+    /// A cache that adopted `file`. The saving cache must be gone: the blocks go back to the
+    /// address they were saved at, so its pointers to them name the adopted ones.
+    fn adopted(file: &std::fs::File) -> BlockCache {
+        let mut b = BlockCache::new();
+        b.adopt(file).unwrap();
+        b
+    }
+
     #[test]
     fn adopted_blocks_are_checked_found_and_never_written() {
         use std::os::unix::fs::FileExt;
         let code = code();
         let (a, blocks) = compiled(10);
         let (file, path) = saved(&a, "adopt");
-        let mut b = BlockCache::new();
-        b.adopt(&file).unwrap();
-        let used = b.arena.used;
-        assert_eq!(used, a.arena.used);
+        let (base, used) = (a.arena.base.as_ptr() as usize, a.arena.used);
+        drop(a);
+        let mut b = adopted(&file);
+        assert_eq!(b.arena.base.as_ptr() as usize, base);
+        assert_eq!(b.arena.used, used);
         for k in 0..10 {
             let lin = LIN + 3 * k as u64;
             let found = b
-                .find(lin, lin, 64, code[3 * k..].as_ptr())
+                .lookup(lin, lin, 64, code[3 * k..].as_ptr())
                 .expect("adopted");
+            assert_eq!(found, blocks[k]);
             assert!(b.arena.is_shared(found));
             // SAFETY: found just now.
             assert_eq!(unsafe { &*found }.ops().len(), 2, "inc eax; ret");
             b.enter(found);
         }
         assert_eq!(b.arena.used, used, "nothing was compiled");
-        // Entering them in another order did not rewrite their chains: the file's bytes are
+        // Linking them in another order did not rewrite their chains: the file's bytes are
         // what the mapping shows.
-        let block = blocks[4];
-        let mut chain = [0u8; 8];
-        file.read_exact_at(&mut chain, file_offset(&a, block, 24))
+        let mut chain = [0u8; 16];
+        file.read_exact_at(&mut chain, file_offset(base, blocks[4], 24))
             .unwrap();
-        let lin = LIN + 3 * 7;
-        let seven = b.find(lin, lin, 64, code[21..].as_ptr()).unwrap();
-        let four = b.arena.block_at(a.arena.slot_of(block));
-        b.last = four;
-        b.link(seven);
-        // SAFETY: `four` was checked above (it is block 4 of the adopted ones).
-        let now = unsafe { &*four }
-            .chain
-            .iter()
-            .map(|c| c.get())
-            .collect::<Vec<_>>();
-        let then = [
-            u32::from_le_bytes(chain[..4].try_into().unwrap()),
-            u32::from_le_bytes(chain[4..].try_into().unwrap()),
-        ];
-        assert_eq!(now, then);
+        b.last = blocks[4];
+        b.link(blocks[7]);
+        // SAFETY: block 4 was checked above.
+        let now = unsafe { &*blocks[4] }.chain.iter().map(|c| c.get() as u64);
+        let then = chain
+            .chunks(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap()));
+        assert!(now.eq(then));
         // Changed guest code is not run from an adopted block either.
         let mut changed = code.clone();
         changed[0] = 0x90;
-        assert!(b.find(LIN, LIN, 64, changed.as_ptr()).is_none());
+        assert!(b.lookup(LIN, LIN, 64, changed.as_ptr()).is_none());
         std::fs::remove_file(path).unwrap();
     }
 
@@ -1221,6 +1309,12 @@ mod tests {
         let code = code();
         let (a, blocks) = compiled(3);
         let (file, path) = saved(&a, "moved");
+        let base = a.arena.base.as_ptr() as usize;
+        // SAFETY: the blocks are live in `a`.
+        let block = unsafe { &*blocks[1] };
+        let (ops_at, runs) = (block.ops_at as usize, block.ops().iter().map(|o| o.run));
+        let runs: Vec<usize> = runs.collect();
+        drop(a);
         // As if the saving process had its handlers 0x5000 bytes further on.
         let moved = |at: u64| {
             let mut w = [0u8; 8];
@@ -1228,23 +1322,22 @@ mod tests {
             let v = u64::from_le_bytes(w).wrapping_add(0x5000);
             file.write_all_at(&v.to_le_bytes(), at).unwrap();
         };
-        // SAFETY: the blocks are live in `a`.
-        let block = unsafe { &*blocks[1] };
-        moved(file_offset(&a, blocks[1], 16));
-        for i in 0..block.ops().len() {
-            moved(file_offset(&a, blocks[1], block.ops_at as usize + i * OP));
+        moved(file_offset(base, blocks[1], 16));
+        for i in 0..runs.len() {
+            moved(file_offset(base, blocks[1], ops_at + i * OP));
         }
-        let mut b = BlockCache::new();
-        b.adopt(&file).unwrap();
+        let mut b = adopted(&file);
         let lin = LIN + 3;
-        let found = b.find(lin, lin, 64, code[3..].as_ptr()).expect("accepted");
+        let found = b
+            .lookup(lin, lin, 64, code[3..].as_ptr())
+            .expect("accepted");
         // SAFETY: found just now.
         let found = unsafe { &*found };
         assert!(found.foreign());
         let mut handlers = [fast::general_handler(); MAX_OPS];
-        found.handlers(&mut handlers);
-        for (h, op) in handlers.iter().zip(block.ops()) {
-            assert_eq!(*h as usize, op.run);
+        found.handlers(found.ops().len(), &mut handlers);
+        for (h, run) in handlers.iter().zip(runs) {
+            assert_eq!(*h as usize, run);
         }
         std::fs::remove_file(path).unwrap();
     }
@@ -1255,27 +1348,36 @@ mod tests {
         let code = code();
         let (a, blocks) = compiled(10);
         let (file, path) = saved(&a, "tampered");
-        // Block 3: its first op's handler moved by one byte; block 5: one op fewer.
+        let base = a.arena.base.as_ptr() as usize;
+        // Block 3: its first op's handler moved by one byte; block 5: one op fewer; block 6
+        // follows block 2 at a pointer into the middle of block 7.
         // SAFETY: the blocks are live in `a`.
         let ops_at = unsafe { &*blocks[3] }.ops_at as usize;
-        file.write_all_at(&[0x11], file_offset(&a, blocks[3], ops_at))
+        drop(a);
+        file.write_all_at(&[0x11], file_offset(base, blocks[3], ops_at))
             .unwrap();
-        file.write_all_at(&1u16.to_le_bytes(), file_offset(&a, blocks[5], 38))
+        file.write_all_at(&1u16.to_le_bytes(), file_offset(base, blocks[5], 46))
             .unwrap();
-        let mut b = BlockCache::new();
-        b.adopt(&file).unwrap();
+        let middle = (blocks[7] as u64 + 64).to_le_bytes();
+        file.write_all_at(&middle, file_offset(base, blocks[6], 24))
+            .unwrap();
+        let mut b = adopted(&file);
         let used = b.arena.used;
         for k in [3, 5] {
             let lin = LIN + 3 * k as u64;
             let host = code[3 * k..].as_ptr();
-            assert!(b.find(lin, lin, 64, host).is_none(), "block {k}");
+            assert!(b.lookup(lin, lin, 64, host).is_none(), "block {k}");
             let again = b.compile(lin, lin, 64, host).unwrap();
             assert!(!b.arena.is_shared(again));
-            assert_eq!(b.find(lin, lin, 64, host), Some(again));
+            assert_eq!(b.lookup(lin, lin, 64, host), Some(again));
         }
         assert!(b.arena.used > used);
+        assert!(b
+            .arena
+            .usable(blocks[7].wrapping_byte_add(64), true)
+            .is_null());
         let lin = LIN + 12;
-        let four = b.find(lin, lin, 64, code[12..].as_ptr()).unwrap();
+        let four = b.lookup(lin, lin, 64, code[12..].as_ptr()).unwrap();
         assert!(b.arena.is_shared(four), "the others are still used");
         std::fs::remove_file(path).unwrap();
     }
@@ -1306,7 +1408,7 @@ mod tests {
             let mut b = BlockCache::new();
             let err = b.adopt(&file).unwrap_err().to_string();
             assert!(err.contains(why), "{err}");
-            assert!(b.find(LIN, LIN, 64, code.as_ptr()).is_none());
+            assert!(b.lookup(LIN, LIN, 64, code.as_ptr()).is_none());
             assert!(b.compile(LIN, LIN, 64, code.as_ptr()).is_some());
             std::fs::remove_file(path).unwrap();
         }
@@ -1321,14 +1423,14 @@ mod tests {
         // A slot naming a unit past the saved blocks: this process's own blocks go there.
         let slot = BlockCache::slot(LIN + 3 * 5);
         let past = (a.arena.used / BLOCK_ALIGN) as u32;
+        drop(a);
         file.write_all_at(&past.to_le_bytes(), (FILE_HEADER + 4 * slot) as u64)
             .unwrap();
-        let mut b = BlockCache::new();
-        b.adopt(&file).unwrap();
+        let mut b = adopted(&file);
         assert_eq!(b.slots.get(slot), 0);
         // What goes there is compiled, not taken from the slot.
         let lin = LIN + 15;
-        assert!(b.find(lin, lin, 64, code[15..].as_ptr()).is_none());
+        assert!(b.lookup(lin, lin, 64, code[15..].as_ptr()).is_none());
         std::fs::remove_file(path).unwrap();
     }
 
@@ -1340,6 +1442,7 @@ mod tests {
             compile(&mut a, &code, k, LIN + 3 * k as u64);
         }
         let (file, path) = saved(&a, "full");
+        drop(a);
         let mut b = BlockCache::with_arena(3 * PAGE);
         b.adopt(&file).unwrap();
         let mut k = 10;
@@ -1348,7 +1451,7 @@ mod tests {
             k += 1;
         }
         assert_eq!(b.arena.shared, 0);
-        assert!(b.find(LIN, LIN, 64, code.as_ptr()).is_none());
+        assert!(b.lookup(LIN, LIN, 64, code.as_ptr()).is_none());
         let again = compile(&mut b, &code, 0, LIN);
         assert!(!b.arena.is_shared(again));
         std::fs::remove_file(path).unwrap();

@@ -339,8 +339,10 @@ impl Cpu {
             self.interrupt_shadow = false;
             let flow = if self.trace_insns > 0 {
                 self.single_step()
+            } else if self.blocks.has_shared() {
+                self.run_shared_block(end)
             } else {
-                self.run_block(end)
+                self.run_block::<false>(end)
             };
             if let Flow::Exit(e) = flow {
                 return e;
@@ -349,9 +351,19 @@ impl Cpu {
         RunExit::Budget
     }
 
+    /// [`run_block`](Self::run_block) while some of the cache's blocks are shared: apart, so
+    /// that the usual case's loop stays as it is (its registers are sensitive to any more
+    /// code around it).
+    #[inline(never)]
+    fn run_shared_block(&mut self, end: u64) -> Flow {
+        self.run_block::<true>(end)
+    }
+
     /// Runs the block at RIP, compiling it first if the cache does not hold it, stopping early
-    /// when the instruction count reaches `end`.
-    fn run_block(&mut self, end: u64) -> Flow {
+    /// when the instruction count reaches `end`. `SHARED`: the cache holds blocks another
+    /// process compiled (adopted from a snapshot), which run with this process's handlers.
+    #[inline(always)]
+    fn run_block<const SHARED: bool>(&mut self, end: u64) -> Flow {
         self.refresh_tlb_mode();
         let rip = self.s.rip;
         let bitness = self.s.bitness();
@@ -366,7 +378,7 @@ impl Cpu {
                 }
             },
         };
-        let block = match self.blocks.find(rip, lin, bitness, host) {
+        let block = match self.blocks.find::<SHARED>(rip, lin, bitness, host) {
             Some(b) => b,
             None => match self.blocks.compile(rip, lin, bitness, host) {
                 Some(b) => {
@@ -385,18 +397,15 @@ impl Cpu {
         let ipmask = if bitness == 64 { u64::MAX } else { 0xffff_ffff };
         self.code_lo = host as usize;
         self.code_len = block.len();
-        // Blocks another process compiled (shared from a snapshot) run apart, so that the
-        // loop below stays what it is for this process's own.
-        if block.foreign() {
-            return self.run_foreign(block, end, rip, ipmask);
-        }
         let flow = loop {
             let n = block.ops().len().min((end - self.icount) as usize);
-            if n < block.ops().len() {
-                // Cut short by the budget: a dropped flag computation might be visible after it.
-                let mut exact = [fast::general_handler(); block::MAX_OPS];
-                block.exact(n, &mut exact);
-                break self.run_ops::<true, false>(&block.ops()[..n], &exact[..n], rip, ipmask);
+            // A block another process compiled (shared from a snapshot) runs once with this
+            // process's handlers for its ops, as one cut short by the budget runs with the
+            // flag-exact ones (a loop of it comes back through the lookup).
+            if n < block.ops().len() || (SHARED && block.foreign()) {
+                let mut handlers = [fast::general_handler(); block::MAX_OPS];
+                block.handlers(n, &mut handlers);
+                break self.run_ops::<true, false>(&block.ops()[..n], &handlers[..n], rip, ipmask);
             }
             let flow = if bitness == 64 {
                 self.run_ops::<false, true>(block.ops(), &[], rip, ipmask)
@@ -418,25 +427,6 @@ impl Cpu {
             }
             self.blocks_run += 1;
         };
-        self.code_len = 0;
-        self.code_written = false;
-        flow
-    }
-
-    /// Runs a block another process compiled (saved with a snapshot and shared) once, with
-    /// this process's handlers for its ops (or the flag-exact ones when the budget cuts it
-    /// short). A loop whose body is the block comes back through the cache lookup.
-    #[cold]
-    #[inline(never)]
-    fn run_foreign(&mut self, block: &block::Block, end: u64, rip: u64, ipmask: u64) -> Flow {
-        let mut handlers = [fast::general_handler(); block::MAX_OPS];
-        let n = block.ops().len().min((end - self.icount) as usize);
-        if n < block.ops().len() {
-            block.exact(n, &mut handlers);
-        } else {
-            block.handlers(&mut handlers);
-        }
-        let flow = self.run_ops::<true, false>(&block.ops()[..n], &handlers[..n], rip, ipmask);
         self.code_len = 0;
         self.code_written = false;
         flow
@@ -468,7 +458,7 @@ impl Cpu {
     /// Runs compiled instructions in order, the first at `rip`, until one leaves the
     /// sequence. `EXACT` runs each with all its flags (`exact[i]` for `ops[i]`); `WIDE` is
     /// 64-bit code, whose RIP does not wrap at 4 GiB (`ipmask` is then not used).
-    #[inline(never)]
+    #[inline(always)]
     fn run_ops<const EXACT: bool, const WIDE: bool>(
         &mut self,
         ops: &[fast::Op],
