@@ -15,6 +15,10 @@
 //! followed it ([`Block::chain`]). The kernel's I/O path runs thousands of different blocks,
 //! more than the host's caches hold: entering the next block through the chain, from memory
 //! the host's prefetchers already stream in, skips the cache lookup and its dependent miss.
+//!
+//! A snapshot saves the arena and the table ([`BlockCache::save`]); a VM restored from it maps
+//! them copy-on-write at the same address ([`BlockCache::adopt`]), so that clones share one
+//! copy, and checks each saved block before its first use by compiling its bytes again.
 
 use std::cell::Cell;
 use std::ptr::NonNull;
