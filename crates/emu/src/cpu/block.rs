@@ -139,32 +139,14 @@ impl Block {
         }
     }
 
-    /// Whether another process compiled the block (it was saved with a snapshot): its ops
-    /// must run through [`handlers`](Self::handlers).
+    /// What to add to an op's handler address to get this process's handler: 0 for a block
+    /// this process compiled; for one another process compiled (saved with a snapshot), the
+    /// distance between where the handlers are here and where they were there. Its ops are
+    /// at the same distances from the general handler as what this build compiles from the
+    /// block's bytes (`Arena::verify` checked), so that gives a handler of this process.
     #[inline(always)]
-    pub fn foreign(&self) -> bool {
-        self.anchor != fast::general_address() as u64
-    }
-
-    /// The handlers to run the first `n` ops with when the block is not run from the start
-    /// to the end by this process's own ops: cut short by the budget (`n` less than all), a
-    /// dropped flag computation might be visible after it, so the flag-exact ones
-    /// ([`exact`](Self::exact)); whole, but compiled by another process, this process's
-    /// handlers for its ops.
-    #[inline(never)]
-    pub fn handlers(&self, n: usize, out: &mut [Handler; MAX_OPS]) {
-        if n < self.ops().len() {
-            return self.exact(n, out);
-        }
-        let here = fast::general_address();
-        for (slot, op) in out.iter_mut().zip(self.ops()) {
-            let at = op.run.wrapping_sub(self.anchor as usize).wrapping_add(here);
-            // SAFETY: the block is this process's own (then `at` is `op.run`), or a saved one
-            // that `Arena::verify` found to be, op for op, at the same distances from the
-            // general handler as what this build compiles from its bytes: `at` is a handler
-            // of this process.
-            *slot = unsafe { std::mem::transmute::<usize, Handler>(at) };
-        }
+    pub fn slide(&self) -> usize {
+        fast::general_address().wrapping_sub(self.anchor as usize)
     }
 
     /// Whether the code at `host` (the host address of `lin`) is still what was compiled.
@@ -1337,11 +1319,10 @@ mod tests {
             .expect("accepted");
         // SAFETY: found just now.
         let found = unsafe { &*found };
-        assert!(found.foreign());
-        let mut handlers = [fast::general_handler(); MAX_OPS];
-        found.handlers(found.ops().len(), &mut handlers);
-        for (h, run) in handlers.iter().zip(runs) {
-            assert_eq!(*h as usize, run);
+        assert_eq!(found.slide(), 0usize.wrapping_sub(0x5000));
+        for (op, run) in found.ops().iter().zip(runs) {
+            // SAFETY: the block's own slide.
+            assert_eq!(unsafe { op.handler(found.slide()) } as usize, run);
         }
         std::fs::remove_file(path).unwrap();
     }

@@ -115,15 +115,14 @@ impl Op {
         self.imm = (insn as usize).wrapping_sub(op_at as usize) as u64;
     }
 
-    /// The function that runs this op.
+    /// The function that runs this op, given its block's `slide` (`block::Block::slide`).
     ///
     /// # Safety
-    /// The op must have been compiled by this process (a block another process saved names
-    /// that process's handlers: see `block::Block::handlers`).
+    /// `slide` must be that of the block holding the op (0 if this process compiled it).
     #[inline(always)]
-    pub(crate) unsafe fn handler(&self) -> Handler {
-        // SAFETY: `run` was made from a handler of this process (the caller's guarantee).
-        unsafe { std::mem::transmute::<usize, Handler>(self.run) }
+    pub(crate) unsafe fn handler(&self, slide: usize) -> Handler {
+        // SAFETY: `run + slide` is a handler of this process (the caller's guarantee).
+        unsafe { std::mem::transmute::<usize, Handler>(self.run.wrapping_add(slide)) }
     }
 }
 
@@ -865,7 +864,7 @@ pub(crate) fn exact_handler(insn: &Instruction, bitness: u32) -> Handler {
 }
 
 /// Where the general interpreter's handler is in this process: what blocks record, so that
-/// the handlers of ops compiled by another process can be found (`block::Block::handlers`).
+/// the handlers of ops compiled by another process can be found (`block::Block::slide`).
 pub(crate) fn general_address() -> usize {
     general as Handler as usize
 }

@@ -397,20 +397,22 @@ impl Cpu {
         let ipmask = if bitness == 64 { u64::MAX } else { 0xffff_ffff };
         self.code_lo = host as usize;
         self.code_len = block.len();
+        // What to add to an op's handler address: 0 for this process's own blocks; for one
+        // another process compiled (shared from a snapshot), the distance between where the
+        // handlers are here and where they were there.
+        let slide = if SHARED { block.slide() } else { 0 };
         let flow = loop {
             let n = block.ops().len().min((end - self.icount) as usize);
-            // A block another process compiled (shared from a snapshot) runs once with this
-            // process's handlers for its ops, as one cut short by the budget runs with the
-            // flag-exact ones (a loop of it comes back through the lookup).
-            if n < block.ops().len() || (SHARED && block.foreign()) {
-                let mut handlers = [fast::general_handler(); block::MAX_OPS];
-                block.handlers(n, &mut handlers);
-                break self.run_ops::<true, false>(&block.ops()[..n], &handlers[..n], rip, ipmask);
+            if n < block.ops().len() {
+                // Cut short by the budget: a dropped flag computation might be visible after it.
+                let mut exact = [fast::general_handler(); block::MAX_OPS];
+                block.exact(n, &mut exact);
+                break self.run_ops::<true, false>(&block.ops()[..n], &exact[..n], rip, ipmask, 0);
             }
             let flow = if bitness == 64 {
-                self.run_ops::<false, true>(block.ops(), &[], rip, ipmask)
+                self.run_ops::<false, true>(block.ops(), &[], rip, ipmask, slide)
             } else {
-                self.run_ops::<false, false>(block.ops(), &[], rip, ipmask)
+                self.run_ops::<false, false>(block.ops(), &[], rip, ipmask, slide)
             };
             // A loop whose body is this block goes round again without the lookup and the
             // byte check: nothing this vCPU ran wrote the block's code (`code_written`), and
@@ -457,7 +459,8 @@ impl Cpu {
 
     /// Runs compiled instructions in order, the first at `rip`, until one leaves the
     /// sequence. `EXACT` runs each with all its flags (`exact[i]` for `ops[i]`); `WIDE` is
-    /// 64-bit code, whose RIP does not wrap at 4 GiB (`ipmask` is then not used).
+    /// 64-bit code, whose RIP does not wrap at 4 GiB (`ipmask` is then not used). `slide` is
+    /// the block's [`slide`](block::Block::slide).
     #[inline(always)]
     fn run_ops<const EXACT: bool, const WIDE: bool>(
         &mut self,
@@ -465,6 +468,7 @@ impl Cpu {
         exact: &[fast::Handler],
         rip: u64,
         ipmask: u64,
+        slide: usize,
     ) -> Flow {
         // Retired instructions are counted here (`i`) and added once on the way out: nothing
         // the handlers do reads the count.
@@ -484,9 +488,8 @@ impl Cpu {
             let run = if EXACT {
                 exact[i]
             } else {
-                // SAFETY: `run_block` gives the ops of a block another process compiled only
-                // with handlers of this one (`exact`).
-                unsafe { op.handler() }
+                // SAFETY: `slide` is the block's (`run_block`).
+                unsafe { op.handler(slide) }
             };
             match run(self, op) {
                 Ok(()) => {
