@@ -252,8 +252,9 @@ impl Plan {
     /// instructions) at `base`.
     ///
     /// # Safety
-    /// `base .. base + size` must be writable, aligned to [`BLOCK_ALIGN`], and referred to by
-    /// nothing else; `code` must be what the plan was made from.
+    /// `base .. base + size` must be writable, aligned to 8 (what the header, ops and
+    /// instructions need; blocks in the arena are aligned to [`BLOCK_ALIGN`]), and referred to
+    /// by nothing else; `code` must be what the plan was made from.
     unsafe fn write(&self, base: *mut u8, code: &[u8], lin: u64) -> NonNull<Block> {
         // SAFETY: every offset below is inside `base .. base + size` and respects what is
         // written there (header at 0, bytes, `Op`s at a multiple of 32, instructions right
