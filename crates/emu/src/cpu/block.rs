@@ -1236,11 +1236,30 @@ mod tests {
         assert!(cache.lookup(b, b, 64, code[3..].as_ptr()).is_none());
     }
 
+    /// A saved blocks file, removed when dropped.
+    struct SavedFile {
+        file: std::fs::File,
+        path: std::path::PathBuf,
+    }
+
+    impl std::ops::Deref for SavedFile {
+        type Target = std::fs::File;
+        fn deref(&self) -> &std::fs::File {
+            &self.file
+        }
+    }
+
+    impl Drop for SavedFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
     /// A file with the blocks of `cache`, as a snapshot saves them (owner-only).
-    fn saved(cache: &BlockCache, name: &str) -> (std::fs::File, std::path::PathBuf) {
+    fn saved(cache: &BlockCache, name: &str) -> SavedFile {
         use std::os::unix::fs::OpenOptionsExt;
         let path = std::env::temp_dir().join(format!("fv-blocks-{}-{name}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new()
+        let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
@@ -1248,8 +1267,15 @@ mod tests {
             .mode(0o600)
             .open(&path)
             .unwrap();
-        cache.save(&mut f).unwrap();
-        (f, path)
+        cache.save(&mut file).unwrap();
+        SavedFile { file, path }
+    }
+
+    /// Saves `cache` and drops it (its blocks go back to the same address when adopted):
+    /// the file and the arena's address.
+    fn saved_and_gone(cache: BlockCache, name: &str) -> (SavedFile, usize) {
+        let file = saved(&cache, name);
+        (file, cache.arena.base.as_ptr() as usize)
     }
 
     /// Where, in a saved file, the byte `offset` bytes into `block` is (`base`: the saving
@@ -1283,9 +1309,8 @@ mod tests {
         use std::os::unix::fs::FileExt;
         let code = code();
         let (a, blocks) = compiled(10);
-        let (file, path) = saved(&a, "adopt");
-        let (base, used) = (a.arena.base.as_ptr() as usize, a.arena.used);
-        drop(a);
+        let used = a.arena.used;
+        let (file, base) = saved_and_gone(a, "adopt");
         let mut b = adopted(&file);
         assert_eq!(b.arena.base.as_ptr() as usize, base);
         assert_eq!(b.arena.used, used);
@@ -1318,7 +1343,6 @@ mod tests {
         let mut changed = code.clone();
         changed[0] = 0x90;
         assert!(b.lookup(LIN, LIN, 64, changed.as_ptr()).is_none());
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
@@ -1326,13 +1350,11 @@ mod tests {
         use std::os::unix::fs::FileExt;
         let code = code();
         let (a, blocks) = compiled(3);
-        let (file, path) = saved(&a, "moved");
-        let base = a.arena.base.as_ptr() as usize;
         // SAFETY: the blocks are live in `a`.
         let block = unsafe { &*blocks[1] };
         let (ops_at, runs) = (block.ops_at as usize, block.ops().iter().map(|o| o.run));
         let runs: Vec<usize> = runs.collect();
-        drop(a);
+        let (file, base) = saved_and_gone(a, "moved");
         // As if the saving process had its handlers 0x5000 bytes further on.
         let moved = |at: u64| {
             let mut w = [0u8; 8];
@@ -1356,7 +1378,6 @@ mod tests {
             // SAFETY: the block's own slide.
             assert_eq!(unsafe { op.handler(found.slide()) } as usize, run);
         }
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
@@ -1364,13 +1385,12 @@ mod tests {
         use std::os::unix::fs::FileExt;
         let code = code();
         let (a, blocks) = compiled(10);
-        let (file, path) = saved(&a, "tampered");
-        let base = a.arena.base.as_ptr() as usize;
+
         // Block 3: its first op's handler moved by one byte; block 5: one op fewer; block 6
         // follows block 2 at a pointer into the middle of block 7.
         // SAFETY: the blocks are live in `a`.
         let ops_at = unsafe { &*blocks[3] }.ops_at as usize;
-        drop(a);
+        let (file, base) = saved_and_gone(a, "tampered");
         file.write_all_at(&[0x11], file_offset(base, blocks[3], ops_at))
             .unwrap();
         file.write_all_at(&1u16.to_le_bytes(), file_offset(base, blocks[5], 46))
@@ -1396,7 +1416,6 @@ mod tests {
         let lin = LIN + 12;
         let four = b.lookup(lin, lin, 64, code[12..].as_ptr()).unwrap();
         assert!(b.arena.is_shared(four), "the others are still used");
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
@@ -1420,14 +1439,13 @@ mod tests {
             }),
         ];
         for (i, (why, spoil)) in cases.iter().enumerate() {
-            let (file, path) = saved(&a, &format!("bad{i}"));
-            spoil(&file, &path);
+            let file = saved(&a, &format!("bad{i}"));
+            spoil(&file, &file.path);
             let mut b = BlockCache::new();
             let err = b.adopt(&file).unwrap_err().to_string();
             assert!(err.contains(why), "{err}");
             assert!(b.lookup(LIN, LIN, 64, code.as_ptr()).is_none());
             assert!(b.compile(LIN, LIN, 64, code.as_ptr()).is_some());
-            std::fs::remove_file(path).unwrap();
         }
     }
 
@@ -1436,11 +1454,10 @@ mod tests {
         use std::os::unix::fs::FileExt;
         let code = code();
         let (a, _) = compiled(2);
-        let (file, path) = saved(&a, "slots");
         // A slot naming a unit past the saved blocks: this process's own blocks go there.
         let slot = BlockCache::slot(LIN + 3 * 5);
         let past = (a.arena.used / BLOCK_ALIGN) as u32;
-        drop(a);
+        let (file, _) = saved_and_gone(a, "slots");
         file.write_all_at(&past.to_le_bytes(), (FILE_HEADER + 4 * slot) as u64)
             .unwrap();
         let mut b = adopted(&file);
@@ -1448,15 +1465,13 @@ mod tests {
         // What goes there is compiled, not taken from the slot.
         let lin = LIN + 15;
         assert!(b.lookup(lin, lin, 64, code[15..].as_ptr()).is_none());
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
     fn blocks_compiled_after_adopting_go_to_a_table_of_their_own_first() {
         let code = code();
         let (a, _) = compiled(2);
-        let (file, path) = saved(&a, "fresh");
-        drop(a);
+        let (file, _) = saved_and_gone(a, "fresh");
         let mut b = adopted(&file);
         let table: Vec<u32> = (0..SLOTS).map(|i| b.slots.get(i)).collect();
         let mut placed = 0;
@@ -1472,7 +1487,6 @@ mod tests {
         let changed = (0..SLOTS).filter(|&i| b.slots.get(i) != table[i]).count();
         assert_eq!(changed, 38 - placed);
         assert!(placed > 30, "{placed} of 38 in the fresh table");
-        std::fs::remove_file(path).unwrap();
     }
 
     #[test]
@@ -1482,8 +1496,7 @@ mod tests {
         for k in 0..10 {
             compile(&mut a, &code, k, LIN + 3 * k as u64);
         }
-        let (file, path) = saved(&a, "full");
-        drop(a);
+        let (file, _) = saved_and_gone(a, "full");
         let mut b = BlockCache::with_arena(3 * PAGE);
         b.adopt(&file).unwrap();
         let mut k = 10;
@@ -1495,6 +1508,5 @@ mod tests {
         assert!(b.lookup(LIN, LIN, 64, code.as_ptr()).is_none());
         let again = compile(&mut b, &code, 0, LIN);
         assert!(!b.arena.is_shared(again));
-        std::fs::remove_file(path).unwrap();
     }
 }
