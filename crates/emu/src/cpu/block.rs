@@ -402,7 +402,7 @@ impl Arena {
             return false;
         }
         // SAFETY: the header is inside the shared mapping, aligned; every field of `Block`
-        // is an integer, valid whatever the bytes.
+        // is an integer or a raw pointer, valid whatever the bytes.
         let b = unsafe { &*(self.base.as_ptr().add(at) as *const Block) };
         let len = b.len();
         let fits = len > 0
@@ -432,8 +432,8 @@ impl Arena {
         unsafe { plan.write(fresh, code, b.lin) };
         let n = plan.compiled.len();
         let insns = plan.ops_at + n * OP;
-        // SAFETY: `fresh` holds `size` bytes, all written by `write` from the ops and
-        // instructions (neither has padding); `at + size <= end` is inside the mapping.
+        // SAFETY: `fresh` holds `size` initialized bytes (zeroed, then written by `write`:
+        // ops and instructions have no padding); `at + size <= end` is inside the mapping.
         let (fresh, saved) = unsafe {
             (
                 std::slice::from_raw_parts(fresh, plan.size),
@@ -912,7 +912,17 @@ impl BlockCache {
         header[16..24].copy_from_slice(&(self.arena.used as u64).to_le_bytes());
         header[24..32].copy_from_slice(&(self.arena.base.as_ptr() as u64).to_le_bytes());
         out.write_all(&header)?;
-        out.write_all(self.slots.bytes())?;
+        // The table with what went to the fresh table put where it belongs.
+        let mut table = self.slots.bytes().to_vec();
+        for &unit in &self.fresh {
+            let b = self.arena.block_at(unit);
+            // SAFETY: the fresh table holds 0 or blocks this process compiled.
+            if let Some(b) = unsafe { b.as_ref() } {
+                let at = 4 * Self::slot(b.lin);
+                table[at..at + 4].copy_from_slice(&unit.to_le_bytes());
+            }
+        }
+        out.write_all(&table)?;
         // SAFETY: the arena's first `used` bytes are mapped and were written (blocks, the
         // gaps between them zero or earlier blocks' bytes, the unused first unit zero).
         let blocks =
@@ -1487,6 +1497,16 @@ mod tests {
         let changed = (0..SLOTS).filter(|&i| b.slots.get(i) != table[i]).count();
         assert_eq!(changed, 38 - placed);
         assert!(placed > 30, "{placed} of 38 in the fresh table");
+        // A snapshot of the clone saves them in the table.
+        let (again, _) = saved_and_gone(b, "fresh-again");
+        let mut c = adopted(&again);
+        for k in 0..40 {
+            let lin = LIN + 3 * k as u64;
+            let found = c
+                .lookup(lin, lin, 64, code[3 * k..].as_ptr())
+                .expect("saved");
+            assert!(c.arena.is_shared(found));
+        }
     }
 
     #[test]
