@@ -84,6 +84,10 @@ const _: () = assert!(HEADER == 56);
 /// Bytes of an op.
 const OP: usize = std::mem::size_of::<Op>();
 
+// `Arena::verify` compares the bytes of decoded instructions: iced-x86's `Instruction` must have
+// no padding. Its fields add up to 40 bytes (an explicit `pad` byte among them).
+const _: () = assert!(std::mem::size_of::<Instruction>() == 40);
+
 /// Alignment of a block in the arena: a cache line.
 const BLOCK_ALIGN: usize = 64;
 
