@@ -16,7 +16,9 @@
 # (scripts/install-deps.sh installs it). About 1–3 minutes per binary.
 #
 # Options:
-#   --ferrovisor PATH   VMM binary; repeat to compare builds, the first is the reference
+#   --ferrovisor PATH   VMM binary; repeat to compare builds, the first is the reference and
+#                       makes the snapshot: put the oldest first (an older build cannot read
+#                       a newer one's snapshot; each binary compiles its own blocks)
 #                       (default $FERROVISOR, else target/release/ferrovisor)
 #   --tests LIST        randread,seqread (default both)
 #   --small N --large N requests in the two runs (default 256 and 1024; seqread runs 1/32)
@@ -45,7 +47,7 @@ while [ $# -gt 0 ]; do
         --initrd) initrd=${2:?}; shift ;;
         --rootfs) rootfs=${2:?}; shift ;;
         --keep) keep=${2:?}; shift ;;
-        -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument: $1 (see --help)" ;;
     esac
     shift

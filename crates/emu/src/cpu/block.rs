@@ -741,7 +741,11 @@ impl BlockCache {
     /// The compiled block for `rip` (linear `lin`, host address `host`) if there is one whose
     /// code is still what is in memory: first among those that followed the last block
     /// entered, then in the table. The pointer stays valid until the next `compile`.
-    /// `SHARED` must be whether the cache holds shared blocks ([`has_shared`](Self::has_shared)).
+    ///
+    /// `SHARED` must be whether the cache holds shared blocks ([`has_shared`](Self::has_shared)):
+    /// then each block is checked before its first use ([`Arena::usable`]), shared blocks'
+    /// chains are not written, and the fresh table is looked in first. Without them this is
+    /// the plain lookup the run loop needs (the checks fold away).
     #[inline(always)]
     pub fn find<const SHARED: bool>(
         &mut self,
@@ -750,54 +754,21 @@ impl BlockCache {
         bitness: u32,
         host: *const u8,
     ) -> Option<*const Block> {
-        if SHARED {
-            return self.find_with_shared(rip, lin, bitness, host);
-        }
-        debug_assert_eq!(self.arena.shared, 0);
-        if let Some(last) = self.last() {
-            let [first, second] = &last.chain;
-            for link in [first, second] {
-                let b = link.get();
-                // SAFETY: chains hold null or blocks of this arena, which live until it is
-                // emptied, and emptying it clears `last`.
-                if !b.is_null() && unsafe { &*b }.matches(rip, lin, bitness, host) {
-                    if std::ptr::eq(link, second) {
-                        // Most recent first.
-                        second.set(first.get());
-                        first.set(b);
-                    }
-                    return Some(b);
-                }
-            }
-        }
-        let b = self.arena.block_at(self.slots.get(Self::slot(lin)));
-        // SAFETY: table entries are empty or blocks of this arena (see `chain`).
-        if b.is_null() || !unsafe { &*b }.matches(rip, lin, bitness, host) {
-            return None;
-        }
-        self.link(b);
-        Some(b)
-    }
-
-    /// [`find`](Self::find) when part of the arena is shared: each block is checked before
-    /// its first use, and shared blocks' chains are neither trusted blindly nor written.
-    #[inline(always)]
-    fn find_with_shared(
-        &mut self,
-        rip: u64,
-        lin: u64,
-        bitness: u32,
-        host: *const u8,
-    ) -> Option<*const Block> {
+        debug_assert_eq!(SHARED, self.has_shared());
         // SAFETY: `last` is null or a block of this arena entered since it was last emptied
         // (a shared one was checked before it was entered).
         if let Some(last) = unsafe { self.last.as_ref() } {
-            let from_shared = self.arena.is_shared(last);
+            let from_shared = SHARED && self.arena.is_shared(last);
             for k in 0..2 {
-                let b = self.arena.usable(last.chain[k].get(), from_shared);
-                // SAFETY: `usable` gives null or a block that may be entered.
+                let mut b = last.chain[k].get();
+                if SHARED {
+                    b = self.arena.usable(b, from_shared);
+                }
+                // SAFETY: chains hold null or blocks of this arena, which live until it is
+                // emptied (emptying it clears `last`); shared ones passed `usable`.
                 if !b.is_null() && unsafe { &*b }.matches(rip, lin, bitness, host) {
                     if k == 1 && !from_shared {
+                        // Most recent first.
                         last.chain[1].set(last.chain[0].get());
                         last.chain[0].set(b);
                     }
@@ -806,15 +777,20 @@ impl BlockCache {
             }
         }
         let slot = Self::slot(lin);
-        let fresh = self.arena.block_at(self.fresh[Self::fresh_slot(slot)]);
-        // SAFETY: the fresh table holds only blocks this process compiled since it adopted.
-        if !fresh.is_null() && unsafe { &*fresh }.matches(rip, lin, bitness, host) {
-            self.link(fresh);
-            return Some(fresh);
+        if SHARED {
+            let fresh = self.arena.block_at(self.fresh[Self::fresh_slot(slot)]);
+            // SAFETY: the fresh table holds only blocks this process compiled since it
+            // adopted.
+            if !fresh.is_null() && unsafe { &*fresh }.matches(rip, lin, bitness, host) {
+                self.link(fresh);
+                return Some(fresh);
+            }
         }
-        let b = self.arena.block_at(self.slots.get(slot));
-        let b = self.arena.usable(b, false);
-        // SAFETY: as above.
+        let mut b = self.arena.block_at(self.slots.get(slot));
+        if SHARED {
+            b = self.arena.usable(b, false);
+        }
+        // SAFETY: table entries are empty or blocks of this arena; shared ones passed `usable`.
         if b.is_null() || !unsafe { &*b }.matches(rip, lin, bitness, host) {
             return None;
         }
