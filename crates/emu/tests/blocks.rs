@@ -2,7 +2,8 @@
 //! block compiler may compile without their flag computations when nothing can observe them)
 //! executed as whole blocks and one instruction at a time from the same state must end in the
 //! same registers and flags, and, when a later instruction faults, push the same flags in the
-//! exception frame.
+//! exception frame. Blocks with memory operands, calls and faults are also held against the
+//! general interpreter alone (`Cpu::run_interpreted`).
 #![cfg(target_arch = "x86_64")]
 
 use emu::testkit::{FlatCpu, Regs};
@@ -265,5 +266,82 @@ fn loops_end_in_the_state_single_stepping_reaches() {
             (single.rip, single.gpr),
             "case {case}: a budget of {cut} stops elsewhere"
         );
+    }
+}
+
+#[test]
+fn rip_relative_operands_calls_and_faults_agree_with_the_interpreter() {
+    // Blocks that read and write RIP-relative data, push, call a function (which reads its
+    // return address) and pop, some with a load that faults between random instructions:
+    // stopped after every number of instructions (the budget cuts a block there), block
+    // execution must be where the general interpreter is, one instruction at a time, and a
+    // fault must push the same RIP.
+    let mut r = Rng(0x5eed_0fb1_0c4a_1100);
+    for case in 0..300 {
+        let (n1, n2) = (r.below(6), r.below(6));
+        let fault = r.below(2) == 0;
+        let mut seed = Rng(r.next() | 1);
+        let code = assemble(|a| {
+            let mut data = a.create_label();
+            let mut data2 = a.create_label();
+            let mut func = a.create_label();
+            for _ in 0..n1 {
+                random_insn(a, &mut seed)?;
+            }
+            a.mov(rax, qword_ptr(data))?;
+            a.mov(qword_ptr(data2), rcx)?;
+            a.push(rdx)?;
+            a.call(func)?;
+            a.pop(rsi)?;
+            a.lea(rbx, qword_ptr(data))?;
+            if fault {
+                a.mov(r10, qword_ptr(r11))?;
+            }
+            for _ in 0..n2 {
+                random_insn(a, &mut seed)?;
+            }
+            a.add(rdi, qword_ptr(data2))?;
+            a.hlt()?;
+            a.set_label(&mut func)?;
+            a.add(rax, qword_ptr(rsp))?;
+            a.ret()?;
+            a.set_label(&mut data)?;
+            a.dq(&[0x1122_3344_5566_7788])?;
+            a.set_label(&mut data2)?;
+            a.dq(&[0])
+        });
+        let mut regs = random_regs(&mut r);
+        regs.gpr[11] = 0x8000_0000_0000_0000;
+        let steps = n1 + n2 + 10 + u64::from(fault);
+        for cut in 1..=steps {
+            let mut end = [(Regs::default(), None, 0); 2];
+            for (way, slot) in end.iter_mut().enumerate() {
+                let mut c = FlatCpu::new();
+                c.load_code(CODE, &code);
+                c.set_regs(&regs);
+                if way == 0 {
+                    c.step(cut);
+                } else {
+                    c.cpu.run_interpreted(cut);
+                }
+                // The exception frame's RIP (above the error code, if the vector pushes one).
+                let frame_rip = c.exception().map(|e| {
+                    let top = c.regs().gpr[4];
+                    c.read_u64(if e.error_code.is_some() { top + 8 } else { top })
+                });
+                *slot = (
+                    c.regs(),
+                    frame_rip,
+                    c.read_u64(CODE + code.len() as u64 - 8),
+                );
+            }
+            let [(blocks, brip, bdata), (single, srip, sdata)] = end;
+            assert_eq!(
+                (blocks.rip, blocks.gpr, brip, bdata),
+                (single.rip, single.gpr, srip, sdata),
+                "case {case}: after {cut} instructions, blocks and single-stepping differ for \
+                 {code:02x?}"
+            );
+        }
     }
 }

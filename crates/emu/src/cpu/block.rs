@@ -140,7 +140,7 @@ impl Block {
             *slot = if op.run as u64 == self.anchor {
                 fast::general_handler()
             } else {
-                fast::exact_handler(&insn, self.bitness)
+                fast::exact_handler(&insn, self.bitness, self.rip)
             };
         }
     }
@@ -231,7 +231,7 @@ impl Plan {
         let compiled: Vec<_> = insns
             .iter()
             .zip(needed)
-            .map(|(insn, flags)| fast::compile(insn, bitness, flags))
+            .map(|(insn, flags)| fast::compile(insn, bitness, rip, flags))
             .collect();
         let n = compiled.len();
         let generals = compiled.iter().filter(|c| c.general).count();

@@ -25,8 +25,8 @@ pub(crate) type Handler = fn(&mut Cpu, &Op) -> Step;
 
 /// "No register" in a [`Mem`] recipe.
 const NONE: u8 = 0xff;
-/// The base of a RIP-relative operand in a [`Mem`] recipe: the next instruction's address,
-/// which is RIP while the handler runs.
+/// The base of a RIP-relative operand in a [`Mem`] recipe: the address of the block's first
+/// instruction (`Cpu::block_rip`), to which the displacement is relative.
 const RIP: u8 = 0xfe;
 /// Marks AH, CH, DH, BH in a register field (bits 8..15 of registers 0..3).
 const HIGH: u8 = 0x10;
@@ -48,7 +48,8 @@ enum SegMode {
 #[repr(C)]
 pub(crate) struct Mem {
     /// Displacement (sign-extended; 32 bits cover every form but a 64-bit absolute `moffs`,
-    /// which takes the general path). Relative to the next instruction for [`RIP`].
+    /// which takes the general path). Relative to the block's first instruction for [`RIP`];
+    /// for CALL, the return address's distance from it.
     disp: i32,
     /// Base register, [`RIP`], or [`NONE`].
     base: u8,
@@ -163,7 +164,7 @@ fn ea(cpu: &Cpu, m: &Mem) -> u64 {
     let mut a = m.disp as i64 as u64;
     match m.base {
         NONE => {}
-        RIP => a = a.wrapping_add(cpu.s.rip),
+        RIP => a = a.wrapping_add(cpu.block_rip),
         // Register numbers are below 16 (`mem_recipe`); the mask only spares a bounds check.
         b => a = a.wrapping_add(cpu.s.gpr[(b & 15) as usize]),
     }
@@ -273,19 +274,25 @@ fn modify<const D: u8, const S: usize>(
 
 /// Runs the instruction through the general interpreter.
 fn general(cpu: &mut Cpu, op: &Op) -> Step {
-    // RIP is already the next instruction's (see `Cpu::run_ops`).
-    let start = cpu.s.rip.wrapping_sub(u64::from(op.len));
-    cpu.start_rip = if cpu.s.bitness() == 64 {
-        start
-    } else {
-        start & 0xffff_ffff
-    };
     // SAFETY: the block that holds this op pointed `imm` at the decoded instruction
     // (`Op::point_at`), which it keeps beside its ops for as long as they can run.
     let insn = unsafe {
         &*((op as *const Op as *const u8).wrapping_add(op.imm as usize) as *const Instruction)
     };
+    // The op loop does not keep RIP (`Cpu::run_ops`): the general interpreter reads it as the
+    // next instruction's address, as the CPU does while an instruction runs. The block was
+    // decoded at its own address, so the instruction knows where it is.
+    let (mut start, mut next) = (insn.ip(), insn.next_ip());
+    if cpu.s.bitness() != 64 {
+        start &= 0xffff_ffff;
+        next &= 0xffff_ffff;
+    }
+    cpu.start_rip = start;
+    cpu.s.rip = next;
     exec::execute(cpu, insn)?;
+    if cpu.s.rip != next || cpu.leave != 0 {
+        cpu.leave |= super::LEFT;
+    }
     posted(cpu)
 }
 
@@ -409,24 +416,32 @@ fn cmovcc<const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Step {
     Ok(())
 }
 
+/// Leaves the block for `target` (`Cpu::run_ops`).
+#[inline(always)]
+fn branch(cpu: &mut Cpu, target: u64) {
+    cpu.s.rip = target;
+    cpu.leave |= super::LEFT;
+}
+
 fn jcc(cpu: &mut Cpu, op: &Op) -> Step {
     if cpu.condition(op.cc) {
-        cpu.s.rip = op.imm;
+        branch(cpu, op.imm);
     }
     Ok(())
 }
 
 fn jmp(cpu: &mut Cpu, op: &Op) -> Step {
-    cpu.s.rip = op.imm;
+    branch(cpu, op.imm);
     Ok(())
 }
 
 /// CALL rel32 in 64-bit mode.
 fn call64(cpu: &mut Cpu, op: &Op) -> Step {
     let sp = cpu.s.gpr[RSP].wrapping_sub(8);
-    write::<8>(cpu, sp, cpu.s.rip)?;
+    let ret = cpu.block_rip.wrapping_add(op.mem.disp as i64 as u64);
+    write::<8>(cpu, sp, ret)?;
     cpu.s.gpr[RSP] = sp;
-    cpu.s.rip = op.imm;
+    branch(cpu, op.imm);
     Ok(())
 }
 
@@ -435,7 +450,7 @@ fn ret64(cpu: &mut Cpu, _op: &Op) -> Step {
     let sp = cpu.s.gpr[RSP];
     let target = read::<8>(cpu, sp)?;
     cpu.s.gpr[RSP] = sp.wrapping_add(8);
-    cpu.s.rip = target;
+    branch(cpu, target);
     Ok(())
 }
 
@@ -766,7 +781,7 @@ fn gpr(reg: Register) -> Option<u8> {
 
 /// The recipe of `insn`'s memory operand; None if its displacement does not fit 32 bits (a
 /// 64-bit absolute `moffs`).
-fn mem_recipe(insn: &Instruction, bitness: u32) -> Option<Mem> {
+fn mem_recipe(insn: &Instruction, bitness: u32, block_rip: u64) -> Option<Mem> {
     let seg = super::operand::seg_index(insn.memory_segment());
     let mode = if bitness != 64 {
         SegMode::Legacy
@@ -777,15 +792,14 @@ fn mem_recipe(insn: &Instruction, bitness: u32) -> Option<Mem> {
     };
     let reg = |r: Register| gpr(r).map(|g| g & 15).unwrap_or(NONE);
     if insn.is_ip_rel_memory_operand() {
-        // RIP-relative (EIP-relative with an address-size prefix): relative to the next
-        // instruction, whose address RIP holds while the handler runs.
-        let next = insn.next_ip();
+        // RIP-relative (EIP-relative with an address-size prefix): the handler adds the
+        // block's address (`Cpu::block_rip`; the op loop does not keep RIP).
         let asize = if insn.memory_base() == Register::EIP {
             4
         } else {
             8
         };
-        let disp = insn.ip_rel_memory_address().wrapping_sub(next) as i64;
+        let disp = insn.ip_rel_memory_address().wrapping_sub(block_rip) as i64;
         return Some(Mem {
             base: RIP,
             seg: seg as u8,
@@ -854,10 +868,11 @@ pub(crate) struct Compiled {
 
 /// The handler that computes every flag `insn` writes: what an op compiled from it runs when
 /// its block does not run to its end, in case [`compile`] dropped its flags (see
-/// `block::flags_needed`). The same choice `compile` makes before dropping them.
-pub(crate) fn exact_handler(insn: &Instruction, bitness: u32) -> Handler {
+/// `block::flags_needed`). The same choice `compile` makes before dropping them (for the
+/// same block address).
+pub(crate) fn exact_handler(insn: &Instruction, bitness: u32, block_rip: u64) -> Handler {
     {
-        let run = compile(insn, bitness, true).op.run;
+        let run = compile(insn, bitness, block_rip, true).op.run;
         // SAFETY: compiled just now, by this process.
         unsafe { std::mem::transmute::<usize, Handler>(run) }
     }
@@ -880,7 +895,7 @@ pub(crate) fn handler_fingerprint() -> u64 {
     let mut decoder = iced_x86::Decoder::new(64, &code, iced_x86::DecoderOptions::NONE);
     let mut h = 0u64;
     for insn in &mut decoder {
-        let distance = compile(&insn, 64, true)
+        let distance = compile(&insn, 64, 0, true)
             .op
             .run
             .wrapping_sub(general_address());
@@ -896,7 +911,11 @@ pub(crate) fn general_handler() -> Handler {
 
 /// Compiles `insn` (decoded at `bitness`) into an [`Op`]; `flags` says whether the status
 /// flags it writes may be observed (`block::flags_needed`).
-pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Compiled {
+///
+/// `block_rip` is the address of the block's first instruction: the ops of a block are
+/// compiled for that address (a RIP-relative operand or a return address is kept as a
+/// distance from it).
+pub(crate) fn compile(insn: &Instruction, bitness: u32, block_rip: u64, flags: bool) -> Compiled {
     let mut op = Op {
         run: general as Handler as usize,
         len: insn.len() as u8,
@@ -915,12 +934,12 @@ pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Compiled
     }
     let has_mem = (0..insn.op_count()).any(|n| insn.op_kind(n) == OpKind::Memory);
     if has_mem {
-        match mem_recipe(insn, bitness) {
+        match mem_recipe(insn, bitness, block_rip) {
             Some(m) => op.mem = m,
             None => return general_path(op),
         }
     }
-    let Some(run) = select(insn, bitness, &mut op) else {
+    let Some(run) = select(insn, bitness, block_rip, &mut op) else {
         return general_path(op);
     };
     op.run = run as usize;
@@ -933,7 +952,7 @@ pub(crate) fn compile(insn: &Instruction, bitness: u32, flags: bool) -> Compiled
 }
 
 /// The specialised handler for `insn`, filling `op`'s fields; None for the general path.
-fn select(insn: &Instruction, bitness: u32, op: &mut Op) -> Option<Handler> {
+fn select(insn: &Instruction, bitness: u32, block_rip: u64, op: &mut Op) -> Option<Handler> {
     use Mnemonic as Mn;
     let m = insn.mnemonic();
     let n = insn.op_count();
@@ -1133,6 +1152,7 @@ fn select(insn: &Instruction, bitness: u32, op: &mut Op) -> Option<Handler> {
         }
         Mn::Call if bitness == 64 && insn.op0_kind() == OpKind::NearBranch64 => {
             op.imm = insn.near_branch_target();
+            op.mem.disp = i32::try_from(insn.next_ip().wrapping_sub(block_rip) as i64).ok()?;
             call64 as Handler
         }
         Mn::Ret if bitness == 64 && n == 0 && insn.code() == iced_x86::Code::Retnq => {

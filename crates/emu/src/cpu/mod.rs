@@ -170,14 +170,24 @@ pub enum RunExit {
     FetchFromMmio,
 }
 
+/// [`Cpu::leave`]: the op just run set RIP to where execution goes on (a taken branch, or an
+/// instruction of the general interpreter).
+const LEFT: u8 = 1;
+/// [`Cpu::leave`]: a store of this CPU hit the running block's code.
+const WRITTEN: u8 = 2;
+
 /// An emulated x86-64 CPU.
 pub struct Cpu {
     blocks: block::BlockCache,
-    /// Host address range of the code of the block running now, and whether a store of this
-    /// CPU hit it: self-modifying code, after which the block must not run on.
+    /// Host address range of the code of the block running now: a store of this CPU into it
+    /// is self-modifying code, after which the block must not run on ([`WRITTEN`]).
     code_lo: usize,
     code_len: usize,
-    code_written: bool,
+    /// Address of the running block's first instruction: the ops keep RIP-relative operands
+    /// and return addresses as distances from it.
+    block_rip: u64,
+    /// Why the running block must stop after the current op ([`LEFT`], [`WRITTEN`]), or 0.
+    leave: u8,
     /// The machine's interrupt hint (`Machine::interrupt_hint`).
     irq_hint: Option<Arc<std::sync::atomic::AtomicBool>>,
     pub s: CpuState,
@@ -223,7 +233,8 @@ impl Cpu {
         Cpu {
             code_lo: 0,
             code_len: 0,
-            code_written: false,
+            block_rip: 0,
+            leave: 0,
             irq_hint: m.interrupt_hint(),
             blocks: block::BlockCache::new(),
             s: CpuState::default(),
@@ -351,6 +362,23 @@ impl Cpu {
         RunExit::Budget
     }
 
+    /// Runs up to `budget` instructions one at a time through the general interpreter, with
+    /// no blocks and no compiled handlers: the reference the compiled forms are tested
+    /// against. Interrupts are not taken.
+    pub fn run_interpreted(&mut self, budget: u64) -> RunExit {
+        let end = self.icount + budget;
+        while self.icount < end {
+            if self.halted {
+                return RunExit::Halted;
+            }
+            self.interrupt_shadow = false;
+            if let Flow::Exit(e) = self.single_step() {
+                return e;
+            }
+        }
+        RunExit::Budget
+    }
+
     /// [`run_block`](Self::run_block) while some of the cache's blocks are shared: apart, so
     /// that the usual case's loop stays as it is (its registers are sensitive to any more
     /// code around it).
@@ -397,31 +425,32 @@ impl Cpu {
         let ipmask = if bitness == 64 { u64::MAX } else { 0xffff_ffff };
         self.code_lo = host as usize;
         self.code_len = block.len();
+        self.block_rip = rip;
         // What to add to an op's handler address: 0 for this process's own blocks; for one
         // another process compiled (shared from a snapshot), the distance between where the
         // handlers are here and where they were there.
         let slide = if SHARED { block.slide() } else { 0 };
         let flow = loop {
+            self.leave = 0;
             let n = block.ops().len().min((end - self.icount) as usize);
             if n < block.ops().len() {
                 // Cut short by the budget: a dropped flag computation might be visible after it.
                 let mut exact = [fast::general_handler(); block::MAX_OPS];
                 block.exact(n, &mut exact);
-                break self.run_ops::<true, false>(&block.ops()[..n], &exact[..n], rip, ipmask, 0);
+                let ops = &block.ops()[..n];
+                let end_rip = after(ops, rip, ipmask);
+                break self.run_ops::<true>(ops, &exact[..n], rip, end_rip, ipmask, 0);
             }
-            let flow = if bitness == 64 {
-                self.run_ops::<false, true>(block.ops(), &[], rip, ipmask, slide)
-            } else {
-                self.run_ops::<false, false>(block.ops(), &[], rip, ipmask, slide)
-            };
+            let end_rip = rip.wrapping_add(block.len() as u64) & ipmask;
+            let flow = self.run_ops::<false>(block.ops(), &[], rip, end_rip, ipmask, slide);
             // A loop whose body is this block goes round again without the lookup and the
-            // byte check: nothing this vCPU ran wrote the block's code (`code_written`), and
+            // byte check: nothing this vCPU ran wrote the block's code ([`WRITTEN`]), and
             // code written by another vCPU or a device need not be seen before the next
             // serializing event (Intel SDM vol. 3, 9.1.3, cross-modifying code) — an interrupt,
             // which the run loop checks for, or the end of the budget.
             if !matches!(flow, Flow::Next)
                 || self.s.rip != rip
-                || self.code_written
+                || self.leave & WRITTEN != 0
                 || self.may_take_interrupt()
                 || self.io.exit.is_some()
             {
@@ -430,7 +459,7 @@ impl Cpu {
             self.blocks_run += 1;
         };
         self.code_len = 0;
-        self.code_written = false;
+        self.leave = 0;
         flow
     }
 
@@ -453,64 +482,88 @@ impl Cpu {
     pub(crate) fn note_store(&mut self, p: *const u8, size: usize) {
         let a = p as usize;
         if a < self.code_lo + self.code_len && a + size > self.code_lo {
-            self.code_written = true;
+            self.leave |= WRITTEN;
         }
     }
 
     /// Runs compiled instructions in order, the first at `rip`, until one leaves the
-    /// sequence. `EXACT` runs each with all its flags (`exact[i]` for `ops[i]`); `WIDE` is
-    /// 64-bit code, whose RIP does not wrap at 4 GiB (`ipmask` is then not used). `slide` is
-    /// the block's [`slide`](block::Block::slide).
+    /// sequence; RIP is then where execution goes on (`end_rip` after the last op). `EXACT`
+    /// runs each with all its flags (`exact[i]` for `ops[i]`). `slide` is the block's
+    /// [`slide`](block::Block::slide).
+    ///
+    /// RIP is not kept op by op: the ops need it only where they branch (and set it) or read
+    /// it (a RIP-relative operand, a return address: distances from `Cpu::block_rip`; the
+    /// general interpreter's instruction knows its address). A handler that changes the
+    /// flow, and a store into the block's code, say so in [`Cpu::leave`]; on the way out of
+    /// a failed instruction its address is counted from the lengths of the ops before it.
     #[inline(always)]
-    fn run_ops<const EXACT: bool, const WIDE: bool>(
+    fn run_ops<const EXACT: bool>(
         &mut self,
         ops: &[fast::Op],
         exact: &[fast::Handler],
         rip: u64,
+        end_rip: u64,
         ipmask: u64,
         slide: usize,
     ) -> Flow {
-        // Retired instructions are counted here (`i`) and added once on the way out: nothing
-        // the handlers do reads the count.
-        let mut here = rip;
-        let mut i = 0;
+        // The loop steps a pointer and nothing else: the index of an op (and the count of
+        // retired instructions, which nothing the handlers do reads) is its distance from the
+        // start, worked out on the way out.
+        let range = ops.as_ptr_range();
+        let mut at = range.start;
+        let index =
+            |at: *const fast::Op| (at as usize - range.start as usize) / size_of::<fast::Op>();
         let flow = loop {
-            let Some(op) = ops.get(i) else {
+            if at == range.end {
+                self.s.rip = end_rip;
                 break Flow::Next;
-            };
-            // `start_rip` is set only where it is read: by the general interpreter (`general`
-            // sets it) and on the way out of a failed instruction.
-            let mut next = here.wrapping_add(u64::from(op.len));
-            if !WIDE {
-                next &= ipmask;
             }
-            self.s.rip = next;
+            // SAFETY: `at` is in `ops` (it stops at the end, checked above).
+            let op = unsafe { &*at };
             let run = if EXACT {
-                exact[i]
+                exact[index(at)]
             } else {
                 // SAFETY: `slide` is the block's (`run_block`).
                 unsafe { op.handler(slide) }
             };
-            match run(self, op) {
-                Ok(()) => {
-                    i += 1;
-                    // A taken branch, a restarted REP iteration or a store into the block's
-                    // own code leaves the block.
-                    if self.s.rip != next || self.code_written {
-                        break Flow::Next;
-                    }
-                    here = next;
+            if let Err(e) = run(self, op) {
+                let i = index(at);
+                return self.op_failed(&ops[..=i], rip, ipmask, run, *e);
+            }
+            // SAFETY: one past `at`, at most the end of `ops`.
+            at = unsafe { at.add(1) };
+            if self.leave != 0 {
+                if self.leave & LEFT == 0 {
+                    // A store into the block's own code: on after this instruction.
+                    self.s.rip = after(&ops[..index(at)], rip, ipmask);
                 }
-                Err(e) => {
-                    self.icount += i as u64;
-                    i = 0;
-                    self.start_rip = here;
-                    break self.retire_slow(*e);
-                }
+                break Flow::Next;
             }
         };
-        self.icount += i as u64;
+        self.icount += index(at) as u64;
         flow
+    }
+
+    /// On the way out of a block whose op `ops.last()` failed with `e`, run by `run`.
+    #[cold]
+    #[inline(never)]
+    fn op_failed(
+        &mut self,
+        ops: &[fast::Op],
+        rip: u64,
+        ipmask: u64,
+        run: fast::Handler,
+        e: StepEnd,
+    ) -> Flow {
+        let i = ops.len() - 1;
+        // The general interpreter sets RIP and `start_rip` itself (`fast::general`); the
+        // other handlers fail before they change RIP.
+        if run as usize != fast::general_address() {
+            self.start_rip = after(&ops[..i], rip, ipmask);
+            self.s.rip = after(ops, rip, ipmask);
+        }
+        self.icount += i as u64;
+        self.retire_slow(e)
     }
 
     /// Fetches, decodes and runs one instruction on its own (tracing, or an instruction that
@@ -696,4 +749,13 @@ impl From<Fault> for Box<StepEnd> {
     fn from(f: Fault) -> Self {
         Box::new(StepEnd::Fault(f))
     }
+}
+
+/// The address after the instructions `ops` compiled, the first at `rip`. Apart from the op
+/// loop, which must not keep the counters it needs.
+#[cold]
+#[inline(never)]
+fn after(ops: &[fast::Op], rip: u64, ipmask: u64) -> u64 {
+    let len: u64 = ops.iter().map(|op| u64::from(op.len)).sum();
+    rip.wrapping_add(len) & ipmask
 }
