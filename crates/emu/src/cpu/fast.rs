@@ -127,10 +127,19 @@ impl Op {
     }
 }
 
-/// Operand kinds, as const generic parameters.
+/// Operand kinds, as const generic parameters: register, memory, immediate, and memory at
+/// `[base + disp]` in 64-bit code with a flat segment, the commonest form in 64-bit code,
+/// whose handlers add one register to the displacement instead of following the whole
+/// recipe ([`Mem`]).
 const R: u8 = 0;
 const M: u8 = 1;
 const I: u8 = 2;
+const B: u8 = 3;
+
+/// Whether operand kind `K` is in memory.
+const fn in_memory(k: u8) -> bool {
+    k == M || k == B
+}
 
 // ---- operand access -------------------------------------------------------------------------
 
@@ -174,8 +183,12 @@ fn ea(cpu: &Cpu, m: &Mem) -> u64 {
     a & (u64::MAX >> m.ashift)
 }
 
+/// The linear address of memory operand `m`, of kind `A` ([`M`] or [`B`]).
 #[inline(always)]
-fn linear(cpu: &Cpu, m: &Mem) -> u64 {
+fn linear<const A: u8>(cpu: &Cpu, m: &Mem) -> u64 {
+    if A == B {
+        return cpu.s.gpr[(m.base & 15) as usize].wrapping_add(m.disp as i64 as u64);
+    }
     let off = ea(cpu, m);
     match m.mode {
         SegMode::Flat => off,
@@ -217,8 +230,8 @@ fn posted(cpu: &Cpu) -> Step {
 }
 
 #[inline(always)]
-fn load<const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<u64, Box<StepEnd>> {
-    let l = linear(cpu, &op.mem);
+fn load<const A: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Result<u64, Box<StepEnd>> {
+    let l = linear::<A>(cpu, &op.mem);
     read::<S>(cpu, l)
 }
 
@@ -231,7 +244,7 @@ fn operand<const K: u8, const S: usize>(
 ) -> Result<u64, Box<StepEnd>> {
     match K {
         R => Ok(get::<S>(cpu, r)),
-        M => load::<S>(cpu, op),
+        M | B => load::<K, S>(cpu, op),
         _ => Ok(op.imm & mask(S)),
     }
 }
@@ -251,7 +264,7 @@ fn modify<const D: u8, const S: usize>(
         set::<S>(cpu, op.dst, r);
         return Ok(());
     }
-    let l = linear(cpu, &op.mem);
+    let l = linear::<D>(cpu, &op.mem);
     if let Some(p) = cpu.tlb_hit(l, S, Access::Write) {
         // SAFETY: tlb_hit returned a RAM pointer aligned to S, with S bytes left in its page
         // (a write entry implies the page is readable).
@@ -316,7 +329,7 @@ fn alu<const OP: u8, const D: u8, const K: u8, const S: usize>(cpu: &mut Cpu, op
     if OP >= 7 {
         let a = match D {
             R => get::<S>(cpu, op.dst),
-            _ => load::<S>(cpu, op)?,
+            _ => load::<D, S>(cpu, op)?,
         };
         cpu.alu(alu_op(OP), a, b, S);
         return Ok(());
@@ -329,7 +342,7 @@ fn mov<const D: u8, const K: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Step
     if D == R {
         set::<S>(cpu, op.dst, v);
     } else {
-        let l = linear(cpu, &op.mem);
+        let l = linear::<D>(cpu, &op.mem);
         write::<S>(cpu, l, v)?;
     }
     Ok(())
@@ -346,8 +359,12 @@ fn movx<const SIGNED: bool, const K: u8, const SS: usize, const S: usize>(
     Ok(())
 }
 
-fn lea<const S: usize>(cpu: &mut Cpu, op: &Op) -> Step {
-    let a = ea(cpu, &op.mem);
+fn lea<const A: u8, const S: usize>(cpu: &mut Cpu, op: &Op) -> Step {
+    let a = if A == B {
+        linear::<B>(cpu, &op.mem)
+    } else {
+        ea(cpu, &op.mem)
+    };
     set::<S>(cpu, op.dst, a);
     Ok(())
 }
@@ -398,7 +415,7 @@ fn setcc<const D: u8>(cpu: &mut Cpu, op: &Op) -> Step {
     if D == R {
         set::<1>(cpu, op.dst, v);
     } else {
-        let l = linear(cpu, &op.mem);
+        let l = linear::<D>(cpu, &op.mem);
         write::<1>(cpu, l, v)?;
     }
     Ok(())
@@ -495,7 +512,10 @@ macro_rules! kinds {
         match ($d, $k) {
             (R, R) => sized!($f, $size $(, $c)*, R, R),
             (R, M) => sized!($f, $size $(, $c)*, R, M),
+            (R, B) => sized!($f, $size $(, $c)*, R, B),
             (R, _) => sized!($f, $size $(, $c)*, R, I),
+            (B, R) => sized!($f, $size $(, $c)*, B, R),
+            (B, _) => sized!($f, $size $(, $c)*, B, I),
             (_, R) => sized!($f, $size $(, $c)*, M, R),
             _ => sized!($f, $size $(, $c)*, M, I),
         }
@@ -969,10 +989,21 @@ fn select(insn: &Instruction, bitness: u32, block_rip: u64, op: &mut Op) -> Opti
         op.imm = insn.immediate(1);
     }
     let sized_ok = matches!(size, 1 | 2 | 4 | 8);
+    // The kind of a memory operand for the handlers that have the [`B`] form.
+    let mem = &op.mem;
+    let flat_base =
+        mem.mode == SegMode::Flat && mem.base < 16 && mem.index == NONE && mem.ashift == 0;
+    let based = move |k: u8| {
+        if k == M && flat_base {
+            B
+        } else {
+            k
+        }
+    };
     let h = match m {
         Mn::Add | Mn::Adc | Mn::Sub | Mn::Sbb | Mn::And | Mn::Or | Mn::Xor | Mn::Cmp | Mn::Test => {
-            let (d, k) = (k0?, k1?);
-            if d == I || (d == M && k == M) || !sized_ok {
+            let (d, k) = (based(k0?), based(k1?));
+            if d == I || (in_memory(d) && in_memory(k)) || !sized_ok {
                 return None;
             }
             let code: u8 = match m {
@@ -998,14 +1029,14 @@ fn select(insn: &Instruction, bitness: u32, block_rip: u64, op: &mut Op) -> Opti
             by_op!(0, 1, 2, 3, 4, 5, 6, 7)
         }
         Mn::Mov => {
-            let (d, k) = (k0?, k1?);
+            let (d, k) = (based(k0?), based(k1?));
             if d == I || !sized_ok {
                 return None;
             }
             kinds!(mov, d, k, size)
         }
         Mn::Movzx | Mn::Movsx | Mn::Movsxd => {
-            let (d, k) = (k0?, k1?);
+            let (d, k) = (k0?, based(k1?));
             let ss = size_of(insn, 1);
             if d != R || k == I {
                 return None;
@@ -1016,6 +1047,9 @@ fn select(insn: &Instruction, bitness: u32, block_rip: u64, op: &mut Op) -> Opti
                         (R, 1) => sized!(movx, size, $signed, R, 1),
                         (R, 2) => sized!(movx, size, $signed, R, 2),
                         (R, 4) => sized!(movx, size, $signed, R, 4),
+                        (B, 1) => sized!(movx, size, $signed, B, 1),
+                        (B, 2) => sized!(movx, size, $signed, B, 2),
+                        (B, 4) => sized!(movx, size, $signed, B, 4),
                         (_, 1) => sized!(movx, size, $signed, M, 1),
                         (_, 2) => sized!(movx, size, $signed, M, 2),
                         (_, 4) => sized!(movx, size, $signed, M, 4),
@@ -1036,7 +1070,11 @@ fn select(insn: &Instruction, bitness: u32, block_rip: u64, op: &mut Op) -> Opti
             if k0? != R || !matches!(size, 2 | 4 | 8) {
                 return None;
             }
-            sized!(lea, size)
+            if flat_base {
+                sized!(lea, size, B)
+            } else {
+                sized!(lea, size, M)
+            }
         }
         Mn::Rol | Mn::Ror | Mn::Shl | Mn::Sal | Mn::Shr | Mn::Sar => {
             let d = k0?;
