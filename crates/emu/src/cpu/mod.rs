@@ -527,15 +527,17 @@ impl Cpu {
                 unsafe { op.handler(slide) }
             };
             if let Err(e) = run(self, op) {
-                let i = index(at);
-                return self.op_failed(&ops[..=i], rip, ipmask, run, *e);
+                // SAFETY: `at` is in `ops`.
+                let ops = unsafe { ops_until(range.start, at.add(1)) };
+                return self.op_failed(ops, rip, ipmask, run, *e);
             }
             // SAFETY: one past `at`, at most the end of `ops`.
             at = unsafe { at.add(1) };
             if self.leave != 0 {
                 if self.leave & LEFT == 0 {
                     // A store into the block's own code: on after this instruction.
-                    self.s.rip = after(&ops[..index(at)], rip, ipmask);
+                    // SAFETY: `at` is in `ops` or just past it.
+                    self.s.rip = after(unsafe { ops_until(range.start, at) }, rip, ipmask);
                 }
                 break Flow::Next;
             }
@@ -749,6 +751,18 @@ impl From<Fault> for Box<StepEnd> {
     fn from(f: Fault) -> Self {
         Box::new(StepEnd::Fault(f))
     }
+}
+
+/// The ops from `start` up to `end` (not included), for the op loop's way out: apart from
+/// the loop, so that it keeps no index of its own (`Cpu::run_ops`).
+///
+/// # Safety
+/// `start` and `end` point into (or just past) the same slice of ops, `start` not after `end`.
+#[cold]
+#[inline(never)]
+unsafe fn ops_until<'a>(start: *const fast::Op, end: *const fast::Op) -> &'a [fast::Op] {
+    // SAFETY: as the caller promises.
+    unsafe { std::slice::from_raw_parts(start, end.offset_from(start) as usize) }
 }
 
 /// The address after the instructions `ops` compiled, the first at `rip`. Apart from the op
