@@ -82,7 +82,9 @@ def count(args, work, snap, binary, test, ops):
     root = os.path.join(work, f"{tag}.ext4")
     shutil.copyfile(args.root, root)
     out = os.path.join(work, f"{tag}.cachegrind")
-    argv = ["valgrind", "--tool=cachegrind", "--cache-sim=yes", f"--cachegrind-out-file={out}",
+    # The emulator translates hot blocks to host code at run time: Valgrind must watch for it.
+    argv = ["valgrind", "--tool=cachegrind", "--cache-sim=yes", "--smc-check=all-non-file",
+            f"--cachegrind-out-file={out}",
             binary, "run", "--restore", snap, "--console-input", inp,
             "--disk", f"path={root}", "--disk", f"path={args.image},ro=on"]
     env = dict(os.environ, FERROVISOR_EMU_STATS="1")

@@ -1230,8 +1230,9 @@ impl Drop for EmuVcpu {
     fn drop(&mut self) {
         if std::env::var_os("FERROVISOR_EMU_STATS").is_some() {
             let secs = self.started.elapsed().as_secs_f64();
+            let (translated, code, runs, bails) = self.cpu.translation_stats();
             eprintln!(
-                "emu: vCPU {} retired {} instructions in {:.3} s ({:.1} MIPS); {} blocks run, {} compiled, {} KiB of blocks, {} flushes",
+                "emu: vCPU {} retired {} instructions in {:.3} s ({:.1} MIPS); {} blocks run, {} compiled, {} KiB of blocks, {} flushes; {} translated ({} KiB of host code), {} runs of them, {} stopped early",
                 self.me.id,
                 self.cpu.icount,
                 secs,
@@ -1240,6 +1241,10 @@ impl Drop for EmuVcpu {
                 self.cpu.blocks_compiled,
                 self.cpu.compiled_bytes() >> 10,
                 self.cpu.block_flushes(),
+                translated,
+                code >> 10,
+                runs,
+                bails,
             );
         }
         if let Some((path, samples)) = self.rip_samples.take() {

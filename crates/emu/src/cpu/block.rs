@@ -74,7 +74,9 @@ pub(crate) struct Block {
     n_ops: u16,
     /// Offset from the header of the ops.
     ops_at: u32,
-    _pad: u32,
+    /// How hot the block is, for the translator (`translate::Translator::enter`); 0 when
+    /// compiled. Never read in a block shared from another process.
+    pub hot: Cell<u32>,
 }
 
 // Every field is an integer or a raw pointer: a header read from a saved file is a valid
@@ -103,6 +105,11 @@ impl Block {
 
     fn base(&self) -> *const u8 {
         self as *const Block as *const u8
+    }
+
+    /// The code bytes the block was compiled from.
+    pub(crate) fn code_bytes(&self) -> &[u8] {
+        self.code()
     }
 
     /// The code bytes the block was compiled from.
@@ -286,7 +293,7 @@ impl Plan {
                 len: self.used as u16,
                 n_ops: self.compiled.len() as u16,
                 ops_at: self.ops_at as u32,
-                _pad: 0,
+                hot: Cell::new(0),
             });
             NonNull::new_unchecked(block)
         }
@@ -798,6 +805,11 @@ impl BlockCache {
         Some(b)
     }
 
+    /// Where the arena is and how many bytes it spans (blocks lie inside).
+    pub fn arena_span(&self) -> (usize, usize) {
+        (self.arena.base.as_ptr() as usize, self.arena.cap)
+    }
+
     /// Compiles the block at `rip` (see [`Block::compile`]) and puts it in the table; None
     /// if the instruction there must be stepped alone. Empties the arena first if it is
     /// full, which ends the life of every block pointer handed out before.
@@ -1026,7 +1038,7 @@ const STATUS: u32 = RflagsBits::OF
 /// raises before they are overwritten. Where they cannot, the instruction is compiled without
 /// computing them (`fast::compile`), the way a translator drops dead flag computations; the
 /// architectural state at every point anything can see it is unchanged.
-fn flags_needed(insns: &[Instruction]) -> Vec<bool> {
+pub(crate) fn flags_needed(insns: &[Instruction]) -> Vec<bool> {
     let mut live = STATUS;
     let mut needed = vec![true; insns.len()];
     for (i, insn) in insns.iter().enumerate().rev() {

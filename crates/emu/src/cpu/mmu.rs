@@ -120,6 +120,20 @@ impl Tlb {
     }
 }
 
+/// Where generated code finds a TLB entry's parts (`translate`): the entries' pointer in a
+/// [`Tlb`], an entry's size and the offsets of its tags and host address; the entry count, the
+/// valid bit of a tag and the page mask of a linear address.
+pub(crate) mod layout {
+    use super::{Tlb, TlbEntry};
+    pub const ENTRIES_PTR: usize = std::mem::offset_of!(Tlb, entries);
+    pub const ENTRY_SIZE: usize = std::mem::size_of::<TlbEntry>();
+    pub const TAGS: usize = std::mem::offset_of!(TlbEntry, tags);
+    pub const HOST: usize = std::mem::offset_of!(TlbEntry, host);
+    pub const ENTRIES: usize = super::TLB_ENTRIES;
+    pub const TAG_VALID: u64 = super::TAG_VALID;
+    pub const PAGE_MASK: u64 = super::PAGE_MASK;
+}
+
 #[inline(always)]
 fn index(lin: u64) -> usize {
     ((lin >> 12) as usize) & (TLB_ENTRIES - 1)

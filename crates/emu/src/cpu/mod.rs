@@ -17,6 +17,7 @@ mod sse;
 pub mod state;
 mod string;
 mod system;
+mod translate;
 
 use std::sync::Arc;
 
@@ -179,6 +180,9 @@ const WRITTEN: u8 = 2;
 /// An emulated x86-64 CPU.
 pub struct Cpu {
     blocks: block::BlockCache,
+    /// Hot blocks translated to host code, and the arena flushes it has forgotten blocks for.
+    jit: translate::Translator,
+    jit_flushes: u64,
     /// Host address range of the code of the block running now: a store of this CPU into it
     /// is self-modifying code, after which the block must not run on ([`WRITTEN`]).
     code_lo: usize,
@@ -230,13 +234,19 @@ pub struct Cpu {
 
 impl Cpu {
     pub fn new(mem: Arc<PhysMem>, m: Box<dyn Machine + Send>) -> Self {
+        let blocks = block::BlockCache::new();
         Cpu {
             code_lo: 0,
             code_len: 0,
             block_rip: 0,
             leave: 0,
             irq_hint: m.interrupt_hint(),
-            blocks: block::BlockCache::new(),
+            jit: {
+                let (base, bytes) = blocks.arena_span();
+                translate::Translator::new(base, bytes)
+            },
+            blocks,
+            jit_flushes: 0,
             s: CpuState::default(),
             m,
             mem,
@@ -299,7 +309,32 @@ impl Cpu {
     /// Shares blocks another process saved (see `block::BlockCache::adopt`), before this
     /// vCPU first runs.
     pub fn adopt_blocks(&mut self, file: &std::fs::File) -> Result<(), block::AdoptError> {
-        self.blocks.adopt(file)
+        let r = self.blocks.adopt(file);
+        // The arena moved (or was remapped): what the translator knew of it is gone.
+        self.jit.reset(self.blocks.arena_span().0);
+        r
+    }
+
+    /// Sets how many entries within a window make a block hot enough to translate to host
+    /// code (0: interpret every block).
+    pub fn set_translate_threshold(&mut self, n: u32) {
+        self.jit.set_threshold(n);
+    }
+
+    /// Blocks translated to host code (statistics).
+    pub fn blocks_translated(&self) -> u64 {
+        self.jit.translated
+    }
+
+    /// Statistics of the translator: blocks translated, bytes of host code, runs of
+    /// translated blocks, and runs that stopped early for the interpreter.
+    pub fn translation_stats(&self) -> (u64, usize, u64, u64) {
+        (
+            self.jit.translated,
+            self.jit.code_bytes(),
+            self.jit.runs,
+            self.jit.bails,
+        )
     }
 
     /// Bytes of compiled blocks held now (statistics).
@@ -411,6 +446,11 @@ impl Cpu {
             None => match self.blocks.compile(rip, lin, bitness, host) {
                 Some(b) => {
                     self.blocks_compiled += 1;
+                    if self.blocks.flushes != self.jit_flushes {
+                        // The arena was emptied: every translation went with its block.
+                        self.jit_flushes = self.blocks.flushes;
+                        self.jit.reset(self.blocks.arena_span().0);
+                    }
                     b
                 }
                 None => return self.single_step(),
@@ -430,6 +470,11 @@ impl Cpu {
         // another process compiled (shared from a snapshot), the distance between where the
         // handlers are here and where they were there.
         let slide = if SHARED { block.slide() } else { 0 };
+        if !SHARED && bitness == 64 && block.ops().len() as u64 <= end - self.icount {
+            if let Some(f) = self.native_for(block) {
+                return self.run_native(f, block, rip, end);
+            }
+        }
         let flow = loop {
             self.leave = 0;
             let n = block.ops().len().min((end - self.icount) as usize);
@@ -461,6 +506,63 @@ impl Cpu {
         self.code_len = 0;
         self.leave = 0;
         flow
+    }
+
+    /// [`run_block`](Self::run_block) for a block translated to host code `f` (64-bit code,
+    /// entered whole): its code runs, and where it stops for the interpreter, the block's ops
+    /// go on from that instruction.
+    #[inline(never)]
+    fn run_native(
+        &mut self,
+        f: translate::Native,
+        block: &block::Block,
+        rip: u64,
+        end: u64,
+    ) -> Flow {
+        let n = block.ops().len();
+        let end_rip = rip.wrapping_add(block.len() as u64);
+        let flow = loop {
+            self.leave = 0;
+            // SAFETY: code generated for this block and TLB mode (`native_for`), entered as
+            // its ops would be: the block's bytes matched, its fields are set, the budget
+            // covers it whole.
+            let r = unsafe { f(self) };
+            let done = r as u32 as usize;
+            self.icount += done as u64;
+            self.jit.runs += 1;
+            let flow = if r & translate::BAIL != 0 {
+                self.jit.bails += 1;
+                let ops = &block.ops()[done..];
+                self.run_ops::<false>(ops, &[], self.s.rip, end_rip, u64::MAX, 0)
+            } else {
+                Flow::Next
+            };
+            // Round again as `run_block` does.
+            if !matches!(flow, Flow::Next)
+                || self.s.rip != rip
+                || self.leave & WRITTEN != 0
+                || self.may_take_interrupt()
+                || self.io.exit.is_some()
+                || ((end - self.icount) as usize) < n
+            {
+                break flow;
+            }
+            self.blocks_run += 1;
+        };
+        self.code_len = 0;
+        self.leave = 0;
+        flow
+    }
+
+    /// The host code to run for `block` (about to run whole), translating it first if it just
+    /// became hot.
+    #[inline(always)]
+    fn native_for(&mut self, block: &block::Block) -> Option<translate::Native> {
+        match self.jit.enter(block, self.tlb_user, self.blocks_run) {
+            translate::Entry::Run(f) => Some(f),
+            translate::Entry::Translate => self.jit.translate(block, self.tlb_user),
+            translate::Entry::Interpret => None,
+        }
     }
 
     /// Whether the run loop must look for a pending interrupt before the next block: the
