@@ -510,17 +510,19 @@ impl Cpu {
 
     /// [`run_block`](Self::run_block) for a block translated to host code `f` (64-bit code,
     /// entered whole): its code runs, and where it stops for the interpreter, the block's ops
-    /// go on from that instruction.
+    /// go on from that instruction. The block after it, if translated too, is entered from
+    /// here as the run loop would enter it (the same lookup, check of its bytes and budget),
+    /// without the rest of the loop: translated code changes neither the CPU mode nor the
+    /// address space, and anything that could (an interrupt, a device access, a store into
+    /// the block) goes back to the loop.
     #[inline(never)]
     fn run_native(
         &mut self,
-        f: translate::Native,
-        block: &block::Block,
-        rip: u64,
+        mut f: translate::Native,
+        mut block: &block::Block,
+        mut rip: u64,
         end: u64,
     ) -> Flow {
-        let n = block.ops().len();
-        let end_rip = rip.wrapping_add(block.len() as u64);
         let flow = loop {
             self.leave = 0;
             // SAFETY: code generated for this block and TLB mode (`native_for`), entered as
@@ -532,22 +534,42 @@ impl Cpu {
             self.jit.runs += 1;
             let flow = if r & translate::BAIL != 0 {
                 self.jit.bails += 1;
+                let end_rip = rip.wrapping_add(block.len() as u64);
                 let ops = &block.ops()[done..];
                 self.run_ops::<false>(ops, &[], self.s.rip, end_rip, u64::MAX, 0)
             } else {
                 Flow::Next
             };
-            // Round again as `run_block` does.
             if !matches!(flow, Flow::Next)
-                || self.s.rip != rip
                 || self.leave & WRITTEN != 0
                 || self.may_take_interrupt()
                 || self.io.exit.is_some()
-                || ((end - self.icount) as usize) < n
             {
                 break flow;
             }
+            // The next block (this one again, or another), found as `run_block` finds it; in
+            // 64-bit code the linear address is RIP.
+            let next = self.s.rip;
+            let Some(host) = self.tlb_hit(next, 1, Access::Exec) else {
+                break flow;
+            };
+            let Some(b) = self.blocks.find::<false>(next, next, 64, host) else {
+                break flow;
+            };
+            // SAFETY: as in `run_block`: only `compile` changes the arena.
+            let b = unsafe { &*b };
+            let Some(g) = self.jit.native(b, self.tlb_user) else {
+                break flow;
+            };
+            if ((end - self.icount) as usize) < b.ops().len() {
+                break flow;
+            }
+            self.blocks.enter(b);
             self.blocks_run += 1;
+            self.code_lo = host as usize;
+            self.code_len = b.len();
+            self.block_rip = next;
+            (block, f, rip) = (b, g, next);
         };
         self.code_len = 0;
         self.leave = 0;

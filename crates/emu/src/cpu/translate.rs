@@ -179,7 +179,10 @@ impl Translator {
     pub fn enter(&mut self, block: &Block, user: bool, run: u64) -> Entry {
         let hot = block.hot.get();
         if hot & TRANSLATED != 0 {
-            return self.native(block, user);
+            return match self.native(block, user) {
+                Some(f) => Entry::Run(f),
+                None => Entry::Interpret,
+            };
         }
         if run & self.sample_mask == 0 {
             return self.sample(block, run);
@@ -208,19 +211,20 @@ impl Translator {
         }
     }
 
-    /// The code of translated `block`, if it was translated for TLB mode `user`.
-    #[inline(never)]
-    fn native(&self, block: &Block, user: bool) -> Entry {
-        let Some(slot) = self.slot(block) else {
-            return Entry::Interpret;
-        };
+    /// The code of `block`, if it was translated for TLB mode `user`.
+    #[inline(always)]
+    pub fn native(&self, block: &Block, user: bool) -> Option<Native> {
+        if block.hot.get() & TRANSLATED == 0 {
+            return None;
+        }
+        let slot = self.slot(block)?;
         // SAFETY: in the table, which only this vCPU's thread touches.
         let at = unsafe { *slot };
         if at == 0 || at & 1 != user as usize {
-            return Entry::Interpret;
+            return None;
         }
         // SAFETY: `translate` stored the address of code generated for this block.
-        Entry::Run(unsafe { std::mem::transmute::<usize, Native>(at & !1) })
+        Some(unsafe { std::mem::transmute::<usize, Native>(at & !1) })
     }
 
     /// Translates `block` for TLB mode `user` (CPL 3 when true) and remembers the result.
