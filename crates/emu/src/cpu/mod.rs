@@ -470,8 +470,10 @@ impl Cpu {
         // another process compiled (shared from a snapshot), the distance between where the
         // handlers are here and where they were there.
         let slide = if SHARED { block.slide() } else { 0 };
-        if !SHARED && bitness == 64 && block.ops().len() as u64 <= end - self.icount {
-            if let Some(f) = self.native_for(block) {
+        // Most blocks are neither translated nor sampled: one test of the block's mark and
+        // one of the count keep them on the usual path.
+        if !SHARED && self.jit.worth_a_look(block, self.blocks_run) {
+            if let Some(f) = self.native_for(block, bitness, end) {
                 return self.run_native(f, block, rip, end);
             }
         }
@@ -576,10 +578,18 @@ impl Cpu {
         flow
     }
 
-    /// The host code to run for `block` (about to run whole), translating it first if it just
-    /// became hot.
-    #[inline(always)]
-    fn native_for(&mut self, block: &block::Block) -> Option<translate::Native> {
+    /// The host code to run for `block` (64-bit code about to run whole within the budget
+    /// that ends at `end`), translating it first if it just became hot.
+    #[inline(never)]
+    fn native_for(
+        &mut self,
+        block: &block::Block,
+        bitness: u32,
+        end: u64,
+    ) -> Option<translate::Native> {
+        if bitness != 64 || block.ops().len() as u64 > end - self.icount {
+            return None;
+        }
         match self.jit.enter(block, self.tlb_user, self.blocks_run) {
             translate::Entry::Run(f) => Some(f),
             translate::Entry::Translate => self.jit.translate(block, self.tlb_user),

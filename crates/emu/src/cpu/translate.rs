@@ -172,6 +172,13 @@ impl Translator {
         (unit < self.units).then(|| unsafe { self.native.as_ptr().add(unit) })
     }
 
+    /// Whether [`enter`](Self::enter) may do more for `block` than say "interpret": it was
+    /// translated, or this entry is sampled.
+    #[inline(always)]
+    pub fn worth_a_look(&self, block: &Block, run: u64) -> bool {
+        block.hot.get() & TRANSLATED != 0 || run & self.sample_mask == 0
+    }
+
     /// What to do with `block`, about to be run whole in TLB mode `user` when `run` blocks
     /// have run so far: run its translation, translate it, or interpret it. The block must
     /// be this process's own (its mark is written).
@@ -603,24 +610,12 @@ fn emit(block: &Block, user: bool, at: u64) -> Option<Vec<u8>> {
             // The first instruction without a translation, and the rest of the block, are
             // left to the interpreter (what was emitted for it only reads).
             Err(Unsupported) if i > 0 => {
-                if std::env::var_os("FV_JITLOG").is_some() {
-                    let mut out = String::new();
-                    iced_x86::FastFormatter::new().format(insn, &mut out);
-                    eprintln!("jit: {:#x} stops at {i}/{}: {out}", block.rip, insns.len());
-                }
                 let bail = g.bail(insn.ip(), i as u32);
                 g.a.jmp(bail).ok()?;
                 ended = true;
                 break;
             }
-            Err(Unsupported) => {
-                if std::env::var_os("FV_JITLOG").is_some() {
-                    let mut out = String::new();
-                    iced_x86::FastFormatter::new().format(insn, &mut out);
-                    eprintln!("jit: {:#x} never: {out}", block.rip);
-                }
-                return None;
-            }
+            Err(Unsupported) => return None,
         }
         if ended && i + 1 < insns.len() {
             return None;
