@@ -266,6 +266,23 @@ fn faults_and_stores_into_the_block_are_left_to_the_interpreter() {
     assert_eq!(native, run(&code, &regs, &data, 10, false).0);
     assert!(native.1.is_some(), "the load did not fault");
 
+    // LOOPNE has a condition code, but also a counter: it stays with the interpreter.
+    let code = assemble(|a| {
+        let mut top = a.create_label();
+        a.set_label(&mut top)?;
+        a.add(rax, 3)?;
+        a.cmp(rax, 1000)?;
+        a.loopne(top)?;
+        a.hlt()
+    });
+    let mut regs = random_regs(&mut Rng(6));
+    regs.gpr[0] = 0;
+    regs.gpr[1] = 50;
+    let (native, t) = run(&code, &regs, &data, 200, true);
+    assert!(t > 0, "the block was not translated");
+    assert_eq!(native, run(&code, &regs, &data, 200, false).0);
+    assert_eq!(native.0.gpr[0], 150, "LOOPNE must count RCX down");
+
     // A store into the next instruction's immediate: the new value is loaded, as on a CPU.
     let code = [
         0xc7, 0x04, 0x25, 0x0c, 0x00, 0x10, 0x00, 0x05, 0x00, 0x00,

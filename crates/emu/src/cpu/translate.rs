@@ -1046,10 +1046,8 @@ fn one(g: &mut Gen, insn: &Instruction, i: u32, flags: bool) -> Emit<bool> {
             g.leave_for(rcx, i + 1)?;
             Ok(true)
         }
-        _ if insn.condition_code() != ConditionCode::None
-            && insn.op_count() == 1
-            && insn.op0_kind() == OpKind::NearBranch64 =>
-        {
+        // Jcc only (LOOPcc has a condition code too, and a counter).
+        _ if insn.is_jcc_short_or_near() && insn.op0_kind() == OpKind::NearBranch64 => {
             let taken = g.exit(insn.near_branch_target(), i + 1, false);
             jcc(g, insn.condition_code(), taken)?;
             Ok(false)
