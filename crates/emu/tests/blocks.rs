@@ -9,28 +9,13 @@
 use emu::testkit::{FlatCpu, Regs};
 use iced_x86::code_asm::*;
 
+mod common;
+use common::{Rng, REGS32, REGS64, REGS8};
+
 const CODE: u64 = 0x10_0000;
 const STACK_TOP: u64 = 0x20_0000;
 /// Status flags plus DF: what a difference would show in.
 const FLAGS: u64 = 0x8d5 | 0x400;
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-const REGS64: [AsmRegister64; 8] = [rax, rcx, rdx, rbx, rsi, rdi, r8, r9];
-const REGS32: [AsmRegister32; 8] = [eax, ecx, edx, ebx, esi, edi, r8d, r9d];
-const REGS8: [AsmRegister8; 8] = [al, cl, dl, bl, sil, dil, r8b, r9b];
 
 /// Appends one random register-only instruction.
 fn random_insn(a: &mut CodeAssembler, r: &mut Rng) -> Result<(), IcedError> {
@@ -74,13 +59,7 @@ fn random_insn(a: &mut CodeAssembler, r: &mut Rng) -> Result<(), IcedError> {
 fn random_regs(r: &mut Rng) -> Regs {
     let mut regs = Regs::default();
     for g in regs.gpr.iter_mut() {
-        // Small and extreme values make carries, overflows and zero results likely.
-        *g = match r.below(4) {
-            0 => r.below(4),
-            1 => u64::MAX - r.below(4),
-            2 => 1 << r.below(64),
-            _ => r.next(),
-        };
+        *g = common::random_value(r);
     }
     regs.gpr[4] = STACK_TOP;
     regs.rip = CODE;

@@ -10,35 +10,18 @@
 use emu::testkit::{FlatCpu, Regs};
 use iced_x86::code_asm::*;
 
+mod common;
+use common::{Rng, REGS16, REGS32, REGS64, REGS8};
+
 const CODE: u64 = 0x10_0000;
 const DATA: u64 = 0x18_0000;
 const STACK_TOP: u64 = 0x20_0000;
 /// Status flags plus DF.
 const FLAGS: u64 = 0x8d5 | 0x400;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// The registers random instructions use; R12 holds DATA and R13 a small index, never
-/// written, so memory operands stay in the data page.
-const REGS64: [AsmRegister64; 8] = [rax, rcx, rdx, rbx, rsi, rdi, r8, r9];
-const REGS32: [AsmRegister32; 8] = [eax, ecx, edx, ebx, esi, edi, r8d, r9d];
-const REGS8: [AsmRegister8; 8] = [al, cl, dl, bl, sil, dil, r8b, r9b];
-const REGS16: [AsmRegister16; 8] = [ax, cx, dx, bx, si, di, r8w, r9w];
-
 /// Appends one random instruction of the forms the translator handles (and a few it does
-/// not, which keep their block with the interpreter).
+/// not, which keep their block with the interpreter). R12 holds DATA and R13 a small index,
+/// never written, so memory operands stay in the data page.
 fn random_insn(a: &mut CodeAssembler, r: &mut Rng, data: CodeLabel) -> Result<(), IcedError> {
     let x = REGS64[r.below(8) as usize];
     let y = REGS64[r.below(8) as usize];
@@ -113,12 +96,7 @@ fn random_insn(a: &mut CodeAssembler, r: &mut Rng, data: CodeLabel) -> Result<()
 fn random_regs(r: &mut Rng) -> Regs {
     let mut regs = Regs::default();
     for g in regs.gpr.iter_mut() {
-        *g = match r.below(4) {
-            0 => r.below(4),
-            1 => u64::MAX - r.below(4),
-            2 => 1 << r.below(64),
-            _ => r.next(),
-        };
+        *g = common::random_value(r);
     }
     regs.gpr[4] = STACK_TOP;
     regs.gpr[12] = DATA;

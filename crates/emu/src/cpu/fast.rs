@@ -649,7 +649,7 @@ fn is_setcc_or_cmov(m: Mnemonic) -> bool {
     is_setcc(m) || is_cmov(m)
 }
 
-fn is_setcc(m: Mnemonic) -> bool {
+pub(crate) fn is_setcc(m: Mnemonic) -> bool {
     use Mnemonic as Mn;
     matches!(
         m,
@@ -672,7 +672,7 @@ fn is_setcc(m: Mnemonic) -> bool {
     )
 }
 
-fn is_cmov(m: Mnemonic) -> bool {
+pub(crate) fn is_cmov(m: Mnemonic) -> bool {
     use Mnemonic as Mn;
     matches!(
         m,
@@ -695,7 +695,7 @@ fn is_cmov(m: Mnemonic) -> bool {
     )
 }
 
-fn kind_is_immediate(k: OpKind) -> bool {
+pub(crate) fn kind_is_immediate(k: OpKind) -> bool {
     matches!(
         k,
         OpKind::Immediate8

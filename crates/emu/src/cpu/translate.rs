@@ -29,6 +29,7 @@ use iced_x86::code_asm::*;
 use iced_x86::{ConditionCode, Decoder, DecoderOptions, Instruction, Mnemonic, OpKind, Register};
 
 use super::block::Block;
+use super::fast::{is_cmov, is_setcc, kind_is_immediate};
 use super::mmu::layout as tlb;
 use super::state::flags::{AF, CF, OF, PF, SF, STATUS, ZF};
 use super::state::{CpuState, Seg, FS, GS, RSP};
@@ -421,14 +422,7 @@ fn operand(insn: &Instruction, n: u32, size: usize) -> Emit<Opnd> {
     Ok(match insn.op_kind(n) {
         OpKind::Register => Opnd::Reg(gpr(insn.op_register(n), size).ok_or(Unsupported)?),
         OpKind::Memory => Opnd::Mem(mem_op(insn)?),
-        OpKind::Immediate8
-        | OpKind::Immediate16
-        | OpKind::Immediate32
-        | OpKind::Immediate64
-        | OpKind::Immediate8to16
-        | OpKind::Immediate8to32
-        | OpKind::Immediate8to64
-        | OpKind::Immediate32to64 => Opnd::Imm(insn.immediate(n)),
+        k if kind_is_immediate(k) => Opnd::Imm(insn.immediate(n)),
         _ => return Err(Unsupported),
     })
 }
@@ -682,6 +676,24 @@ fn rax_to_reg(g: &mut Gen, r: u8, size: usize) -> Emit {
     Ok(())
 }
 
+/// The value of operand `src` (`size` bytes, zero-extended) into RAX; leaves for the
+/// interpreter at instruction `i` (at `here`) if its memory needs it.
+fn src_to_rax(g: &mut Gen, src: Opnd, size: usize, (here, i): (u64, u32)) -> Emit {
+    match src {
+        Opnd::Reg(s) => reg_to(g, rax, s, size),
+        Opnd::Imm(v) => {
+            g.a.mov(rax, v & mask(size))?;
+            Ok(())
+        }
+        Opnd::Mem(mem) => {
+            let bail = g.bail(here, i);
+            g.address(&mem, true)?;
+            g.probe(size, READ, bail)?;
+            g.load(size, rax)
+        }
+    }
+}
+
 /// A source operand: into RCX, or an immediate for the host instruction.
 fn fetch_src(g: &mut Gen, src: Opnd, size: usize, here: u64, i: u32) -> Emit<Option<i32>> {
     match src {
@@ -801,16 +813,7 @@ fn one(g: &mut Gen, insn: &Instruction, i: u32, flags: bool) -> Emit<bool> {
         Mn::Mov if sized => {
             let dst = operand(insn, 0, size)?;
             let src = operand(insn, 1, size)?;
-            match src {
-                Opnd::Reg(s) => reg_to(g, rax, s, size)?,
-                Opnd::Imm(v) => g.a.mov(rax, v & mask(size))?,
-                Opnd::Mem(mem) => {
-                    let bail = g.bail(at.0, i);
-                    g.address(&mem, true)?;
-                    g.probe(size, READ, bail)?;
-                    g.load(size, rax)?;
-                }
-            }
+            src_to_rax(g, src, size, at)?;
             match dst {
                 Opnd::Reg(d) => rax_to_reg(g, d, size)?,
                 Opnd::Mem(mem) => {
@@ -937,16 +940,7 @@ fn one(g: &mut Gen, insn: &Instruction, i: u32, flags: bool) -> Emit<bool> {
             let Opnd::Reg(d) = operand(insn, 0, size)? else {
                 return Err(Unsupported);
             };
-            match operand(insn, 1, from_size)? {
-                Opnd::Reg(s) => reg_to(g, rax, s, from_size)?,
-                Opnd::Mem(mem) => {
-                    let bail = g.bail(at.0, i);
-                    g.address(&mem, true)?;
-                    g.probe(from_size, READ, bail)?;
-                    g.load(from_size, rax)?;
-                }
-                Opnd::Imm(_) => return Err(Unsupported),
-            }
+            src_to_rax(g, operand(insn, 1, from_size)?, from_size, at)?;
             let a = &mut g.a;
             if m != Mn::Movzx {
                 match (from_size, size) {
@@ -969,16 +963,7 @@ fn one(g: &mut Gen, insn: &Instruction, i: u32, flags: bool) -> Emit<bool> {
                 return Err(Unsupported);
             };
             // The source is read (and may fault) whether or not the condition holds.
-            match operand(insn, 1, size)? {
-                Opnd::Reg(s) => reg_to(g, rax, s, size)?,
-                Opnd::Mem(mem) => {
-                    let bail = g.bail(at.0, i);
-                    g.address(&mem, true)?;
-                    g.probe(size, READ, bail)?;
-                    g.load(size, rax)?;
-                }
-                Opnd::Imm(_) => return Err(Unsupported),
-            }
+            src_to_rax(g, operand(insn, 1, size)?, size, at)?;
             let mut no = g.a.create_label();
             let mut done = g.a.create_label();
             jcc(g, negate(insn.condition_code()), no)?;
@@ -1062,52 +1047,6 @@ fn mask(size: usize) -> u64 {
     } else {
         (1u64 << (8 * size)) - 1
     }
-}
-
-fn is_cmov(m: Mnemonic) -> bool {
-    use Mnemonic as Mn;
-    matches!(
-        m,
-        Mn::Cmovo
-            | Mn::Cmovno
-            | Mn::Cmovb
-            | Mn::Cmovae
-            | Mn::Cmove
-            | Mn::Cmovne
-            | Mn::Cmovbe
-            | Mn::Cmova
-            | Mn::Cmovs
-            | Mn::Cmovns
-            | Mn::Cmovp
-            | Mn::Cmovnp
-            | Mn::Cmovl
-            | Mn::Cmovge
-            | Mn::Cmovle
-            | Mn::Cmovg
-    )
-}
-
-fn is_setcc(m: Mnemonic) -> bool {
-    use Mnemonic as Mn;
-    matches!(
-        m,
-        Mn::Seto
-            | Mn::Setno
-            | Mn::Setb
-            | Mn::Setae
-            | Mn::Sete
-            | Mn::Setne
-            | Mn::Setbe
-            | Mn::Seta
-            | Mn::Sets
-            | Mn::Setns
-            | Mn::Setp
-            | Mn::Setnp
-            | Mn::Setl
-            | Mn::Setge
-            | Mn::Setle
-            | Mn::Setg
-    )
 }
 
 /// The condition that holds exactly when `cc` does not.
