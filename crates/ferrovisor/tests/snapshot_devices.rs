@@ -728,3 +728,15 @@ fn emu_tcp_keeps_flowing_across_a_snapshot_restore_on_the_same_tap() {
     assert_eq!(r.code, Some(0), "{r}\n{seen}");
     eprintln!("took {:?}", started.elapsed());
 }
+
+#[test]
+fn a_kernel_message_after_a_value_is_not_part_of_it() {
+    // printk lands on the console wherever the guest's shell left off.
+    let seen = "echo SMALL-RC=$?\r\nSMALL-RC=0[    5.695808] IPv6: eth0: link becomes ready\r\n";
+    assert_eq!(guest_value(seen, "SMALL-RC").as_deref(), Some("0"));
+    let seen = "MD5=[not a stamp] d41d8cd98f00b204e9800998ecf8427e\r\n";
+    assert_eq!(
+        guest_value(seen, "MD5").as_deref(),
+        Some("[not a stamp] d41d8cd98f00b204e9800998ecf8427e")
+    );
+}

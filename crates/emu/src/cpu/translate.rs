@@ -1,6 +1,6 @@
 //! Hot blocks translated to host code.
 //!
-//! A 64-bit block that is entered often within a short window ([`HEAT`] times within
+//! A 64-bit block that is entered often within a short window (sampled [`HEAT`] times within
 //! 2^[`WINDOW_SHIFT`] blocks run) is translated into host instructions that do its work on the
 //! CPU state in place: guest registers and RFLAGS stay in [`Cpu`] (addressed from RDI), a memory
 //! operand goes through an inline probe of the TLB, and the status flags come from the host's
@@ -10,7 +10,7 @@
 //! The generated code never handles anything unusual itself: on a TLB miss, an access that is
 //! not to RAM or not aligned, or a store into the running block's own code, it stores the
 //! address of the instruction it stopped at and returns how many instructions it completed,
-//! and the interpreter goes on from there (a block starting at that instruction). Nothing of
+//! and the block's ops go on from there in the interpreter (`Cpu::run_native`). Nothing of
 //! the instruction it stopped at has happened then, so faults, MMIO and self-modifying code are
 //! the interpreter's, exactly as before. A translated block is entered only where its
 //! interpreted form would be — after the same lookup and the same check of its bytes against

@@ -28,13 +28,32 @@ pub fn ok(r: &RunResult, what: &str) {
     assert_eq!(r.code, Some(0), "{what} failed: {}{}", r.stdout, r.stderr);
 }
 
-/// The first `KEY=value` the guest printed in `out`, as [`Vmm::wait_for_value`] finds it.
+/// The first `KEY=value` the guest printed in `out`, as [`Vmm::wait_for_value`] finds it. A
+/// kernel message can land on the console right after the value, on the same line (printk
+/// does not wait for a newline from user space): it is not part of the value.
 pub fn guest_value(out: &str, key: &str) -> Option<String> {
     let pat = format!("{key}=");
     out.match_indices(&pat).find_map(|(i, _)| {
         let rest = &out[i + pat.len()..];
-        let v = rest[..rest.find(['\r', '\n'])?].trim();
+        let line = &rest[..rest.find(['\r', '\n'])?];
+        let v = line[..printk_at(line).unwrap_or(line.len())].trim();
         (!v.is_empty() && !v.starts_with('$')).then(|| v.to_string())
+    })
+}
+
+/// Where a kernel message's timestamp (`[    5.695808]`) starts in `line`, if one does.
+fn printk_at(line: &str) -> Option<usize> {
+    line.match_indices('[').map(|(i, _)| i).find(|&i| {
+        let rest = &line[i + 1..];
+        let Some(end) = rest.find(']') else {
+            return false;
+        };
+        let stamp = rest[..end].trim_start();
+        let (secs, frac) = stamp.split_once('.').unwrap_or(("", ""));
+        !secs.is_empty()
+            && secs.bytes().all(|b| b.is_ascii_digit())
+            && frac.len() == 6
+            && frac.bytes().all(|b| b.is_ascii_digit())
     })
 }
 
