@@ -4,8 +4,10 @@
 //!
 //! Input: byte 0 chooses where the code goes (bits 0-1: at 0x10_0000; ending just before a
 //! page boundary, so the block stops at the page end and instructions straddle it; or ending
-//! exactly at the top of guest RAM, so decoding runs into non-RAM), byte 1 the page-boundary
-//! offset; the rest is the code.
+//! exactly at the top of guest RAM, so decoding runs into non-RAM) and, with bit 2, that every
+//! block entered is translated to host code (`emu::cpu` translate.rs: the generated code must
+//! not touch host memory outside guest RAM either); byte 1 the page-boundary offset; the rest
+//! is the code.
 #![no_main]
 
 use emu::testkit::Regs;
@@ -43,6 +45,9 @@ fuzz_target!(|data: &[u8]| {
     };
     g.c.set_regs(&regs);
     g.c.set_user_mode(true);
+    if sel & 4 != 0 {
+        g.c.cpu.set_translate_threshold(1);
+    }
     let before = g.c.cpu.icount;
     let _ = g.c.step(BUDGET);
     let retired = g.c.cpu.icount - before;
